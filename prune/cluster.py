@@ -1,0 +1,55 @@
+"""Stage 4: stratified clustering inside each scene stratum.
+
+Within a stratum of n images, k-means (faiss, spherical) is fitted on a random sample of
+max(min_sample, fraction * n) members (all of them when the stratum is small) and every
+member is then assigned to its nearest centroid in batches. The number of clusters follows the
+stratum size: `k_rule=size` gives round(n / cluster_size), `k_rule=sqrt` gives
+round(sqrt_scale * sqrt(n)); both clipped to [1, max_k].
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rsprune.knn import kmeans, search
+
+
+def n_clusters(n: int, rule: str, cluster_size: float, sqrt_scale: float, max_k: int) -> int:
+    if rule == "size":
+        k = round(n / cluster_size)
+    elif rule == "sqrt":
+        k = round(sqrt_scale * math.sqrt(n))
+    else:
+        raise ValueError(f"unknown clustering.k_rule {rule!r}; choose size or sqrt")
+    return int(max(1, min(k, max_k, n)))
+
+
+def cluster_stratum(x: np.ndarray, k: int, fraction: float, min_sample: int, niter: int, seed: int):
+    """Cluster one stratum: (label per row, cosine distance to its centroid, centroids)."""
+    n = len(x)
+    m = min(n, max(int(min_sample), int(math.ceil(fraction * n)), k))
+    rng = np.random.default_rng(seed)
+    sample = x if m == n else x[np.sort(rng.choice(n, m, replace=False))]
+    centroids, _ = kmeans(sample, k, seed=seed, niter=niter, spherical=True)
+    sim, idx = search(centroids, x, 1)
+    return idx[:, 0], (1.0 - sim[:, 0]).astype(np.float32), centroids
+
+
+def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int):
+    """Cluster every stratum. Returns global cluster ids (consecutive over strata, ordered by
+    stratum), centroid distances, and a per-cluster table (cluster, stratum, size)."""
+    cluster = np.full(len(emb), -1, np.int64)
+    dist = np.full(len(emb), np.nan, np.float32)
+    info, offset = [], 0
+    for s in np.unique(strata):
+        rows = np.flatnonzero(strata == s)
+        k = n_clusters(len(rows), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale, cfg.max_k)
+        lab, d, _ = cluster_stratum(emb[rows], k, cfg.sample_fraction, cfg.min_sample, cfg.niter,
+                                    seed + int(s) + 1)
+        cluster[rows] = lab + offset
+        dist[rows] = d
+        sizes = np.bincount(lab, minlength=k)
+        info += [(offset + c, int(s), int(sizes[c])) for c in range(k)]
+        offset += k
+    return cluster, dist, info

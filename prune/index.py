@@ -1,0 +1,149 @@
+"""Stage 0: index the corpus, streaming, reading every file's bytes exactly once.
+
+One pass per file: read bytes -> content hash (exact duplicates) -> decode (readable or the
+error) -> entropy scores for stage 1. Files are scanned in fixed-size shards in a DataLoader
+with workers; each finished shard is a parquet file, so a killed index resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from prune.entropy import global_entropy, local_entropy
+from rsprune.cache import load_table, save_table, stable_hash
+from rsprune.cli import UsageError
+from rsprune.imageio import UnreadableImage, bands_to_rgb, grey, list_images, load_array
+from PIL import Image
+
+COLUMNS = ["id", "path", "root", "relpath", "size", "content_hash", "width", "height", "bands",
+           "readable", "error", "entropy_global", "entropy_local", "duplicate_of"]
+
+
+def walk(roots: list[str]) -> pd.DataFrame:
+    """Every image file under the corpus roots: id, path, root, relpath, size, mtime."""
+    rows = []
+    for root in roots:
+        root = os.path.abspath(root)
+        if not os.path.isdir(root):
+            raise UsageError(f"corpus folder not found: {root}")
+        name = os.path.basename(root.rstrip(os.sep))
+        for rel in list_images(root):
+            path = os.path.join(root, rel)
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+            # The id hashes the path relative to its root (with the root's name), so moving
+            # the corpus keeps ids.
+            rows.append((hashlib.sha1(f"{name}/{rel}".encode()).hexdigest()[:16], path, name, rel, size, mtime))
+    df = pd.DataFrame(rows, columns=["id", "path", "root", "relpath", "size", "mtime"])
+    if df.empty:
+        raise UsageError(f"no images (jpg, jpeg, png, tif, tiff, webp) found under {', '.join(roots)}")
+    if df.id.duplicated().any():
+        raise UsageError("two corpus roots share a folder name and a relative path; rename one root")
+    return df
+
+
+def scan_file(path: str, grid: int, max_side: int) -> dict:
+    """Bytes, hash, decode and entropy of one file; unreadable files get their error."""
+    row = dict(content_hash="", width=-1, height=-1, bands=-1, readable=False, error="",
+               entropy_global=np.nan, entropy_local=np.nan)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        row["error"] = f"{type(e).__name__}: {e.strerror or e}"
+        return row
+    row["content_hash"] = hashlib.sha1(data).hexdigest()
+    if not data:
+        row["error"] = "empty file (0 bytes)"
+        return row
+    try:
+        a = load_array(path, data)
+    except UnreadableImage as e:
+        row["error"] = str(e)
+        return row
+    row.update(height=a.shape[0], width=a.shape[1], bands=1 if a.ndim == 2 else a.shape[2], readable=True)
+    g = grey(bands_to_rgb(a))
+    if max(g.shape) > max_side:  # entropy of huge tiles on a downscaled copy: same content, less cost
+        s = max_side / max(g.shape)
+        g = np.asarray(Image.fromarray(g).resize((max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))),
+                                                 Image.BILINEAR))
+    row["entropy_global"] = global_entropy(g)
+    row["entropy_local"] = local_entropy(g, grid)
+    return row
+
+
+class _Scan(torch.utils.data.Dataset):
+    def __init__(self, paths, grid, max_side):
+        self.paths, self.grid, self.max_side = paths, grid, max_side
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return scan_file(self.paths[i], self.grid, self.max_side)
+
+
+def _as_list(batch):
+    return batch
+
+
+def scan(paths: list[str], grid: int, max_side: int, num_workers: int, progress=None) -> pd.DataFrame:
+    """scan_file over paths, in order, decoded in DataLoader workers."""
+    loader = torch.utils.data.DataLoader(_Scan(paths, grid, max_side), batch_size=64, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_as_list)
+    rows = []
+    for batch in loader:
+        rows.extend(batch)
+        if progress is not None:
+            progress.update(len(batch))
+    return pd.DataFrame(rows)
+
+
+def mark_duplicates(df: pd.DataFrame) -> pd.Series:
+    """For each row, the id of the first row (by id) with the same bytes, or '' if it is the first."""
+    dup = pd.Series("", index=df.index, dtype=object)
+    ok = df[df.content_hash != ""].sort_values("id")
+    first = ok.groupby("content_hash").id.transform("first")
+    later = first != ok.id
+    dup.loc[later[later].index] = first[later]
+    return dup
+
+
+def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
+                files: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+    """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done."""
+    files = walk(roots) if files is None else files
+    params = dict(grid=int(cfg.entropy.grid), max_side=int(cfg.entropy.max_side))
+    key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
+    final = Path(cache_dir) / "index" / f"{key}.parquet"
+    df = load_table(final, key)
+    if df is not None:
+        return df, key
+    shard_size = int(cfg.index.shard_size)
+    parts = []
+    with tqdm(total=len(files), desc="index", unit="file", disable=not progress) as bar:
+        for start in range(0, len(files), shard_size):
+            chunk = files.iloc[start:start + shard_size]
+            skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
+            spath = Path(cache_dir) / "index" / "shards" / f"{skey}.parquet"
+            part = load_table(spath, skey)
+            if part is None:
+                part = scan(chunk.path.tolist(), params["grid"], params["max_side"], int(cfg.index.num_workers), bar)
+                save_table(spath, part, {"key": skey})
+            else:
+                bar.update(len(chunk))
+            parts.append(part)
+    scanned = pd.concat(parts, ignore_index=True)
+    df = pd.concat([files.drop(columns="mtime").reset_index(drop=True), scanned], axis=1)
+    df["duplicate_of"] = mark_duplicates(df)
+    df = df[COLUMNS]
+    save_table(final, df, {"key": key})
+    return df, key

