@@ -1,0 +1,143 @@
+"""Each pruning stage as a pure function, on real shared images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DATA
+from prune.budget import budget, waterfill
+from prune.entropy import entropy_filter, global_entropy, local_entropy
+from prune.index import scan_file
+from prune.methods.rsprune import cluster_quotas
+from prune.scenes import assign_scenes, reference_labels
+from prune.selection import pick
+from rsprune.cli import compose
+from rsprune.encoders import build_encoder, embed_paths
+from rsprune.imageio import grey, list_images, load_rgb
+
+
+def real_image(name="aid/Beach/beach_1.jpg") -> np.ndarray:
+    return load_rgb(DATA / name)
+
+
+def test_entropy_of_constant_is_zero_and_of_uniform_noise_near_8_bits():
+    flat = np.full((128, 128), 117, np.uint8)
+    assert global_entropy(flat) == 0.0
+    assert local_entropy(flat, 4) == 0.0
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)
+    assert 7.99 < global_entropy(noise) <= 8.0
+    assert 7.9 < local_entropy(noise, 4) <= 8.0  # 16 patches of 16k pixels each
+
+
+def test_local_entropy_sees_half_clouded_tile_that_global_misses():
+    g = grey(real_image())
+    clouded = g.copy()
+    clouded[:, 64:] = 250  # the right half under a flat cloud
+    # The mixed histogram keeps more of the global score (the cloud adds a bin of its own),
+    # while local entropy falls with the share of flat patches: half of them score zero.
+    g_ratio = global_entropy(clouded) / global_entropy(g)
+    l_ratio = local_entropy(clouded, 4) / local_entropy(g, 4)
+    assert l_ratio < 0.55 and l_ratio < g_ratio - 0.1, (g_ratio, l_ratio)
+
+
+def test_blank_and_cloud_tiles_are_dropped_by_stage_1(tmp_path):
+    """Real images plus a blank tile and a cloud-like tile, scored and cut with the real config."""
+    cfg = compose("prune")
+    rng = np.random.default_rng(0)
+    paths = [DATA / "aid" / c / f for c in ("Farmland", "Forest", "Industrial", "Desert") for f in
+             sorted(list_images(DATA / "aid" / c))[:25]]
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((128, 128, 3), 20, np.uint8)).save(blank)  # no-data / dark sea
+    cloud = tmp_path / "cloud.png"  # smooth bright blob with faint sensor noise
+    yy, xx = np.mgrid[:128, :128]
+    c = 235 + 15 * np.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / 3000) + rng.normal(0, 1.0, (128, 128))
+    Image.fromarray(np.repeat(np.clip(c, 0, 255).astype(np.uint8)[:, :, None], 3, 2)).save(cloud)
+    rows = [scan_file(str(p), cfg.entropy.grid, cfg.entropy.max_side) for p in paths + [blank, cloud]]
+    score = np.array([r["entropy_local"] for r in rows])
+    kept, cut = entropy_filter(score, np.ones(len(rows), bool), cfg.entropy.floor, cfg.entropy.percentile)
+    assert not kept[-1] and not kept[-2], f"blank/cloud not dropped: scores {score[-2:]}, cut {cut}"
+    assert kept[:-2].mean() >= 0.9  # real scenes survive
+
+
+def test_band_rule_on_modes_made_from_a_real_image(tmp_path):
+    rgb = real_image()
+    im = Image.fromarray(rgb)
+    im.convert("L").save(tmp_path / "grey.png")
+    im.convert("P", palette=Image.ADAPTIVE, colors=64).save(tmp_path / "palette.png")
+    im.convert("RGBA").save(tmp_path / "rgba.png")
+    g16 = (grey(rgb).astype(np.uint16) * 16)  # a 12-bit sensor's range in a 16-bit PNG
+    Image.fromarray(g16).save(tmp_path / "grey16.png")
+    import tifffile
+
+    four = np.concatenate([rgb, grey(rgb)[:, :, None]], axis=2)  # R, G, B, NIR
+    tifffile.imwrite(tmp_path / "four_band.tif", four)
+    assert (load_rgb(tmp_path / "grey.png") == grey(rgb)[:, :, None]).all()
+    pal = load_rgb(tmp_path / "palette.png")
+    assert pal.shape == rgb.shape and np.abs(pal.astype(int) - rgb).mean() < 12
+    assert (load_rgb(tmp_path / "rgba.png") == rgb).all()  # alpha dropped, never composited
+    assert (load_rgb(tmp_path / "four_band.tif") == rgb).all()  # first three bands are RGB
+    g = load_rgb(tmp_path / "grey16.png")
+    assert g.shape == rgb.shape and g.min() == 0 and g.max() == 255  # stretched, not left dark
+    assert np.corrcoef(g[:, :, 0].ravel(), grey(rgb).ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95])
+def test_budget_split_is_exact(ratio):
+    rng = np.random.default_rng(int(ratio * 100))
+    n = 18_400
+    b = budget(n, ratio)
+    assert b == round((1 - ratio) * n)
+    scene = rng.choice(30, n, p=rng.dirichlet(np.ones(30) * 0.5))
+    cluster = scene * 100 + rng.integers(0, 1 + rng.integers(1, 60, 30)[scene])
+    q = cluster_quotas(scene, cluster, b, 0.5)
+    assert sum(q.values()) == b
+    sizes = dict(zip(*np.unique(cluster, return_counts=True)))
+    assert all(q[c] <= sizes[c] for c in q)
+
+
+def test_waterfill_gives_small_groups_all_they_have():
+    cap = np.array([2, 50, 3, 100, 0])
+    a = waterfill(cap, np.ones(5), 60)
+    assert a.sum() == 60 and a[0] == 2 and a[2] == 3 and a[4] == 0
+    assert abs(a[1] - a[3]) <= 1  # the rest split evenly among the large ones
+    assert waterfill(cap, np.ones(5), 10_000).tolist() == cap.tolist()  # budget over capacity: all
+    w = waterfill(np.array([1000, 1000]), np.array([3.0, 1.0]), 400)
+    assert w.tolist() == [300, 100]  # proportional when nobody saturates
+
+
+def test_pick_skips_near_duplicates_but_fills_quota():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(5, 16))
+    emb = np.concatenate([base, base[:2] + 1e-4])  # rows 5, 6 near-copies of rows 0, 1
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    dist = np.array([0.1, 0.2, 0.5, 0.6, 0.7, 0.11, 0.21])
+    ids = np.array([f"{i:02d}" for i in range(7)])
+    got, dup = pick(emb, dist, ids, 4, "nearest", 0.95, rng)
+    assert sorted(got.tolist()) == [0, 1, 2, 3] and sorted(dup.tolist()) == [5, 6]
+    got, _ = pick(emb, dist, ids, 7, "nearest", 0.95, rng)
+    assert len(got) == 7  # quota = cluster size: everything, duplicates included
+    for mode in ("spread", "random"):
+        got, _ = pick(emb, dist, ids, 3, mode, 0.95, rng)
+        assert len(set(got.tolist())) == 3
+
+
+def test_scene_assignment_agrees_with_held_out_aid_labels():
+    """Prototypes from 20 AID images per class; 10 held-out images per class are assigned."""
+    cfg = compose("prune")
+    enc = build_encoder(cfg.encoder)
+    ref_paths, test_paths = [], []
+    for c in sorted(p.name for p in (DATA / "aid").iterdir() if p.is_dir()):
+        files = list_images(DATA / "aid" / c)
+        ref_paths += [f"{c}/{f}" for f in files[:20]]
+        test_paths += [f"{c}/{f}" for f in files[-10:]]
+    labels, classes = reference_labels(ref_paths)
+    truth, _ = reference_labels(test_paths)
+    emb = embed_paths(enc, [DATA / "aid" / p for p in ref_paths + test_paths], 64, 1, progress=False)
+    scene, sim = assign_scenes(emb[len(ref_paths):], emb[:len(ref_paths)], labels, threshold=-1.0)
+    acc = (scene == truth).mean()
+    print(f"held-out AID scene accuracy (nearest class mean, 30 classes): {acc:.3f}")
+    assert acc > 0.5, acc  # chance is 1/30
+    knn, _ = assign_scenes(emb[len(ref_paths):], emb[:len(ref_paths)], labels, mode="knn", knn=10, threshold=-1.0)
+    print(f"held-out AID scene accuracy (10-NN vote): {(knn == truth).mean():.3f}")
+    assert (knn == truth).mean() > 0.5
