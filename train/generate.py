@@ -1,0 +1,136 @@
+"""Public API over a training run folder: find checkpoints, load the backbone, generate images.
+
+    from train.generate import list_checkpoints, load_backbone, generate
+    unet, scheduler, first_stage, info = load_backbone("outputs/train/x")   # latest, EMA weights
+    images = generate("outputs/train/x", n=64, seed=0, steps=50)              # uint8 (N, H, W, 3)
+
+A checkpoint folder `run_dir/checkpoints/step_XXXXXXX/` holds `unet/`, `unet_ema/` and
+`scheduler/` (diffusers `save_pretrained` folders), `first_stage.json` (how to rebuild the
+autoencoder and the latent scale), `trainer_state.json` and accelerate's full training state.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsprune.cache import read_json
+from rsprune.cli import UsageError
+
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+SAMPLERS = ("ddim", "ddpm", "dpm")
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, path), oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / "unet").is_dir() and (p / "first_stage.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _pick(run_dir, step: int | None) -> tuple[int, Path]:
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise UsageError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}; train first "
+                         "(accelerate launch train/main.py run_dir=...)")
+    if step is None:
+        return ckpts[-1]
+    for s, p in ckpts:
+        if s == step:
+            return s, p
+    raise UsageError(f"no checkpoint at step {step} in {run_dir}; have {[s for s, _ in ckpts]}")
+
+
+def load_backbone(run_dir, step: int | None = None, ema: bool = True, device: str | torch.device = "cpu"):
+    """(unet, scheduler, first_stage, info) of a run's checkpoint (latest if step is None).
+
+    `ema=True` loads the EMA weights (what samples and evaluation use); `info` holds the step,
+    checkpoint path, first-stage description and latent shape.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from rsprune.autoencoders import from_description
+
+    s, path = _pick(run_dir, step)
+    sub = "unet_ema" if ema and (path / "unet_ema").is_dir() else "unet"
+    unet = UNet2DModel.from_pretrained(path / sub).to(device).eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+    desc = read_json(path / "first_stage.json")
+    first_stage = from_description(desc, device)
+    size = int(unet.config.sample_size)
+    info = {"step": s, "path": str(path), "weights": sub, "first_stage": desc,
+            "latent_shape": [int(unet.config.in_channels), size, size],
+            "image_size": size * int(desc["downscale"])}
+    return unet, scheduler, first_stage, info
+
+
+def make_sampler(scheduler, sampler: str):
+    """A sampling scheduler sharing the training scheduler's betas and prediction type."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
+    if sampler not in classes:
+        raise UsageError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    return classes[sampler].from_config(scheduler.config)
+
+
+@torch.no_grad()
+def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler: str = "ddim",
+                   batch_size: int = 32) -> torch.Tensor:
+    """n latents (scaled) by reverse diffusion; the noise of image i depends only on (seed, i)."""
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    c, size = int(unet.config.in_channels), int(unet.config.sample_size)
+    g = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(n, c, size, size, generator=g)  # drawn once on CPU: same images on any device
+    out = []
+    for i in range(0, n, batch_size):
+        sched = make_sampler(scheduler, sampler)
+        sched.set_timesteps(steps)
+        x = noise[i:i + batch_size].to(device) * sched.init_noise_sigma
+        gb = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)  # stochastic samplers' noise
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(x, t)
+            pred = unet(model_in.to(dtype), t).sample.float()
+            kwargs = {"generator": gb} if sampler == "ddpm" else {}
+            x = sched.step(pred, t, x, **kwargs).prev_sample
+        out.append(x.float())
+    return torch.cat(out) if out else noise
+
+
+def generate(run_dir_or_loaded, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
+             batch_size: int = 32, step: int | None = None, device: str | torch.device | None = None) -> np.ndarray:
+    """n images as uint8 (N, H, W, 3) from a run folder (latest EMA) or a load_backbone() tuple."""
+    if isinstance(run_dir_or_loaded, (str, Path)):
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_backbone(run_dir_or_loaded, step=step, ema=True, device=dev)
+    else:
+        loaded = run_dir_or_loaded
+    unet, scheduler, first_stage = loaded[0], loaded[1], loaded[2]
+    z = sample_latents(unet, scheduler, n, seed, steps, sampler, batch_size)
+    imgs = []
+    for i in range(0, n, batch_size):
+        x = first_stage.decode(z[i:i + batch_size]).cpu()
+        imgs.append((x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    size = int(unet.config.sample_size) * first_stage.downscale
+    return np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """Tile uint8 NHWC images into one HxWx3 grid (row-major)."""
+    n, h, w, _ = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    return grid
