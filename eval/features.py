@@ -1,0 +1,231 @@
+"""Feature extractors for Fréchet distance / KID, and cached statistics of reference sets.
+
+Feature spaces (`feature=NAME`):
+- any encoder of the registry `configs/encoder/NAME.yaml` (offline default `efficientnet_lite2`;
+  `efficientnet_lite0` is the pruning encoder, so it is a biased judge of pruned sets). The
+  feature is the encoder's globally average-pooled last feature map, NOT L2-normalised (as
+  Inception's pool3 for FID), cast to float64.
+- `inception`: the standard FID network (torchmetrics' Inception-v3 port, 2048-d pool3), from a
+  LOCAL weights file `inception_weights=PATH` (pt_inception-2015-12-05); nothing downloads. It
+  needs the `torch-fidelity` package. Only this space may be called "FID"; every other table
+  header says "FD (<space>)".
+
+Resize protocol: every image, real or generated, is decoded by rsprune.imageio.load_rgb (band
+rule) and resized by rsprune.imageio.resize (antialiased bicubic, PIL) to the extractor's
+square input size (the encoder config's `resolution`, 299 for Inception) before the network
+sees it; images already at that size pass untouched.
+
+Reference statistics are cached under `cache_dir` keyed by a content hash of the files (relative
+path + bytes) and the extractor's key (name, resolution, weights): `<key>.npz` with features
+(float32, for KID), mu and sigma (float64), n and n_unreadable. Writes are atomic.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from rsprune.cache import atomic_path, stable_hash
+from rsprune.cli import CONFIG_DIR, UsageError
+from rsprune.imageio import UnreadableImage, load_rgb, resize
+
+from eval.frechet import frechet_distance, gaussian_stats  # noqa: F401  (re-exported API)
+
+INCEPTION = "inception"
+LABELS = {"efficientnet_lite0": "EfficientNet-Lite0", "efficientnet_lite2": "EfficientNet-Lite2",
+          "clip": "CLIP", "dinov2": "DINOv2", INCEPTION: "Inception-v3"}
+
+
+def metric_label(feature: str) -> str:
+    """Table header for a feature space: 'FID' only for Inception, else 'FD (<space>)'."""
+    return "FID" if feature == INCEPTION else f"FD ({LABELS.get(feature, feature)})"
+
+
+class EncoderFeatures(torch.nn.Module):
+    """uint8 NCHW batch at `resolution` -> (N, d) float64 pooled features of a registry encoder."""
+
+    def __init__(self, name: str, encoder_cfg):
+        super().__init__()
+        from rsprune.encoders import build_encoder
+
+        enc = build_encoder(encoder_cfg)
+        self.name, self.model, self._pool = name, enc.model, enc.pool
+        self.resolution = enc.resolution
+        self.channels_last = enc.channels_last
+        self.register_buffer("mean", torch.tensor(enc.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(enc.std).view(1, 3, 1, 1))
+        self.key = {"feature": name, "arch": enc.name, "resolution": self.resolution,
+                    "weights": str(encoder_cfg.get("weights") or encoder_cfg.get("model")), "pool": "mean"}
+        self.num_features = int(self.forward(torch.zeros(1, 3, self.resolution, self.resolution,
+                                                         dtype=torch.uint8)).shape[1])
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() / 255.0 - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._pool(self.model, x).double()
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 NCHW batch at 299 px -> (N, 2048) float64 Inception-v3 pool3 features (FID)."""
+
+    def __init__(self, weights: str | None):
+        super().__init__()
+        if not weights or not Path(weights).is_file():
+            raise UsageError(f"feature=inception needs local Inception-v3 FID weights "
+                             f"(pt_inception-2015-12-05-*.pth): inception_weights={weights} not found")
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=str(weights))
+        except ModuleNotFoundError as e:
+            raise UsageError(f"feature=inception needs the torch-fidelity package ({e.name or e} missing); "
+                             f"or use an encoder feature such as feature=efficientnet_lite2") from None
+        self.name, self.resolution, self.num_features = INCEPTION, 299, 2048
+        self.key = {"feature": INCEPTION, "resolution": 299, "weights": _file_digest(weights)}
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).double()
+
+
+def encoder_config(name: str, overrides: dict | None = None):
+    """The registry config `configs/encoder/<name>.yaml`, with optional overrides merged."""
+    path = CONFIG_DIR / "encoder" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml")) + [INCEPTION]
+        raise UsageError(f"unknown feature {name!r}; choose one of {known}")
+    cfg = OmegaConf.load(path)
+    return OmegaConf.merge(cfg, OmegaConf.create(dict(overrides or {})))
+
+
+@functools.lru_cache(maxsize=4)
+def _build(feature: str, inception_weights: str | None, overrides_key: str) -> torch.nn.Module:
+    import json
+
+    if feature == INCEPTION:
+        return InceptionFeatures(inception_weights).eval()
+    cfg = encoder_config(feature, json.loads(overrides_key))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return EncoderFeatures(feature, cfg).eval()
+
+
+def build_extractor(feature: str | torch.nn.Module = "efficientnet_lite2", inception_weights: str | None = None,
+                    overrides: dict | None = None) -> torch.nn.Module:
+    """A feature extractor module by name (built once per process), or pass a module through."""
+    if isinstance(feature, torch.nn.Module):
+        return feature
+    import json
+
+    ov = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else dict(overrides or {})
+    return _build(str(feature), None if inception_weights is None else str(inception_weights),
+                  json.dumps(ov, sort_keys=True))
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Paths -> resized uint8 HxWx3 tensors; unreadable files come back as None (skipped)."""
+
+    def __init__(self, paths, size: int):
+        self.paths, self.size = list(paths), size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return torch.from_numpy(resize(load_rgb(self.paths[i]), self.size))
+        except UnreadableImage:
+            return None
+
+
+def _collate(items):
+    kept = [x for x in items if x is not None]
+    return (torch.stack(kept) if kept else None), len(items) - len(kept)
+
+
+def _batches(items, size: int, batch_size: int, num_workers: int):
+    """Yield (uint8 NCHW batch or None, n_unreadable) for paths or a uint8 NHWC array / list of arrays."""
+    if isinstance(items, np.ndarray) or (len(items) and isinstance(items[0], np.ndarray)):
+        for i in range(0, len(items), batch_size):
+            chunk = [resize(np.asarray(a, np.uint8), size) for a in items[i:i + batch_size]]
+            yield torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2), 0
+        return
+    loader = torch.utils.data.DataLoader(_Decoded([str(p) for p in items], size), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate, shuffle=False)
+    for batch, bad in loader:
+        yield (None if batch is None else batch.permute(0, 3, 1, 2).contiguous()), bad
+
+
+def extract_features(items, extractor: torch.nn.Module, batch_size: int = 64,
+                     num_workers: int = 0) -> tuple[np.ndarray, int]:
+    """(features (N, d) float64 of the readable items in order, number of unreadable items skipped)."""
+    out, bad = [], 0
+    for batch, n_bad in _batches(items, extractor.resolution, batch_size, num_workers):
+        bad += n_bad
+        if batch is not None:
+            out.append(extractor(batch).numpy())
+    feats = np.concatenate(out) if out else np.zeros((0, extractor.num_features), np.float64)
+    return feats, bad
+
+
+def image_features(paths_or_arrays, feature: str | torch.nn.Module = "efficientnet_lite2", batch_size: int = 64,
+                   num_workers: int = 0, **extractor_kw) -> np.ndarray:
+    """(N, d) float64 features of image paths or uint8 HxWx3 arrays (unreadable files skipped)."""
+    extractor = build_extractor(feature, **extractor_kw)
+    return extract_features(paths_or_arrays, extractor, batch_size, num_workers)[0]
+
+
+def _file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def content_hash(paths, root: str | os.PathLike | None = None) -> str:
+    """Hash of a set of image files: relative path and bytes of each (order-independent)."""
+    h = hashlib.sha256()
+    for p in sorted(str(x) for x in paths):
+        rel = os.path.relpath(p, root) if root else p
+        h.update(rel.encode() + b"\x00")
+        with open(p, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
+
+
+def reference_stats(paths, extractor: torch.nn.Module, cache_dir: str | os.PathLike | None,
+                    root: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 0) -> dict:
+    """Features and Gaussian statistics of a reference image set, cached by content hash.
+
+    Returns dict(features float32 (n, d), mu, sigma float64, n, n_unreadable, key, cached)."""
+    paths = sorted(str(p) for p in paths)
+    key = stable_hash(content_hash(paths, root), extractor.key)
+    path = Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in ("features", "mu", "sigma")} | {
+                "n": int(z["n"]), "n_unreadable": int(z["n_unreadable"]), "key": key, "cached": True}
+    feats, bad = extract_features(paths, extractor, batch_size, num_workers)
+    stats = {"features": feats.astype(np.float32), "n": len(feats), "n_unreadable": bad}
+    if len(feats) >= 2:
+        stats["mu"], stats["sigma"] = gaussian_stats(feats)
+    if path is not None and len(feats) >= 2:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **stats)
+    else:  # never cache a set too small to score; the caller reports it
+        stats.setdefault("mu", None), stats.setdefault("sigma", None)
+    return stats | {"key": key, "cached": False}
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
