@@ -96,7 +96,8 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     timings["entropy"] = time.perf_counter() - t
     log(f"[entropy] cut {cut:.3f} bits ({cfg.entropy.score}): {usable.sum() - kept1.sum()} dropped, {kept1.sum()} kept")
 
-    in_pool = kept1 if method.ENTROPY_FILTER else usable
+    filtered = bool(cfg.method.entropy_filter)
+    in_pool = kept1 if filtered else usable
     pool_rows = np.flatnonzero(in_pool)
     if len(pool_rows) < budget:  # stage 1 cut too deep for this budget: top up by entropy, said in `reason`
         extra = np.flatnonzero(usable & ~in_pool)
@@ -178,7 +179,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     timings["select"] = time.perf_counter() - t
 
     reason = np.full(n_files, "pruned_budget", dtype=object)
-    reason[usable & ~kept1] = "pruned_low_entropy" if method.ENTROPY_FILTER else "pruned_budget"
+    reason[usable & ~kept1] = "pruned_low_entropy" if filtered else "pruned_budget"
     reason[(idx.duplicate_of != "").to_numpy()] = "pruned_exact_duplicate"
     reason[~idx.readable.to_numpy()] = "unreadable"
     for pos, why in notes.items():

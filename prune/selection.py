@@ -1,6 +1,7 @@
 """Stage 5b: choose samples inside one cluster.
 
-`nearest` (representativeness): closest to the centroid first; `spread`: farthest-point
+`nearest` (representativeness): closest to the centroid first; `farthest`: the reverse (hard
+examples); `spread`: farthest-point
 traversal from the most central sample (diversity); `random`: a seeded permutation. All three
 skip a candidate whose cosine similarity to an already taken member reaches `dedup` (a
 near-duplicate), and fall back to the skipped ones, in order, only if the quota is not met:
@@ -16,6 +17,8 @@ def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: st
     by_dist = np.lexsort((ids, dist))
     if mode == "nearest":
         return by_dist
+    if mode == "farthest":  # the "hard" end: least prototypical first
+        return np.lexsort((ids, -dist))
     if mode == "random":
         return np.lexsort((ids, rng.random(len(ids))))
     if mode == "spread":
@@ -29,7 +32,7 @@ def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: st
             mind = np.minimum(mind, 1.0 - emb @ emb[j])
             mind[order] = -np.inf
         return np.asarray(order)
-    raise ValueError(f"unknown selection.within {mode!r}; choose nearest, spread or random")
+    raise ValueError(f"unknown within-cluster mode {mode!r}; choose nearest, farthest, spread or random")
 
 
 def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: str, dedup: float, rng):

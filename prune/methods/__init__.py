@@ -1,6 +1,6 @@
 """Selection methods. Each is a module with `NEEDS` (the stages it reads: "embed", "scenes",
-"clusters"), `ENTROPY_FILTER` (whether stage 1's cut applies to its pool), and
-`select(pool, budget, cfg, rng) -> (positions into pool, reasons for the rest)`.
+"clusters") and `select(pool, budget, cfg, rng) -> (positions into pool, {position: reason})`.
+Whether stage 1's cut applies to its pool is `method.entropy_filter` in its config.
 
 `pool` is a Pool: the eligible rows (readable, unique, past stage 1 if it applies) with the
 arrays the method needs, in pool order. The runner guarantees len(pool) >= budget.
@@ -15,7 +15,8 @@ import pandas as pd
 
 from rsprune.cli import UsageError
 
-METHODS = ("rsprune", "random", "entropy")
+METHODS = ("rsprune", "random", "entropy", "kmeans_uniform", "semdedup", "prototypes", "density",
+           "scene_proportional")
 
 
 @dataclass

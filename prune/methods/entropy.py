@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 NEEDS = ()
-ENTROPY_FILTER = False
 
 
 def select(pool, budget: int, cfg, rng):

@@ -12,7 +12,6 @@ from prune.budget import scene_weights, waterfill
 from prune.selection import pick
 
 NEEDS = ("embed", "scenes", "clusters")
-ENTROPY_FILTER = True
 
 
 def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: float) -> dict[int, int]:
@@ -27,15 +26,21 @@ def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: f
     return quotas
 
 
-def select(pool, budget: int, cfg, rng):
-    sel = cfg.selection
-    quotas = cluster_quotas(pool.scene, pool.cluster, budget, float(sel.alpha))
+def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng):
+    """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason."""
     ids = pool.ids
+    order = np.argsort(pool.cluster, kind="stable")
+    bounds = np.searchsorted(pool.cluster[order], sorted(quotas) + [np.inf])
     chosen, notes = [], {}
-    for c in sorted(quotas):
-        rows = np.flatnonzero(pool.cluster == c)
-        got, dup = pick(pool.emb[rows], pool.dist[rows], ids[rows], quotas[c], str(sel.within),
-                        float(sel.dedup), rng)
+    for i, c in enumerate(sorted(quotas)):
+        rows = order[bounds[i]:bounds[i + 1]]
+        got, dup = pick(pool.emb[rows], pool.dist[rows], ids[rows], quotas[c], within, dedup, rng)
         chosen.append(rows[got])
         notes.update({int(r): "pruned_near_duplicate" for r in rows[dup]})
     return np.concatenate(chosen) if chosen else np.zeros(0, np.int64), notes
+
+
+def select(pool, budget: int, cfg, rng):
+    sel = cfg.selection
+    quotas = cluster_quotas(pool.scene, pool.cluster, budget, float(sel.alpha))
+    return pick_by_quota(pool, quotas, str(sel.within), float(sel.dedup), rng)
