@@ -1,0 +1,144 @@
+"""x4 super-resolution fine-tuned from a foundation backbone (or from scratch with backbone=none).
+
+    python downstream/sr.py backbone=RUN_DIR [sr.condition=latent|pixels] [train.max_steps=N] [run_dir=OUT]
+
+HR = the backbone's training resolution; LR = HR downsampled x4 (antialiased bicubic). The LR
+image enters the UNet as extra input channels with zero-initialised weights. Held-out images are
+scored by PSNR and SSIM against HR and by FD, beside the bicubic baseline and the autoencoder's
+own round trip (the ceiling of any latent-space SR). Rerun the same command to resume.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from downstream import finetune as ft
+from downstream.conditioning import condition_channels, pixels_condition, widen_conv_in
+from downstream.metrics import FDScorer, psnr_ssim, sample_sheet, summary, to01
+from rsprune.cache import stable_hash, write_json
+from rsprune.cli import UsageError, main
+from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
+
+log = logging.getLogger(__name__)
+
+
+def image_list(src: str, limit: int | None) -> list[str]:
+    """Paths from a folder tree or a list file (one path a line, e.g. a prune run's kept.txt).
+
+    With `limit`, an evenly spaced subset of the sorted list, so every class folder stays in.
+    """
+    p = Path(str(src))
+    if p.is_dir():
+        paths = [str(p / r) for r in list_images(p)]
+    elif p.is_file():
+        paths = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    else:
+        raise UsageError(f"SR images not found: {src} (a folder or a list file)")
+    if not paths:
+        raise UsageError(f"no images in {src}")
+    if limit and len(paths) > int(limit):
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, int(limit)).round().astype(int)]
+    return paths
+
+
+def load_hr_lr(paths, resolution: int, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(HR, LR, bicubic-upsampled LR) uint8 NHWC, and the number of unreadable files skipped."""
+    if resolution % scale:
+        raise UsageError(f"resolution {resolution} is not divisible by the SR scale {scale}")
+    hr, lr, bic, bad = [], [], [], 0
+    for p in paths:
+        try:
+            h = resize(load_rgb(p), resolution)
+        except UnreadableImage as e:
+            log.warning("skipped %s: %s", p, e)
+            bad += 1
+            continue
+        low = resize(h, resolution // scale)
+        hr.append(h), lr.append(low), bic.append(resize(low, resolution))
+    if not hr:
+        raise UsageError("no readable SR images")
+    return np.stack(hr), np.stack(lr), np.stack(bic), bad
+
+
+def conditions(cfg, fs, lr, bic, ident) -> torch.Tensor:
+    """Condition maps on the latent grid for LR images (see downstream.conditioning)."""
+    size = int(cfg.resolution) // fs.downscale
+    if cfg.sr.condition == "latent":
+        return ft.scaled(fs, ft.encode_cached(fs, bic, ["sr-bicubic", ident], cfg.cache_dir))
+    return pixels_condition(to01(lr), size)
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Fill the run folder name from the backbone and validate the task options."""
+    cfg = cfg.copy()
+    if cfg.sr.condition not in ("latent", "pixels"):
+        raise UsageError(f"sr.condition={cfg.sr.condition!r}; expected latent | pixels")
+    if not cfg.run_dir:
+        name = "scratch" if str(cfg.backbone) in ("none", "None", "") else Path(str(cfg.backbone)).name
+        cfg.run_dir = f"outputs/downstream/sr/{name}-{cfg.sr.condition}-s{cfg.seed}"
+    return cfg
+
+
+def run(cfg: DictConfig) -> dict:
+    cfg = resolve(cfg)
+    t0 = time.time()
+    run_dir = Path(cfg.run_dir)
+    key = stable_hash(OmegaConf.to_container(cfg, resolve=True))
+    done = ft.read_metrics(run_dir)
+    if done and done.get("config_key") == key:
+        log.info("already evaluated: %s", run_dir / "metrics.json")
+        return done
+    unet, scheduler, fs, info = ft.load_start(cfg, cfg.resolution)
+    res = int(info["image_size"])
+    cfg.resolution = res
+    fs.to(ft.device())
+    scale = int(cfg.sr.scale)
+    train_paths = image_list(cfg.sr.train, cfg.sr.max_train)
+    test_paths = image_list(cfg.sr.test, cfg.sr.max_test)
+    hr, lr, bic, bad = load_hr_lr(train_paths, res, scale)
+    ident = [train_paths, res, scale]
+    raw = ft.encode_cached(fs, hr, ["sr-hr", ident], cfg.cache_dir)
+    if info["backbone"] == "none":
+        ft.fit_latent_scale(fs, raw)
+    z, c = ft.scaled(fs, raw), conditions(cfg, fs, lr, bic, ident)
+    net = widen_conv_in(unet, condition_channels(cfg.sr, fs))
+    net = ft.train(net, scheduler, fs, z, c, cfg, run_dir)
+    metrics = evaluate(cfg, net, scheduler, fs, test_paths, res, scale)
+    metrics |= {"task": "sr", "backbone": info["backbone"], "backbone_step": info["step"],
+                "resolution": res, "scale": scale, "condition": cfg.sr.condition,
+                "train_steps": int(cfg.train.max_steps), "n_train": len(hr), "unreadable_train": bad,
+                "config_key": key, "seconds": round(time.time() - t0, 1)}
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("SR %s: %s", run_dir, {k: metrics["rows"][k] for k in metrics["rows"]})
+    return metrics
+
+
+def evaluate(cfg, net, scheduler, fs, test_paths, res: int, scale: int) -> dict:
+    """Rows sr / bicubic / autoencoder: PSNR, SSIM against HR and FD against the HR test set."""
+    hr, lr, bic, bad = load_hr_lr(test_paths, res, scale)
+    ev = cfg.eval
+    z = ft.sample(net.to(ft.device()), scheduler, conditions(cfg, fs, lr, bic, [test_paths, res, scale]),
+                  seed=int(ev.seed), steps=int(ev.steps), sampler=str(ev.sampler), batch_size=int(ev.batch_size))
+    sr = ft.decode_uint8(fs, z)
+    ae = ft.decode_uint8(fs, fs.encode(to01(hr).to(fs.device)))
+    fd = FDScorer(hr, str(ev.fd_feature))
+    rows = {}
+    for name, images in (("sr", sr), ("bicubic", bic), ("autoencoder", ae)):
+        q = psnr_ssim(images, hr)
+        rows[name] = {"psnr": summary(q["psnr"])["mean"], "psnr_std": summary(q["psnr"])["std"],
+                      "ssim": summary(q["ssim"])["mean"], "ssim_std": summary(q["ssim"])["std"],
+                      "fd": fd(images)}
+    run_dir = Path(cfg.run_dir)
+    sample_sheet(run_dir / "samples.png", [lr, bic, sr, hr], ["LR x4", "bicubic", "SR", "HR"], int(ev.sheet_n))
+    return {"rows": rows, "n_test": len(hr), "unreadable_test": bad, "fd_feature": fd.name,
+            "sampler": str(ev.sampler), "sampling_steps": int(ev.steps)}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main("downstream/sr", run, __doc__)
