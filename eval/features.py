@@ -134,15 +134,18 @@ def build_extractor(feature: str | torch.nn.Module = "efficientnet_lite2", incep
 class _Decoded(torch.utils.data.Dataset):
     """Paths -> resized uint8 HxWx3 tensors; unreadable files come back as None (skipped)."""
 
-    def __init__(self, paths, size: int):
-        self.paths, self.size = list(paths), size
+    def __init__(self, paths, size: int, pre_size: int | None = None):
+        self.paths, self.size, self.pre_size = list(paths), size, pre_size
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return torch.from_numpy(resize(load_rgb(self.paths[i]), self.size))
+            rgb = load_rgb(self.paths[i])
+            if self.pre_size:  # e.g. real images brought to the generator's resolution first
+                rgb = resize(rgb, self.pre_size)
+            return torch.from_numpy(resize(rgb, self.size))
         except UnreadableImage:
             return None
 
@@ -152,24 +155,26 @@ def _collate(items):
     return (torch.stack(kept) if kept else None), len(items) - len(kept)
 
 
-def _batches(items, size: int, batch_size: int, num_workers: int):
+def _batches(items, size: int, batch_size: int, num_workers: int, pre_size: int | None = None):
     """Yield (uint8 NCHW batch or None, n_unreadable) for paths or a uint8 NHWC array / list of arrays."""
     if isinstance(items, np.ndarray) or (len(items) and isinstance(items[0], np.ndarray)):
         for i in range(0, len(items), batch_size):
             chunk = [resize(np.asarray(a, np.uint8), size) for a in items[i:i + batch_size]]
             yield torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2), 0
         return
-    loader = torch.utils.data.DataLoader(_Decoded([str(p) for p in items], size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_Decoded([str(p) for p in items], size, pre_size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate, shuffle=False)
     for batch, bad in loader:
         yield (None if batch is None else batch.permute(0, 3, 1, 2).contiguous()), bad
 
 
-def extract_features(items, extractor: torch.nn.Module, batch_size: int = 64,
-                     num_workers: int = 0) -> tuple[np.ndarray, int]:
-    """(features (N, d) float64 of the readable items in order, number of unreadable items skipped)."""
+def extract_features(items, extractor: torch.nn.Module, batch_size: int = 64, num_workers: int = 0,
+                     pre_size: int | None = None) -> tuple[np.ndarray, int]:
+    """(features (N, d) float64 of the readable items in order, number of unreadable items skipped).
+
+    `pre_size`: image files are first resized to this side (then to the extractor's)."""
     out, bad = [], 0
-    for batch, n_bad in _batches(items, extractor.resolution, batch_size, num_workers):
+    for batch, n_bad in _batches(items, extractor.resolution, batch_size, num_workers, pre_size):
         bad += n_bad
         if batch is not None:
             out.append(extractor(batch).numpy())
@@ -204,18 +209,19 @@ def content_hash(paths, root: str | os.PathLike | None = None) -> str:
 
 
 def reference_stats(paths, extractor: torch.nn.Module, cache_dir: str | os.PathLike | None,
-                    root: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 0) -> dict:
+                    root: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 0,
+                    pre_size: int | None = None) -> dict:
     """Features and Gaussian statistics of a reference image set, cached by content hash.
 
     Returns dict(features float32 (n, d), mu, sigma float64, n, n_unreadable, key, cached)."""
     paths = sorted(str(p) for p in paths)
-    key = stable_hash(content_hash(paths, root), extractor.key)
+    key = stable_hash(content_hash(paths, root), extractor.key, {"pre_size": pre_size})
     path = Path(cache_dir) / f"{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in ("features", "mu", "sigma")} | {
                 "n": int(z["n"]), "n_unreadable": int(z["n_unreadable"]), "key": key, "cached": True}
-    feats, bad = extract_features(paths, extractor, batch_size, num_workers)
+    feats, bad = extract_features(paths, extractor, batch_size, num_workers, pre_size)
     stats = {"features": feats.astype(np.float32), "n": len(feats), "n_unreadable": bad}
     if len(feats) >= 2:
         stats["mu"], stats["sigma"] = gaussian_stats(feats)
