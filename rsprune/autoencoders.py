@@ -120,7 +120,7 @@ def build_first_stage(ae_cfg, images_fn=None, cache_dir: str | Path = ".cache/rs
     """
     kind = ae_cfg.kind
     if kind == "taef2":
-        return _load("taef2", {"path": str(ae_cfg.path)})
+        return _load("taef2", {"path": str(Path(str(ae_cfg.path)).expanduser().resolve())})
     if kind == "diffusers":
         return _load("diffusers", {"id": str(ae_cfg.id), "subfolder": ae_cfg.get("subfolder"),
                                    "local_files_only": bool(ae_cfg.get("local_files_only", True))})

@@ -1,0 +1,170 @@
+"""Training on real AID images: outputs, exact resume, the public generate API, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from train_fixtures import TAEF2_DIR, aid_paths, tiny_overrides, write_kept
+
+from rsprune.cli import UsageError, compose
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    kept = write_kept(root / "prune", aid_paths(24))
+    return root, kept, root / "cache"
+
+
+def _run(overrides):
+    from train.main import run
+
+    return run(compose("train", overrides))
+
+
+def _unet_state(ckpt, sub):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_pretrained(ckpt / sub).state_dict()
+
+
+def test_resume_gives_the_same_weights_and_ema(setup_dir):
+    """6 steps straight == 3 steps, then the same command with max_steps=6 (resumed)."""
+    root, kept, cache = setup_dir
+    straight = _run(tiny_overrides(kept, root / "straight", cache))
+    _run(tiny_overrides(kept, root / "resumed", cache, **{"train.max_steps": 3}))
+    resumed = _run(tiny_overrides(kept, root / "resumed", cache))
+    assert straight["step"] == resumed["step"] == 6
+    for sub in ("unet", "unet_ema"):
+        a = _unet_state(root / "straight/checkpoints/step_0000006", sub)
+        b = _unet_state(root / "resumed/checkpoints/step_0000006", sub)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{sub}/{k} differs after resume")
+    # EMA really differs from the raw weights (otherwise the EMA comparison would prove nothing).
+    ema, raw = (_unet_state(root / "resumed/checkpoints/step_0000006", s) for s in ("unet_ema", "unet"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    # metrics.jsonl of the resumed run: one line per step, no step logged twice.
+    steps = [json.loads(ln)["step"] for ln in (root / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_run_folder_and_generate_api(setup_dir):
+    from train.generate import generate, list_checkpoints, load_backbone
+
+    root, kept, cache = setup_dir
+    run_dir = root / "straight"
+    if not (run_dir / "checkpoints").exists():
+        _run(tiny_overrides(kept, run_dir, cache))
+    assert (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    # total limit 2 by default, both kept; a third step rotates the oldest out (tested below).
+    assert [s for s, _ in list_checkpoints(run_dir)] == [3, 6]
+    ck = run_dir / "checkpoints/step_0000006"
+    for name in ("unet", "unet_ema", "scheduler", "first_stage.json", "trainer_state.json", "model.safetensors"):
+        assert (ck / name).exists(), name
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["first_stage_psnr_mean"] > 20  # TAEF2 on held-out AID at 32 px
+
+    unet, sched, fs, info = load_backbone(run_dir)
+    assert info["step"] == 6 and info["weights"] == "unet_ema" and info["image_size"] == 32
+    a = generate((unet, sched, fs, info), n=3, seed=7, steps=3, batch_size=2)
+    b = generate(run_dir, n=3, seed=7, steps=3, device="cpu")
+    assert a.dtype == np.uint8 and a.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(a, b)  # fixed seed: same images whatever the batching
+    # The first stage round-trips images and returns unit-scale latents.
+    from rsprune.imageio import load_rgb, resize
+
+    x = torch.from_numpy(np.stack([resize(load_rgb(p), 32) for p in aid_paths(4, offset=1)]))
+    x = x.permute(0, 3, 1, 2).float() / 255
+    z = fs.encode(x)
+    assert z.shape == (4, 32, 4, 4) and 0.5 < float(z.std()) < 2.0
+    assert float(((fs.decode(z) - x) ** 2).mean()) < 0.01
+
+
+def test_checkpoint_rotation_and_partial_save(setup_dir):
+    from train.generate import list_checkpoints
+
+    root, kept, cache = setup_dir
+    run_dir = root / "rotate"
+    over = {"train.max_steps": 3, "train.checkpoint_every": 1, "train.sample_every": 0,
+            "train.checkpoints_total_limit": 2}
+    _run(tiny_overrides(kept, run_dir, cache, **over))
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 3]
+    # A save killed midway leaves a temporary folder: ignored, then cleaned, and the run resumes from 3.
+    partial = run_dir / "checkpoints/.tmp-step_0000004"
+    (partial / "unet").mkdir(parents=True)
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 3]
+    out = _run(tiny_overrides(kept, run_dir, cache, **{**over, "train.max_steps": 4}))
+    assert out["step"] == 4 and not partial.exists()
+    assert [s for s, _ in list_checkpoints(run_dir)] == [3, 4]
+
+
+def test_load_backbone_without_checkpoint_is_a_usage_error(tmp_path):
+    from train.generate import load_backbone
+
+    with pytest.raises(UsageError, match="no checkpoint"):
+        load_backbone(tmp_path)
+
+
+def test_bad_subsets(setup_dir, tmp_path, caplog):
+    root, kept, cache = setup_dir
+    run_dir = tmp_path / "run"
+    with pytest.raises(UsageError, match="does not exist"):
+        _run(tiny_overrides(tmp_path / "nope.txt", run_dir, cache))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(UsageError, match="is empty"):
+        _run(tiny_overrides(empty, run_dir, cache))
+    with pytest.raises(UsageError, match="exceeds the 24 training images"):
+        _run(tiny_overrides(kept, run_dir, cache, **{"train.batch_size": 25}))
+    with pytest.raises(UsageError, match="TAEF2 weights not found"):
+        _run(tiny_overrides(kept, run_dir, cache, **{"autoencoder.path": str(tmp_path)}))
+    with pytest.raises(UsageError, match="cannot load AutoencoderKL"):
+        _run(tiny_overrides(kept, run_dir, cache, autoencoder="sd_vae",
+                                 **{"autoencoder.id": "no-such/vae", "autoencoder.path": None}))
+
+
+def test_missing_and_undecodable_images_are_skipped_and_counted(setup_dir, tmp_path, caplog):
+    from train.main import run
+
+    root, kept, cache = setup_dir
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = aid_paths(8, offset=2) + [str(broken), str(tmp_path / "gone1.jpg"), str(tmp_path / "gone2.jpg")]
+    sub = write_kept(tmp_path / "p", paths)
+    over = tiny_overrides(sub, tmp_path / "run", cache, **{"train.max_steps": 1, "train.sample_every": 0})
+    with caplog.at_level("WARNING"):
+        out = run(compose("train", over))
+    assert out["step"] == 1
+    text = caplog.text
+    assert "2 of 11 paths" in text and "gone1.jpg" in text
+    assert "1 of 9 images could not be decoded" in text and "broken.jpg" in text
+    first = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    assert first["train_images"] == 8
+
+
+def test_paper_gpu_composes_and_builds_on_meta():
+    from accelerate import init_empty_weights
+
+    from train.setup import build_unet, count_params
+
+    cfg = compose("train", ["+experiment=paper_gpu", "data.subset=full"])
+    assert cfg.autoencoder.kind == "diffusers" and cfg.train.mixed_precision == "bf16"
+    assert cfg.data.resolution == 256
+    with init_empty_weights():
+        unet = build_unet(cfg.unet, 4, cfg.data.resolution // 8)
+    assert next(unet.parameters()).device.type == "meta"
+    assert 1e8 < count_params(unet) < 1e9
+
+
+def test_cpu_small_unet_size():
+    from accelerate import init_empty_weights
+
+    from train.setup import build_unet, count_params
+
+    cfg = compose("train", ["+experiment=cpu_small"])
+    with init_empty_weights():
+        unet = build_unet(cfg.unet, 32, cfg.data.resolution // 8)
+    assert 2e6 <= count_params(unet) <= 5e6
