@@ -36,13 +36,15 @@ def cluster_stratum(x: np.ndarray, k: int, fraction: float, min_sample: int, nit
     return idx[:, 0], (1.0 - sim[:, 0]).astype(np.float32), centroids
 
 
-def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int):
+def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, progress: bool = False):
     """Cluster every stratum. Returns global cluster ids (consecutive over strata, ordered by
     stratum), centroid distances, and a per-cluster table (cluster, stratum, size)."""
     cluster = np.full(len(emb), -1, np.int64)
     dist = np.full(len(emb), np.nan, np.float32)
     info, offset = [], 0
-    for s in np.unique(strata):
+    from tqdm import tqdm
+
+    for s in tqdm(np.unique(strata), desc="clusters", unit="stratum", disable=not progress, leave=False):
         rows = np.flatnonzero(strata == s)
         k = n_clusters(len(rows), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale, cfg.max_k)
         lab, d, _ = cluster_stratum(emb[rows], k, cfg.sample_fraction, cfg.min_sample, cfg.niter,

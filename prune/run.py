@@ -155,7 +155,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
                                OmegaConf.to_container(cfg.clustering), seed)
 
             def compute_clusters():
-                c, d, _ = stratified_clusters(pool.emb, strata, cfg.clustering, seed)
+                c, d, _ = stratified_clusters(pool.emb, strata, cfg.clustering, seed, progress)
                 return pd.DataFrame({"id": pool.ids, "cluster": c, "centroid_distance": d})
 
             cl, cached["clusters"] = cached_table(Path(cache) / "clusters" / f"{ckey}.parquet", ckey, compute_clusters)
