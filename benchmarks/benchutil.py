@@ -1,0 +1,66 @@
+"""Shared by the benchmark scripts: machine facts, timing, tables, and BENCHMARKS.md sections.
+
+Each script owns one section of BENCHMARKS.md between `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->`; rerunning a script replaces only its own section.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+DATA = Path(os.environ.get("RSPRUNE_DATA", ROOT / ".." / "shared" / "data")).resolve()
+HEADER = "# Benchmarks\n\nEach section is written by the script named in it; rerun the command to refresh it.\n"
+
+
+def machine() -> str:
+    """One line: cores, CPU model, RAM, load when the run started (the machine may be shared)."""
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        ram = f"{mem_kb / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        ram = "RAM ?"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} cores (nproc), {model}, {ram}, load average {load:.2f} at start"
+
+
+def command() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table; floats shown with 3 significant digits unless already strings."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str, shared_note: bool = True) -> None:
+    """Replace (or append) this benchmark's section of BENCHMARKS.md, atomically."""
+    from rsprune.cache import write_text
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    note = ("\n\nThe machine was shared with other jobs during the run: absolute figures are noisy; "
+            "ratios come from the same run." if shared_note else "")
+    text = (f"<!-- bench:{name} -->\n## {title}\n\n`{command()}`  \n{machine()}; {now}.{note}\n\n"
+            f"{body.strip()}\n<!-- /bench:{name} -->")
+    old = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text + "\n"
+    write_text(BENCHMARKS_MD, new)
+    print(f"wrote section {name!r} of {BENCHMARKS_MD}")
