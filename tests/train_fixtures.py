@@ -30,7 +30,7 @@ def tiny_overrides(kept: Path, run_dir: Path, cache: Path, **extra) -> list[str]
         "data.resolution": 32, "data.holdout": 4, "data.num_workers": 0, "unet": "tiny",
         "train.batch_size": 4, "train.max_steps": 6, "train.checkpoint_every": 3, "train.log_every": 1,
         "train.sample_every": 3, "train.sample_n": 4, "train.sample_steps": 3, "wandb.mode": "disabled",
-        "optim.warmup_steps": 2, "optim.decay_steps": 6,
+        "optim.warmup_steps": 2, "train.cpu_threads": 1, "optim.decay_steps": 6,
         "data.corpus": f"[{DATA / 'aid'}]", "autoencoder.path": str(TAEF2_DIR),
     }
     over.update(extra)

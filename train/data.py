@@ -24,32 +24,36 @@ def corpus_paths(data_cfg) -> list[str]:
     """Absolute paths of every image under the corpus folders, sorted."""
     out = []
     for root in data_cfg.corpus:
-        root = Path(str(root))
-        if not root.is_dir():
+        root = os.path.abspath(str(root))
+        if not os.path.isdir(root):
             raise UsageError(f"corpus folder {root} does not exist (set data.root= or RSPRUNE_DATA)")
-        out += [str((root / p).resolve()) for p in list_images(root)]
+        out += [os.path.join(root, p) for p in list_images(root)]
     return sorted(out)
 
 
 def resolve_subset(data_cfg, seed: int) -> tuple[list[str], list[str]]:
     """(training paths, held-out paths) for `data.subset` = kept.txt | prune run folder | full.
 
-    Held-out images are a seeded sample of corpus images outside the training set, so the
-    FD hook and PSNR never see a training image.
+    Held-out images are a seeded sample of corpus images outside the training set (compared
+    by real path, so symlinked corpora count too): the FD hook and PSNR never see a training image.
     """
     spec = str(data_cfg.subset)
     corpus = corpus_paths(data_cfg)
     n_hold = int(data_cfg.holdout)
-    rng = np.random.default_rng(seed)
+    order = np.random.default_rng(seed).permutation(len(corpus))
     if spec == "full":
-        hold_idx = set(rng.choice(len(corpus), size=min(n_hold, len(corpus) // 2), replace=False).tolist())
+        hold_idx = set(order[:min(n_hold, len(corpus) // 2)].tolist())
         train = [p for i, p in enumerate(corpus) if i not in hold_idx]
         return train, [corpus[i] for i in sorted(hold_idx)]
     train = read_subset(spec)
-    chosen = set(train)
-    rest = [p for p in corpus if p not in chosen]
-    pick = sorted(rng.choice(len(rest), size=min(n_hold, len(rest)), replace=False).tolist())
-    return train, [rest[i] for i in pick]
+    chosen = {os.path.realpath(p) for p in train}
+    hold = []
+    for i in order:  # realpath only for the candidates looked at, not the whole corpus
+        if len(hold) == n_hold:
+            break
+        if os.path.realpath(corpus[i]) not in chosen:
+            hold.append(corpus[i])
+    return train, sorted(hold)
 
 
 def read_subset(spec: str) -> list[str]:

@@ -37,6 +37,8 @@ def run(cfg) -> dict:
         logging.getLogger(name).setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
     for name in ("accelerate", "diffusers"):  # their per-file save/load lines drown the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
+    if cfg.train.get("cpu_threads"):  # on a shared CPU, fewer threads than cores avoids spin-wait contention
+        torch.set_num_threads(int(cfg.train.cpu_threads))
     if torch.cuda.is_available() and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     run_dir = Path(str(cfg.run_dir))
