@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 
-def to01(images_uint8: np.ndarray) -> torch.Tensor:
+def to01(images_uint8: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float().div(255)
+    return torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).to(dtype).div(255)
 
 
 def psnr_ssim(pred_uint8: np.ndarray, target_uint8: np.ndarray) -> dict:
@@ -21,7 +21,7 @@ def psnr_ssim(pred_uint8: np.ndarray, target_uint8: np.ndarray) -> dict:
     from torchmetrics.functional.image import (peak_signal_noise_ratio,
                                                structural_similarity_index_measure)
 
-    p, t = to01(pred_uint8).double(), to01(target_uint8).double()
+    p, t = to01(pred_uint8, torch.float64), to01(target_uint8, torch.float64)
     psnr = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
     return {"psnr": psnr.numpy(), "ssim": ssim.numpy()}
