@@ -44,6 +44,8 @@ def load_start(cfg, resolution: int | None):
 
     from rsprune.autoencoders import build_first_stage
 
+    if cfg.train.get("cpu_threads"):  # fewer threads than cores avoids spin-wait contention on a shared CPU
+        torch.set_num_threads(int(cfg.train.cpu_threads))
     src = cfg.backbone
     if src not in (None, "none", "None", ""):
         from train.generate import load_backbone

@@ -1,0 +1,100 @@
+"""Tables of the downstream runs, rebuilt from their metrics.json (sections of eval/tables.py).
+
+    python eval/tables.py sr                   # -> results/sr.md
+    python eval/tables.py semantic_synthesis   # -> results/semantic_synthesis.md
+
+Which runs: `report.runs` of configs/downstream/*.yaml (folders or glob patterns), overridable
+with `sections.<name>.set.report.runs=[...]`.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from rsprune.cache import read_json, write_text
+from rsprune.cli import UsageError
+
+
+def run_metrics(patterns, task: str) -> list[tuple[str, dict]]:
+    """(run folder name, metrics) of every run folder matched that holds a metrics.json of `task`."""
+    found = []
+    for pat in patterns:
+        dirs = sorted(glob.glob(str(pat))) or [str(pat)]
+        for d in dirs:
+            p = Path(d) / "metrics.json"
+            if p.is_file():
+                m = read_json(p)
+                if m.get("task") == task:
+                    found.append((Path(d).name, m))
+    if not found:
+        raise UsageError(f"no {task} runs with metrics.json in {list(patterns)}; run downstream/{task}.py first")
+    return found
+
+
+def _f(x, nd=2) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def _backbone(m: dict) -> str:
+    b = m.get("backbone", "none")
+    return "scratch" if b == "none" else f"{Path(b).name} @ {m.get('backbone_step')}"
+
+
+def sr_table(runs) -> str:
+    head = ["run", "start", "condition", "fine-tune steps", "PSNR (dB)", "SSIM", "FD", "test images"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    baselines = {}
+    for name, m in runs:
+        r = m["rows"]["sr"]
+        lines.append(f"| {name} | {_backbone(m)} | {m['condition']} | {m['train_steps']} | {_f(r['psnr'])} | "
+                     f"{_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
+        key = (m["resolution"], m["n_test"], m.get("fd_feature"))
+        baselines.setdefault(key, m["rows"])
+    for (res, n, _), rows in baselines.items():
+        for label, row in (("bicubic x4 (baseline)", "bicubic"), ("autoencoder round trip (ceiling)", "autoencoder")):
+            r = rows[row]
+            lines.append(f"| {label} | — | — | — | {_f(r['psnr'])} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {n} |")
+    feat = runs[0][1].get("fd_feature", "?")
+    res = runs[0][1]["resolution"]
+    return (f"# x4 super-resolution\n\nHR {res} px, LR {res // 4} px (antialiased bicubic). PSNR/SSIM against HR "
+            f"(mean over held-out images), FD against the HR test images in {feat} features "
+            f"(compare FDs only at equal numbers of test images). Rebuilt by `python eval/tables.py sr`.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def semantic_table(runs) -> str:
+    head = ["run", "start", "fine-tune steps", "FD", "mIoU (generated)", "pixel acc (generated)", "test crops"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reals = {}
+    for name, m in runs:
+        g = m["generated"]
+        lines.append(f"| {name} | {_backbone(m)} | {m['train_steps']} | {_f(m['fd'])} | {_f(g['miou'], 3)} | "
+                     f"{_f(g['pixel_acc'], 3)} | {m['n_test']} |")
+        reals.setdefault((m["n_test"], m.get("segnet")), m["segnet_real"])
+    for (n, _), r in reals.items():
+        lines.append(f"| real test crops (segmentation net ceiling) | — | — | — | {_f(r['miou'], 3)} | "
+                     f"{_f(r['pixel_acc'], 3)} | {n} |")
+    m0 = runs[0][1]
+    tiles = ", ".join(m0.get("data", {}).get("test_tiles", []))
+    return (f"# Semantic image synthesis (Dubai land cover)\n\nCrops of {m0['crop']} px resized to "
+            f"{m0['resolution']} px; test tiles held out whole: {tiles}. FD of generated vs real test crops "
+            f"({m0.get('fd_feature', '?')} features); mIoU of the segmentation network (trained on the real "
+            f"training crops) on generated images against the input masks, unlabeled pixels ignored. "
+            f"Rebuilt by `python eval/tables.py semantic_synthesis`.\n\n" + "\n".join(lines) + "\n")
+
+
+def _write(cfg, name: str, text: str) -> Path:
+    out = Path(str(cfg.report.results_dir)) / f"{name}.md"
+    write_text(out, text)
+    print(f"wrote {out}")
+    return out
+
+
+def sr_section(cfg) -> dict:
+    runs = run_metrics(list(cfg.report.runs), "sr")
+    return {"path": str(_write(cfg, "sr", sr_table(runs))), "runs": [n for n, _ in runs]}
+
+
+def semantic_synthesis_section(cfg) -> dict:
+    runs = run_metrics(list(cfg.report.runs), "semantic_synthesis")
+    return {"path": str(_write(cfg, "semantic_synthesis", semantic_table(runs))), "runs": [n for n, _ in runs]}
