@@ -168,3 +168,29 @@ def test_cpu_small_unet_size():
     with init_empty_weights():
         unet = build_unet(cfg.unet, 32, cfg.data.resolution // 8)
     assert 2e6 <= count_params(unet) <= 5e6
+
+
+def test_accumulation_bf16_v_prediction(setup_dir):
+    """Gradient accumulation, bf16 autocast and v-prediction run and are recorded in the checkpoint."""
+    from diffusers import DDPMScheduler
+
+    root, kept, cache = setup_dir
+    run_dir = root / "variants"
+    out = _run(tiny_overrides(kept, run_dir, cache, **{
+        "train.max_steps": 2, "train.grad_accum": 2, "train.mixed_precision": "bf16", "train.sample_every": 0,
+        "scheduler.prediction_type": "v_prediction", "optim.schedule": "constant"}))
+    assert out["step"] == 2 and np.isfinite(out["loss"])
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["epoch"] == pytest.approx(2 * 2 * 4 / 24)  # steps x accumulation x batch / images
+    sched = DDPMScheduler.from_pretrained(run_dir / "checkpoints/step_0000002/scheduler")
+    assert sched.config.prediction_type == "v_prediction"
+
+
+def test_fd_hook_logs_a_distance(setup_dir):
+    pytest.importorskip("eval.fid", reason="the eval package's FD function is not there yet")
+    root, kept, cache = setup_dir
+    run_dir = root / "fd"
+    _run(tiny_overrides(kept, run_dir, cache, **{"train.max_steps": 2, "train.sample_every": 0,
+                                                 "eval.fd_every": 2, "eval.fd_samples": 4, "eval.fd_steps": 2}))
+    fd = [json.loads(ln)["fd"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"fd"' in ln]
+    assert len(fd) == 1 and np.isfinite(fd[0]) and fd[0] >= 0

@@ -93,9 +93,11 @@ class FDHook:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def __call__(self, unet, noise_scheduler, first_stage) -> float:
+    def __call__(self, unet, noise_scheduler, first_stage) -> dict:
         if self.real is None:
             self.real = self.real_fn()
         c = self.cfg.eval
         fake = decode_samples(unet, noise_scheduler, first_stage, int(c.fd_samples), 0, int(c.fd_steps))
-        return float(self.fn(self.real, fake, feature=str(c.fd_feature)))
+        r = self.fn(self.real, fake, feature=str(c.fd_feature))
+        return {"fd": float(r["fd"]), "fd_feature": r.get("feature", str(c.fd_feature)),
+                "fd_n_real": int(r.get("n_real", len(self.real))), "fd_n_fake": int(r.get("n_fake", len(fake)))}

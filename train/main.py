@@ -29,7 +29,12 @@ def run(cfg) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
     _check(cfg)
+    # A second run() in one process (tests, notebooks) may change mixed precision: forget the old
+    # settings (the process group, if any, is kept).
+    AcceleratorState._reset_state()
     acc = Accelerator(gradient_accumulation_steps=int(cfg.train.grad_accum),
                       mixed_precision=str(cfg.train.mixed_precision))
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")  # no-op if the caller configured logging
@@ -93,11 +98,12 @@ def _prepare_data(cfg, acc, run_dir: Path):
     res = int(cfg.data.resolution)
     train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed))
     _check_batch(cfg, len(train_paths), acc.num_processes)
-    with acc.main_process_first():
+    # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
+    with acc.local_main_process_first():
         fs = build_first_stage(cfg.autoencoder, lambda: tdata.load_images(train_paths, res),
                                cfg.cache_dir, key_parts=(train_paths, res)).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
-                                             int(cfg.data.num_workers), acc.is_main_process)
+                                             int(cfg.data.num_workers), acc.is_local_main_process)
     if meta["unreadable"]:
         log.warning("latent cache: %d unreadable images skipped; first: %s", meta["unreadable"],
                     ", ".join(meta["unreadable_first"][:3]))
@@ -193,7 +199,7 @@ def _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd,
             if sample_due:
                 save_sample_grid(run_dir, step, model, noise_scheduler, first_stage, cfg)
             if fd.due(step):
-                metrics.write({"step": step, "fd": fd(model, noise_scheduler, first_stage)})
+                metrics.write({"step": step, **fd(model, noise_scheduler, first_stage)})
         model.train()
     if step % int(t.checkpoint_every) == 0 or step == max_steps:
         ckpt.save_checkpoint(acc, run_dir, step, unet, ema, noise_scheduler, first_stage.describe(),
