@@ -80,13 +80,14 @@ def sample_sheet(path, columns: list[np.ndarray], titles: list[str], n: int = 8)
     from rsprune.cache import atomic_path
 
     n = min(n, *(len(c) for c in columns))
-    h, w = columns[0].shape[1:3]
+    f = max(1, 128 // columns[0].shape[1])  # small images are enlarged (nearest) so a sheet is readable
+    h, w = columns[0].shape[1] * f, columns[0].shape[2] * f
     pad, head = 2, 14
     sheet = np.full((head + n * (h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
     for j, col in enumerate(columns):
         for i in range(n):
             im = col[i]
-            if im.shape[:2] != (h, w):  # e.g. the LR input: show it nearest-upsampled to the same size
+            if im.shape[:2] != (h, w):  # enlarged, and the LR input nearest-upsampled to the same size
                 im = np.array(Image.fromarray(im).resize((w, h), Image.NEAREST))
             sheet[head + i * (h + pad):head + i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = im
     img = Image.fromarray(sheet)
