@@ -72,6 +72,14 @@ def load_start(cfg, resolution: int | None):
                                  "first_stage": fs.describe()}
 
 
+def start_name(cfg) -> str:
+    """Run-folder name of the start point: the backbone folder's name (and step), or scratch."""
+    if str(cfg.backbone) in ("none", "None", ""):
+        return "scratch"
+    name = Path(str(cfg.backbone)).resolve().name
+    return name if cfg.get("backbone_step") is None else f"{name}-step{int(cfg.backbone_step)}"
+
+
 def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32) -> np.ndarray:
     """Raw (unscaled) latents of uint8 NHWC images, cached under a key of (first stage, images)."""
     key = stable_hash({k: v for k, v in fs.describe().items() if k not in ("scale", "shift")}, ident, n=20)

@@ -79,8 +79,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if cfg.sr.condition not in ("latent", "pixels"):
         raise UsageError(f"sr.condition={cfg.sr.condition!r}; expected latent | pixels")
     if not cfg.run_dir:
-        name = "scratch" if str(cfg.backbone) in ("none", "None", "") else Path(str(cfg.backbone)).name
-        cfg.run_dir = f"outputs/downstream/sr/{name}-{cfg.sr.condition}-s{cfg.seed}"
+        cfg.run_dir = f"outputs/downstream/sr/{ft.start_name(cfg)}-{cfg.sr.condition}-s{cfg.seed}"
     return cfg
 
 
