@@ -24,23 +24,30 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def sqrt_trace_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr((s1 s2)^(1/2)) for symmetric PSD s1, s2 (float64)."""
-    w, v = linalg.eigh(s1)
-    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # s1^(1/2)
+def psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """s^(1/2) of a symmetric PSD matrix (float64)."""
+    w, v = linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def sqrt_trace_product(s1: np.ndarray, s2: np.ndarray, s1_root: np.ndarray | None = None) -> float:
+    """tr((s1 s2)^(1/2)) for symmetric PSD s1, s2 (float64). Pass `s1_root` = psd_sqrt(s1) when
+    s1 is compared with many s2 (a fixed reference set): it is the costly half."""
+    root = psd_sqrt(s1) if s1_root is None else s1_root
     m = root @ s2 @ root
     ev = linalg.eigvalsh((m + m.T) / 2.0)  # symmetrise away rounding before the eigen-solve
     return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, sigma1_root=None) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64 (`sigma1_root`: see
+    sqrt_trace_product)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
-    fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * sqrt_trace_product(s1, s2))
+    fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * sqrt_trace_product(s1, s2, sigma1_root))
     return max(fd, 0.0)  # a distance; rounding can leave -1e-12 for identical sets
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from eval.frechet import frechet_distance_features
+from eval.frechet import frechet_distance, gaussian_stats, psd_sqrt
 from prune.embed import embed_stage, gather
 from rsprune.cache import read_json, stable_hash, write_json
 from rsprune.cli import UsageError, main
@@ -41,10 +41,17 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
     return float((p[nz] * np.log(p[nz] / q[nz])).sum())
 
 
+def corpus_stats(feats: np.ndarray) -> tuple:
+    """(mu, sigma, sigma^(1/2)) of the corpus: computed once, compared with every subset."""
+    mu, sigma = gaussian_stats(feats)
+    return mu, sigma, psd_sqrt(sigma)
+
+
 def quality(feats: np.ndarray, selected: np.ndarray, entropy: np.ndarray, labels: np.ndarray,
-            near_dup: float) -> dict:
+            near_dup: float, stats: tuple | None = None) -> dict:
     """Metrics of one subset (`selected` mask over the usable corpus rows `feats`)."""
     sub = feats[selected]
+    mu, sigma, root = stats if stats is not None else corpus_stats(feats)
     cover, _ = search(sub, feats, 1)
     dist = 1.0 - cover[:, 0]
     pair, _ = search(sub, sub, 2)
@@ -52,7 +59,7 @@ def quality(feats: np.ndarray, selected: np.ndarray, entropy: np.ndarray, labels
     sub_counts = np.array([(labels[selected] == c).sum() for c in classes], np.float64)
     return dict(
         n=int(selected.sum()),
-        fd=frechet_distance_features(sub, feats),
+        fd=frechet_distance(mu, sigma, *gaussian_stats(sub), sigma1_root=root),
         coverage_mean=float(dist.mean()),
         coverage_p95=float(np.percentile(dist, 95)),
         near_dup_rate=float((pair[:, 1] >= near_dup).mean()) if len(sub) > 1 else 0.0,
@@ -74,7 +81,7 @@ def corpus_features(m: pd.DataFrame, cfg: DictConfig, progress: bool = True) -> 
 
 def evaluate_runs(run_dirs: list[str], cfg: DictConfig, progress: bool = True) -> list[dict]:
     """Quality of every run (cached in its folder under a key of manifest + metric config)."""
-    results, feats, corpus_key = [], None, None
+    results, feats, corpus_key, stats = [], None, None, None
     for rd in run_dirs:
         m = read_manifest(rd)
         usable = m[m.readable & (m.reason != "pruned_exact_duplicate")].reset_index(drop=True)
@@ -89,8 +96,9 @@ def evaluate_runs(run_dirs: list[str], cfg: DictConfig, progress: bool = True) -
             raise UsageError(f"{rd} was pruned from another corpus than {run_dirs[0]}; compare runs of one corpus")
         if feats is None:
             feats, corpus_key = corpus_features(usable, cfg, progress), this_corpus
+            stats = corpus_stats(feats)
         r = quality(feats, usable.selected.to_numpy(), usable.entropy_local.to_numpy(), folder_labels(usable),
-                    float(cfg.near_dup))
+                    float(cfg.near_dup), stats)
         s = read_json(Path(rd) / "summary.json")
         r.update(key=key, run_dir=str(rd), method=s["config"]["method"]["name"], ratio=s["config"]["ratio"],
                  seed=s["config"]["seed"], feature=str(cfg.encoder.variant if "variant" in cfg.encoder else cfg.encoder.model))
