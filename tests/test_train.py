@@ -194,3 +194,19 @@ def test_fd_hook_logs_a_distance(setup_dir):
                                                  "eval.fd_every": 2, "eval.fd_samples": 4, "eval.fd_steps": 2}))
     fd = [json.loads(ln)["fd"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"fd"' in ln]
     assert len(fd) == 1 and np.isfinite(fd[0]) and fd[0] >= 0
+
+
+def test_training_with_a_fitted_kl_small(setup_dir):
+    """autoencoder=kl_small fits once (cached), trains, and load_backbone rebuilds it from first_stage.json."""
+    from train.generate import generate
+
+    root, kept, cache = setup_dir
+    run_dir = root / "kl"
+    small = {"autoencoder": "kl_small", "autoencoder.path": None, "autoencoder.max_steps": 2,
+             "autoencoder.arch.block_out_channels": "[16,32,32]", "autoencoder.arch.norm_num_groups": 8,
+             "autoencoder.fit_images": 8, "train.max_steps": 1, "train.sample_every": 0}
+    _run(tiny_overrides(kept, run_dir, cache, **small))
+    desc = json.loads((run_dir / "checkpoints/step_0000001/first_stage.json").read_text())
+    assert desc["kind"] == "kl_small" and desc["downscale"] == 4 and desc["latent_channels"] == 4
+    assert len(list((cache / "autoencoders").glob("kl_small-*-s2"))) == 1
+    assert generate(run_dir, n=2, seed=0, steps=2, device="cpu").shape == (2, 32, 32, 3)

@@ -100,8 +100,9 @@ def _prepare_data(cfg, acc, run_dir: Path):
     _check_batch(cfg, len(train_paths), acc.num_processes)
     # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
     with acc.local_main_process_first():
-        fs = build_first_stage(cfg.autoencoder, lambda: tdata.load_images(train_paths, res),
-                               cfg.cache_dir, key_parts=(train_paths, res)).to(acc.device)
+        fit_paths = _fit_sample(train_paths, int(cfg.autoencoder.get("fit_images", 2048)), int(cfg.seed))
+        fs = build_first_stage(cfg.autoencoder, lambda: tdata.load_images(fit_paths, res),
+                               cfg.cache_dir, key_parts=(fit_paths, res)).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
                                              int(cfg.data.num_workers), acc.is_local_main_process)
     if meta["unreadable"]:
@@ -112,6 +113,15 @@ def _prepare_data(cfg, acc, run_dir: Path):
     log.info("%d training latents %s, std %.3f; %d held-out images", len(latents), meta["shape"],
              meta["std"], len(hold_paths))
     return fs, latents, hold_paths
+
+
+def _fit_sample(paths: list[str], n: int, seed: int) -> list[str]:
+    """A seeded sample of at most n training images to fit kl_small on (bounded memory)."""
+    if len(paths) <= n:
+        return paths
+    import numpy as np
+
+    return [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), n, replace=False))]
 
 
 def _check_batch(cfg, n: int, world: int) -> None:
