@@ -8,7 +8,8 @@ and the one the training-free subset-quality table uses on precomputed embedding
 tr((S1 S2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric
 PSD matrix S1^(1/2) S2 S1^(1/2) (same spectrum as S1 S2). Unlike `scipy.linalg.sqrtm(S1 @ S2)`
 this needs no complex arithmetic and stays stable when the covariances are singular, which they
-are whenever there are fewer samples than feature dimensions (the usual case in tests).
+are whenever there are fewer samples than feature dimensions (the usual case in tests). From
+feature matrices with few samples, `frechet_distance_features` uses an exact sample-space form.
 """
 from __future__ import annotations
 
@@ -52,5 +53,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sigma1_root=None) -> float:
 
 
 def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians fitted to two (N, d) feature matrices."""
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+    """Fréchet distance between the Gaussians fitted to two (N, d) feature matrices.
+
+    With few samples against the dimension (n1 n2 min(n1, n2) < d^3) it works in sample space:
+    with centred A (n1 x d), B (n2 x d), S1 S2 has the nonzero spectrum of (A B^T)(A B^T)^T / c,
+    c = (n1 - 1)(n2 - 1), so tr((S1 S2)^(1/2)) = ||A B^T||_* / sqrt(c) (nuclear norm), which is
+    exact and avoids two d x d eigen-solves.
+    """
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    (mu1, s1), (mu2, s2) = (f1.mean(0), None), (f2.mean(0), None)
+    n1, n2, d = len(f1), len(f2), f1.shape[1]
+    if n1 < 2 or n2 < 2 or f2.shape[1] != d:
+        raise ValueError(f"need two (N, d) feature matrices with N >= 2, got {f1.shape} and {f2.shape}")
+    if n1 * n2 * min(n1, n2) >= d ** 3:
+        return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+    a, b = f1 - mu1, f2 - mu2
+    c1, c2 = n1 - 1.0, n2 - 1.0
+    cross = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(c1 * c2)
+    diff = mu1 - mu2
+    fd = float(diff @ diff + (a * a).sum() / c1 + (b * b).sum() / c2 - 2.0 * cross)
+    return max(fd, 0.0)

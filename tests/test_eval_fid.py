@@ -1,0 +1,146 @@
+"""Fréchet distance and KID (eval/fid.py, eval/features.py) on real AID images at 64 px features."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.features import build_extractor, extract_features, image_features, reference_stats
+from eval.fid import fd_kid, frechet_distance_from_images, run
+from eval.frechet import frechet_distance, frechet_distance_features, gaussian_stats
+from rsprune.cli import UsageError, compose
+from rsprune.imageio import load_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SMALL = {"resolution": 64}  # features at 64 px: 4x cheaper, same network and protocol
+
+
+def aid_paths(per_class: int, offset: int = 0) -> list[Path]:
+    """`per_class` sorted images of each of the 30 AID classes."""
+    return [f for c in sorted((DATA / "aid").iterdir()) for f in sorted(c.iterdir())[offset:offset + per_class]]
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return build_extractor("efficientnet_lite2", overrides=SMALL)
+
+
+@pytest.fixture(scope="module")
+def clean(extractor):
+    """120 real AID images (4 per class) and their features."""
+    imgs = np.stack([load_rgb(p) for p in aid_paths(4)])
+    return imgs, extract_features(imgs, extractor)[0]
+
+
+def noisy(imgs: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(imgs + rng.normal(0, sigma, imgs.shape), 0, 255).astype(np.uint8)
+
+
+def test_fd_of_a_set_with_itself_is_zero(clean):
+    _, f = clean
+    scale = np.trace(gaussian_stats(f)[1])  # FD is in squared feature units: compare with total variance
+    assert frechet_distance_features(f, f) < 1e-9 * scale
+    assert frechet_distance_features(f[0::2], f[1::2]) > 1e-3 * scale  # two other draws are not "itself"
+
+
+def test_fd_grows_monotonically_with_gaussian_noise(clean, extractor):
+    imgs, f = clean
+    fds = [frechet_distance_features(f, extract_features(noisy(imgs, s), extractor)[0]) for s in (4, 16, 40, 90)]
+    assert all(a < b for a, b in zip(fds, fds[1:])), fds
+    assert fds[0] > 0
+
+
+def test_torchmetrics_agrees_with_float64_scipy(clean, extractor):
+    """On 256 of the 1280 feature channels: torchmetrics' d x d eigvals is the slow part; the full
+    width is checked against the sample-space form in the next test."""
+    imgs, f = clean
+    g = extract_features(noisy(imgs, 30), extractor)[0][:, :256]
+    f = f[:, :256]
+    tm = fd_kid(f, g)["fd"]
+    ref = frechet_distance(*gaussian_stats(f), *gaussian_stats(g))  # d x d eigen-solves, float64
+    assert ref > 1.0
+    assert abs(tm - ref) / ref < 1e-4, (tm, ref)
+    assert abs(frechet_distance_features(f, g) - ref) / ref < 1e-6  # the sample-space form
+
+
+def test_image_api_matches_features_and_adapts_kid_subset(clean):
+    imgs, f = clean
+    fake = noisy(imgs[:40], 30, seed=1)
+    res = frechet_distance_from_images(imgs, fake, feature="efficientnet_lite2", kid=True, overrides=SMALL)
+    g = image_features(fake, "efficientnet_lite2", overrides=SMALL)
+    assert res["n_real"] == 120 and res["n_fake"] == 40 and res["metric"] == "FD (EfficientNet-Lite2)"
+    assert abs(res["fd"] - frechet_distance_features(f, g)) / res["fd"] < 1e-4
+    assert res["kid_subset_size"] == 40 and res["kid"] > 0
+    same = fd_kid(f[0::2], f[1::2], kid=True)  # two draws of the same classes: KID near 0
+    assert same["kid"] < res["kid"]
+
+
+def test_reference_stats_are_cached_by_content(tmp_path, extractor):
+    a = tmp_path / "a"
+    a.mkdir()
+    for p in aid_paths(1)[:12]:
+        (a / p.name).symlink_to(p)
+    paths = sorted(a.iterdir())
+    first = reference_stats(paths, extractor, tmp_path / "cache", root=a)
+    again = reference_stats(paths, extractor, tmp_path / "cache", root=a)
+    assert not first["cached"] and again["cached"] and first["key"] == again["key"]
+    np.testing.assert_allclose(again["mu"], first["mu"])
+    (a / paths[0].name).unlink()  # same name, other content: a new key
+    (a / paths[0].name).symlink_to(aid_paths(1, offset=1)[0])
+    assert reference_stats(paths, extractor, None, root=a)["key"] != first["key"]
+
+
+def link(dst: Path, paths) -> Path:
+    dst.mkdir(parents=True)
+    for p in paths:
+        (dst / p.name).symlink_to(p)
+    return dst
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "eval/fid.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_prints_fd_last_writes_json_and_skips_unreadable(tmp_path):
+    real = link(tmp_path / "real", aid_paths(1)[:20])
+    fake = link(tmp_path / "fake" / "nested", aid_paths(1, offset=5)[:20]).parent
+    (fake / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "r.json"
+    args = [f"real={real}", f"fake={fake}", "resolution=64", f"cache_dir={tmp_path / 'c'}", "num_workers=0"]
+    p = cli(*args, f"out={out}")
+    assert p.returncode == 0, p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("fd=") and "kid=" in p.stdout
+    res = json.loads(out.read_text())
+    assert float(last[3:]) == pytest.approx(res["fd"], rel=1e-5)
+    assert res["n_fake"] == 20 and res["unreadable_fake"] == 1 and res["kid_subset_size"] == 20
+    assert "biased" in p.stderr and "1 unreadable" in p.stderr
+
+
+def test_missing_inception_weights_is_a_one_line_error(tmp_path):
+    real = link(tmp_path / "real", aid_paths(1)[:3])
+    missing = tmp_path / "nowhere" / "pt_inception-2015-12-05.pth"
+    p = cli(f"real={real}", f"fake={real}", "feature=inception", f"inception_weights={missing}")
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and str(missing) in p.stderr, p.stderr
+    p = cli(f"real={real}", f"fake={real}", "feature=inception")  # no path at all
+    assert p.returncode == 2 and "inception_weights=None" in p.stderr, p.stderr
+
+
+def test_too_few_images_and_unknown_feature_are_usage_errors(tmp_path):
+    real = link(tmp_path / "real", aid_paths(1)[:3])
+    one = link(tmp_path / "one", aid_paths(1)[:1])
+    base = [f"real={real}", f"cache_dir={tmp_path / 'c'}", "resolution=64", "num_workers=0"]
+    with pytest.raises(UsageError, match="at least 2"):
+        run(compose("eval/fid", base + [f"fake={one}"]))
+    with pytest.raises(UsageError, match="unknown feature"):
+        run(compose("eval/fid", base + [f"fake={real}", "feature=resnet_nope"]))
+    with pytest.raises(UsageError, match="not a folder"):
+        run(compose("eval/fid", base + [f"fake={tmp_path / 'absent'}"]))
