@@ -75,7 +75,9 @@ def read_rows(run_dir: Path) -> pd.DataFrame:
 
 
 def score_run(cfg, run_dir: Path, extractor, results_dir: Path, name: str) -> pd.DataFrame:
-    """Score every unscored checkpoint of one run; returns its rows scored under these settings."""
+    """Score every unscored checkpoint of one run; returns its rows scored under these settings.
+
+    `extractor` is a function returning the feature module (built once per process)."""
     from train.generate import generate, list_checkpoints, load_backbone
 
     ckpts = list_checkpoints(run_dir)
@@ -83,6 +85,7 @@ def score_run(cfg, run_dir: Path, extractor, results_dir: Path, name: str) -> pd
     if not ckpts:  # checkpoints rotated away: report what the CSV holds
         return rows
     image_size = checkpoint_image_size(ckpts[-1][1])
+    extractor = extractor()
     ref = reference(cfg, run_dir, extractor, image_size)
     key = stable_hash(ref["key"], int(cfg.n_samples), int(cfg.seed), str(cfg.sampler), int(cfg.steps), bool(cfg.kid))
     done = set(rows.loc[rows["key"] == key, "step"].astype(int))
@@ -223,9 +226,11 @@ def run(cfg: DictConfig) -> dict:
     """Score every run's checkpoints, then write the table and the figure."""
     runs = run_dirs(cfg)
     results_dir = Path(str(cfg.results_dir))
-    extractor = build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
-                                overrides=encoder_overrides(cfg))
-    metric = metric_label(extractor.name)
+    def extractor():  # built only when a checkpoint needs scoring (a report from CSVs needs none)
+        return build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
+                               overrides=encoder_overrides(cfg))
+
+    metric = metric_label(str(cfg.feature))
     curves = {name: score_run(cfg, r, extractor, results_dir, name) for r, name in zip(runs, run_names(runs))}
     target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(curves)
     write_text(results_dir / "convergence.md", markdown(curves, metric, target, cfg))
