@@ -10,6 +10,12 @@ change without a new embedding pass.
 
 Under `accelerate launch`, shards are dealt round-robin to processes; the result is the same
 arrays as a single process writes.
+
+As a command, index + embed only (a cluster's GPU pass, before `prune/run.py` reads the store):
+    accelerate launch [--num_processes N] prune/embed.py +experiment=ratio85 [key=value ...]
+    python prune/embed.py +experiment=ratio85          # one process
+It takes the same config as prune/run.py and fills the same cache, so the pruning run that
+follows finds every shard done.
 """
 from __future__ import annotations
 
@@ -105,3 +111,70 @@ def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=N
     if missing:
         raise RuntimeError(f"{len(missing)} embedding shards missing after the pass in {store}")
     return plan, store, ekey
+
+
+def collect_items(idx, ref_idx) -> dict:
+    """content hash -> path of every image the pipeline embeds: readable unique corpus images,
+    then readable reference images not already in the corpus."""
+    usable = idx.readable & (idx.duplicate_of == "")
+    items = dict(zip(idx.content_hash[usable], idx.path[usable]))
+    if ref_idx is not None:
+        ok = ref_idx[ref_idx.readable]
+        items.update({h: p for h, p in zip(ok.content_hash, ok.path) if h not in items})
+    return items
+
+
+def dist_state():
+    """accelerate's PartialState when launched on several processes, else None.
+
+    On a machine without CUDA (or with ACCELERATE_USE_CPU=1) it must be told `cpu=True`: given
+    torchrun's LOCAL_RANK without it, PartialState looks for a GPU backend and silently falls
+    back to a single process (accelerate 1.15), and every process would embed every shard.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(f"accelerate set up {state.num_processes} processes for WORLD_SIZE "
+                           f"{os.environ['WORLD_SIZE']}; check the launch command")
+    return state
+
+
+def run(cfg, progress: bool = True) -> dict:
+    """Index the corpus (and the reference when the method needs scenes), then embed; returns
+    {images, shards, store, encoder_key} on the main process, {} on the others."""
+    from prune.index import build_index
+    from prune.run import validate
+
+    corpus, method, files, _ = validate(cfg)
+    state = dist_state()
+    is_main = state is None or state.is_main_process
+    cache = str(cfg.cache_dir)
+    with state.main_process_first() if state is not None else _nothing():  # one process scans, the rest read
+        idx, _ = build_index(corpus, cfg, cache, progress and is_main, files)
+        ref_idx = build_index([str(cfg.data.reference)], cfg, cache, progress and is_main)[0] \
+            if "scenes" in method.NEEDS else None
+    items = collect_items(idx, ref_idx)
+    plan, store, ekey = embed_stage(items, cfg, cache, progress, state)
+    if not is_main:
+        return {}
+    out = dict(images=len(items), shards=len(plan), store=str(store), encoder_key=ekey)
+    print(f"[embed] {len(items)} distinct images in {len(plan)} shards -> {store}", flush=True)
+    return out
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+if __name__ == "__main__":
+    from rsprune.cli import main
+
+    main("prune", run, __doc__)

@@ -5,17 +5,53 @@ otherwise. No N x N matrix is ever formed: searches run in row batches.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-_GPU = {"use": False}
+# faiss's OpenMP threads spin while they wait by default; on a machine shared with other jobs that
+# made k-means 3-10x slower on 2 cores (benchmarks/selection_scale.py), while passive waiting costs
+# little on an idle one. Read once, when faiss (its own libgomp) loads, so set before any import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_GPU = {"use": False, "res": None}
 
 
-def use_gpu(flag: bool) -> bool:
-    """Turn the GPU path on if asked and available; returns whether it is on."""
+def gpu_available() -> bool:
     import faiss
 
-    _GPU["use"] = bool(flag) and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    return _GPU["use"]
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def use_gpu(flag) -> bool:
+    """GPU path: `auto` (on when faiss-gpu sees a GPU), true (required) or false; returns whether on."""
+    from rsprune.cli import UsageError
+
+    mode = str(flag).lower()
+    if mode not in ("auto", "true", "false"):
+        raise UsageError(f"faiss GPU setting must be auto, true or false, got {flag!r}")
+    on = mode != "false" and gpu_available()
+    if mode == "true" and not on:
+        raise UsageError("faiss GPU requested but faiss-gpu with a visible GPU is not available; "
+                         "install faiss-gpu or set the GPU setting to auto/false")
+    _GPU["use"] = on
+    return on
+
+
+def set_threads(n: int | None) -> None:
+    """faiss (OpenMP) threads; None or 0 leaves faiss's default (all cores)."""
+    import faiss
+
+    if n:
+        faiss.omp_set_num_threads(int(n))
+
+
+def _gpu_resources():
+    import faiss
+
+    if _GPU["res"] is None:  # one pool of GPU scratch memory per process, not one per search
+        _GPU["res"] = faiss.StandardGpuResources()
+    return _GPU["res"]
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -29,7 +65,7 @@ def _index(base: np.ndarray, metric: str):
     d = base.shape[1]
     index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
     if _GPU["use"]:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(np.ascontiguousarray(base, np.float32))
     return index
 

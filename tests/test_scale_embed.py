@@ -1,0 +1,89 @@
+"""Sharded embedding at scale: two accelerate CPU processes write the same store as one process.
+
+Runs the real command `accelerate launch --multi_gpu --num_processes 2 prune/embed.py ...` with
+ACCELERATE_USE_CPU=1 on 288
+real NWPU images (24 per class), 5 shards of 64, and compares every shard with the store that
+one process writes through `prune.embed.run`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prune import embed
+from rsprune.cli import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RSPRUNE_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """24 real NWPU test images of each of the 12 classes, as symbolic links."""
+    dst = tmp_path_factory.mktemp("scale") / "nwpu"
+    for cls in sorted(p for p in (DATA / "nwpu12" / "test").iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:24]:
+            (dst / cls.name / f.name).symlink_to(f)
+    return dst
+
+
+def overrides(corpus: Path, cache: Path) -> list[str]:
+    # method=random: no reference needed, so only the corpus is embedded; float32 storage so
+    # the comparison sees the encoder's own numbers, not float16 rounding.
+    return ["method=random", f"data.corpus=[{corpus}]", f"cache_dir={cache}", "embed.shard_size=64",
+            "embed.dtype=float32", "index.num_workers=0", "encoder.num_workers=0", "report.enabled=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shards(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {p.name[:-4]: (np.load(store / (p.name[:-4] + ".ids.npy")), np.load(p))
+            for p in sorted(store.glob("*.npy")) if not p.name.endswith(".ids.npy")}
+
+
+def test_two_accelerate_processes_write_the_single_process_store(corpus, tmp_path):
+    one = embed.run(compose("prune", overrides(corpus, tmp_path / "one")), progress=False)
+    # `--cpu --num_processes 2` starts ONE process in accelerate 1.15 (its simple launcher; several
+    # CPU processes need MPI or a config file); torchrun through --multi_gpu starts two, and
+    # ACCELERATE_USE_CPU=1 makes them gloo CPU processes.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "prune" / "embed.py")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd + overrides(corpus, tmp_path / "two"), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "embed[0]" in res.stderr and "embed[1]" in res.stderr, "both processes should have embedded shards"
+
+    a, b = shards(Path(one["store"])), shards(tmp_path / "two" / "embed" / one["encoder_key"])
+    assert one["images"] == 288 and one["shards"] == 5
+    assert sorted(a) == sorted(b), "the two runs planned different shards"
+    for k in a:
+        assert a[k][0].tolist() == b[k][0].tolist(), f"shard {k}: ids differ"
+        cos = (a[k][1] * b[k][1]).sum(axis=1)
+        assert cos.min() > 0.99999 and np.abs(a[k][1] - b[k][1]).max() < 1e-4, f"shard {k}: embeddings differ"
+
+
+def test_rerun_recomputes_only_a_missing_shard(corpus, tmp_path):
+    cfg = compose("prune", overrides(corpus, tmp_path))
+    out = embed.run(cfg, progress=False)
+    store = Path(out["store"])
+    stamp = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    lost = sorted(n for n in stamp if not n.endswith(".ids.npy"))[0]
+    (store / lost).unlink()  # the array is the shard's done-marker (written last)
+    embed.run(cfg, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    assert after.keys() == stamp.keys()
+    changed = sorted(n for n in after if after[n] != stamp[n])
+    assert changed == sorted([lost, lost[:-4] + ".ids.npy"])
