@@ -1,13 +1,14 @@
 """Sharded embedding at scale: two accelerate CPU processes write the same store as one process.
 
 Runs the real command `accelerate launch --multi_gpu --num_processes 2 prune/embed.py ...` with
-ACCELERATE_USE_CPU=1 on 288
-real NWPU images (24 per class), 5 shards of 64, and compares every shard with the store that
-one process writes through `prune.embed.run`.
+ACCELERATE_USE_CPU=1 on 192
+real NWPU images (16 per class), 3 shards of 64, and compares every shard with the store that
+one process writes through `prune.embed.run` (computed once for the module).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,11 +26,11 @@ DATA = Path(os.environ.get("RSPRUNE_DATA", ROOT.parent / "shared" / "data")).res
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """24 real NWPU test images of each of the 12 classes, as symbolic links."""
+    """16 real NWPU test images of each of the 12 classes, as symbolic links."""
     dst = tmp_path_factory.mktemp("scale") / "nwpu"
     for cls in sorted(p for p in (DATA / "nwpu12" / "test").iterdir() if p.is_dir()):
         (dst / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[:24]:
+        for f in sorted(cls.iterdir())[:16]:
             (dst / cls.name / f.name).symlink_to(f)
     return dst
 
@@ -47,13 +48,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory) -> dict:
+    """The store one process writes: run's summary plus the cache folder."""
+    cache = tmp_path_factory.mktemp("one")
+    return {**embed.run(compose("prune", overrides(corpus, cache)), progress=False), "cache": cache}
+
+
 def shards(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {p.name[:-4]: (np.load(store / (p.name[:-4] + ".ids.npy")), np.load(p))
             for p in sorted(store.glob("*.npy")) if not p.name.endswith(".ids.npy")}
 
 
-def test_two_accelerate_processes_write_the_single_process_store(corpus, tmp_path):
-    one = embed.run(compose("prune", overrides(corpus, tmp_path / "one")), progress=False)
+def test_two_accelerate_processes_write_the_single_process_store(corpus, single, tmp_path):
+    one = single
     # `--cpu --num_processes 2` starts ONE process in accelerate 1.15 (its simple launcher; several
     # CPU processes need MPI or a config file); torchrun through --multi_gpu starts two, and
     # ACCELERATE_USE_CPU=1 makes them gloo CPU processes.
@@ -67,7 +75,7 @@ def test_two_accelerate_processes_write_the_single_process_store(corpus, tmp_pat
     assert "embed[0]" in res.stderr and "embed[1]" in res.stderr, "both processes should have embedded shards"
 
     a, b = shards(Path(one["store"])), shards(tmp_path / "two" / "embed" / one["encoder_key"])
-    assert one["images"] == 288 and one["shards"] == 5
+    assert one["images"] == 192 and one["shards"] == 3
     assert sorted(a) == sorted(b), "the two runs planned different shards"
     for k in a:
         assert a[k][0].tolist() == b[k][0].tolist(), f"shard {k}: ids differ"
@@ -75,10 +83,10 @@ def test_two_accelerate_processes_write_the_single_process_store(corpus, tmp_pat
         assert cos.min() > 0.99999 and np.abs(a[k][1] - b[k][1]).max() < 1e-4, f"shard {k}: embeddings differ"
 
 
-def test_rerun_recomputes_only_a_missing_shard(corpus, tmp_path):
-    cfg = compose("prune", overrides(corpus, tmp_path))
-    out = embed.run(cfg, progress=False)
-    store = Path(out["store"])
+def test_rerun_recomputes_only_a_missing_shard(corpus, single, tmp_path):
+    shutil.copytree(single["cache"], tmp_path / "cache")
+    cfg = compose("prune", overrides(corpus, tmp_path / "cache"))
+    store = tmp_path / "cache" / "embed" / single["encoder_key"]
     stamp = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     lost = sorted(n for n in stamp if not n.endswith(".ids.npy"))[0]
     (store / lost).unlink()  # the array is the shard's done-marker (written last)
@@ -87,3 +95,4 @@ def test_rerun_recomputes_only_a_missing_shard(corpus, tmp_path):
     assert after.keys() == stamp.keys()
     changed = sorted(n for n in after if after[n] != stamp[n])
     assert changed == sorted([lost, lost[:-4] + ".ids.npy"])
+    assert np.array_equal(np.load(store / lost), np.load(Path(single["store"]) / lost))
