@@ -119,7 +119,8 @@ def write_sheet(cfg, run_dir: Path, step: int, image_size: int, results_dir: Pat
     n = int(cfg.sheet_n)
     fake = generate(load_backbone(run_dir, step=step, ema=True, device=device(cfg)), n, seed=int(cfg.seed),
                     steps=int(cfg.steps), sampler=str(cfg.sampler), batch_size=int(cfg.batch_size))
-    real = real_images(real_paths(cfg, run_dir)[:n], image_size)
+    paths = real_paths(cfg, run_dir)
+    real = real_images(paths[:: max(1, len(paths) // n)][:n], image_size)  # spread over the sorted classes
     path = results_dir / "samples" / f"{name.replace('/', '_')}.png"
     sample_sheet(fake, real, path, captions=(f"generated, step {step}", "real"))
     return path
