@@ -33,7 +33,7 @@ def encoder_key(enc_cfg) -> str:
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(enc_cfg, resolve=True)
-    for k in ("batch_size", "num_workers", "threads", "channels_last", "backend"):  # speed knobs, same output
+    for k in ("batch_size", "num_workers", "threads", "channels_last", "backend", "device"):  # speed knobs
         c.pop(k, None)
     return stable_hash("encoder", c)
 

@@ -42,13 +42,16 @@ class Encoder:
     channels_last: bool = False
     backend: str = "eager"
     runner: callable = None  # normalised NCHW float tensor -> (N, dim) features; None = eager pool
+    device: str = "cpu"
 
     @torch.inference_mode()
     def __call__(self, batch_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
         x = torch.from_numpy(self.normalise(batch_uint8)).permute(0, 3, 1, 2)  # NHWC memory = channels_last
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        if self.device != "cpu":
+            x = x.to(self.device, non_blocking=True)
         feats = (self.pool(self.model, x) if self.runner is None else self.runner(x)).float()
-        return F.normalize(feats, dim=1).numpy()
+        return F.normalize(feats, dim=1).cpu().numpy()
 
     def normalise(self, batch_uint8) -> np.ndarray:
         """uint8 NHWC -> (x / 255 - mean) / std as float32 NHWC, in numpy: one fused
@@ -138,15 +141,35 @@ def build_encoder(cfg) -> Encoder:
     if cfg.get("channels_last", False):
         enc.model = enc.model.to(memory_format=torch.channels_last)
         enc.channels_last = True
+    enc.device = _device(str(cfg.get("device", "cpu") or "cpu"))
     backend = str(cfg.get("backend", "eager") or "eager")
-    if backend == "auto":
-        backend = "onnx" if importlib.util.find_spec("onnxruntime") else "eager"
+    if backend == "auto":  # ONNX Runtime's CPU provider on CPU; PyTorch itself on a GPU
+        backend = "onnx" if enc.device == "cpu" and importlib.util.find_spec("onnxruntime") else "eager"
+    if backend == "onnx" and enc.device != "cpu":
+        raise UsageError("encoder.backend=onnx runs on the CPU; use backend=eager or auto with encoder.device=cuda")
+    enc.model.to(enc.device)
     if backend not in BACKENDS:
         raise UsageError(f"unknown encoder.backend {backend!r}; choose eager, onnx, compile or auto")
     if backend != "eager":
         enc.runner = BACKENDS[backend](enc, cfg.get("threads"))
     enc.backend = backend
     return enc
+
+
+def _device(name: str) -> str:
+    """`cpu`, `cuda[:i]`, or `auto`: this process's GPU (LOCAL_RANK under accelerate) when CUDA is
+    present, else the CPU."""
+    import os
+
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"encoder.device={name} but CUDA is not available; use cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"unknown encoder.device {name!r}; choose cpu, cuda, cuda:N or auto")
+    return name
 
 
 class _Pooled(torch.nn.Module):
