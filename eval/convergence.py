@@ -229,7 +229,7 @@ def run(cfg: DictConfig) -> dict:
     results_dir = Path(str(cfg.results_dir))
     def extractor():  # built only when a checkpoint needs scoring (a report from CSVs needs none)
         return build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
-                               overrides=encoder_overrides(cfg))
+                               overrides=encoder_overrides(cfg), device=cfg.get("device"))
 
     metric = metric_label(str(cfg.feature))
     curves = {name: score_run(cfg, r, extractor, results_dir, name) for r, name in zip(runs, run_names(runs))}

@@ -67,10 +67,10 @@ class EncoderFeatures(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() / 255.0 - self.mean) / self.std
+        x = (x.to(self.mean.device).float() / 255.0 - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._pool(self.model, x).double()
+        return self._pool(self.model, x).double().cpu()
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -94,7 +94,7 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).double()
+        return self.net(x.to(next(self.net.parameters()).device)).double().cpu()
 
 
 def encoder_config(name: str, overrides: dict | None = None):
@@ -108,27 +108,30 @@ def encoder_config(name: str, overrides: dict | None = None):
 
 
 @functools.lru_cache(maxsize=4)
-def _build(feature: str, inception_weights: str | None, overrides_key: str) -> torch.nn.Module:
+def _build(feature: str, inception_weights: str | None, overrides_key: str, device: str) -> torch.nn.Module:
     import json
 
     if feature == INCEPTION:
-        return InceptionFeatures(inception_weights).eval()
+        return InceptionFeatures(inception_weights).eval().to(device)
     cfg = encoder_config(feature, json.loads(overrides_key))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    return EncoderFeatures(feature, cfg).eval()
+    return EncoderFeatures(feature, cfg).eval().to(device)
 
 
 def build_extractor(feature: str | torch.nn.Module = "efficientnet_lite2", inception_weights: str | None = None,
-                    overrides: dict | None = None) -> torch.nn.Module:
-    """A feature extractor module by name (built once per process), or pass a module through."""
+                    overrides: dict | None = None, device: str | None = None) -> torch.nn.Module:
+    """A feature extractor module by name (built once per process), or pass a module through.
+
+    It runs on `device` (default: cuda if available, else cpu) and returns features on the CPU."""
     if isinstance(feature, torch.nn.Module):
         return feature
     import json
 
     ov = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else dict(overrides or {})
+    device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     return _build(str(feature), None if inception_weights is None else str(inception_weights),
-                  json.dumps(ov, sort_keys=True))
+                  json.dumps(ov, sort_keys=True), device)
 
 
 class _Decoded(torch.utils.data.Dataset):

@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
     """Score `cfg.fake` against `cfg.real` (whose statistics are cached)."""
     real, fake = image_paths(cfg.real, "real"), image_paths(cfg.fake, "fake")
     extractor = build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
-                                overrides=encoder_overrides(cfg))
+                                overrides=encoder_overrides(cfg), device=cfg.get("device"))
     ref = reference_stats(real, extractor, cfg.cache_dir, root=cfg.real, batch_size=cfg.batch_size,
                           num_workers=cfg.num_workers)
     ff, fake_bad = extract_features(fake, extractor, cfg.batch_size, cfg.num_workers)
