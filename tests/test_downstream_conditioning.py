@@ -69,3 +69,16 @@ def test_pixels_condition_keeps_every_lr_pixel():
     c = pixels_condition(lr, 8)
     assert c.shape == (2, 12, 8, 8)
     assert torch.allclose(torch.nn.functional.pixel_shuffle(c, 2), lr * 2 - 1)
+
+
+def test_conditional_sampling_at_step_0_reproduces_backbone_samples():
+    """Whole DDIM chains: the widened UNet with any condition gives the backbone's own samples
+    (train.generate.sample_latents, same seed), so fine-tuning starts exactly from the backbone."""
+    from diffusers import DDPMScheduler
+
+    from train.generate import sample_latents
+
+    unet, sched = tiny_unet(), DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    ref = sample_latents(unet, sched, 3, seed=7, steps=3)
+    got = ft.sample(widen_conv_in(unet, 6).eval(), sched, torch.randn(3, 6, 8, 8), seed=7, steps=3)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-5 * ref.abs().max())
