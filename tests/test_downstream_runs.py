@@ -80,7 +80,8 @@ def test_cli_bad_backbone_and_too_large_crop_exit_2(tmp_path):
     for script, args, msg in [
         ("downstream/sr.py", [f"backbone={tmp_path}/missing"], "backbone folder not found"),
         ("downstream/semantic_synthesis.py", [f"dubai.root={_link_tiles(tmp_path / 'd', ['Tile_2', 'Tile_3'])}",
-                                              "dubai.crop=4000", "dubai.stride=4000", "unet=tiny"],
+                                              "dubai.test_tiles=[Tile_2]", "dubai.crop=4000", "dubai.stride=4000",
+                                              "unet=tiny"],
          "no train crops of 4000 px"),
     ]:
         p = subprocess.run([sys.executable, script, *base, *args], cwd=REPO, capture_output=True, text=True,
