@@ -12,8 +12,10 @@ Under `accelerate launch`, shards are dealt round-robin to processes; the result
 arrays as a single process writes.
 
 As a command, index + embed only (a cluster's GPU pass, before `prune/run.py` reads the store):
-    accelerate launch [--num_processes N] prune/embed.py +experiment=ratio85 [key=value ...]
+    accelerate launch --multi_gpu --num_processes N prune/embed.py +experiment=ratio85 encoder.device=auto
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N prune/embed.py ...   # N CPU processes
     python prune/embed.py +experiment=ratio85          # one process
+(`accelerate launch --cpu --num_processes N` starts ONE process in accelerate 1.15.)
 It takes the same config as prune/run.py and fills the same cache, so the pruning run that
 follows finds every shard done.
 """
