@@ -91,10 +91,10 @@ def main() -> None:
     cfg = compose("train", overrides + [f"run_dir={tmp / 'prep'}"])
 
     class _One:  # _prepare_data needs only these members of an Accelerator
-        device, num_processes, is_main_process = torch.device("cpu"), 1, True
+        device, num_processes, is_main_process, is_local_main_process = torch.device("cpu"), 1, True, True
 
         @staticmethod
-        def main_process_first():
+        def local_main_process_first():
             import contextlib
             return contextlib.nullcontext()
 
