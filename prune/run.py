@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune import methods
 from prune.budget import budget as budget_of
 from prune.cluster import stratified_clusters
-from prune.embed import embed_stage, gather
+from prune.embed import collect_items, dist_state, embed_stage, gather
 from prune.entropy import entropy_filter
 from prune.index import build_index, walk
 from prune.scenes import UNMATCHED, assign_scenes, reference_labels
@@ -55,15 +55,6 @@ def validate(cfg: DictConfig):
     if str(cfg.entropy.score) not in ("local", "global"):
         raise UsageError(f"entropy.score must be local or global, got {cfg.entropy.score!r}")
     return corpus, method, files, classes
-
-
-def dist_state():
-    """accelerate's PartialState when launched on several processes, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return PartialState()
-    return None
 
 
 def run(cfg: DictConfig, progress: bool = True) -> dict:
@@ -113,12 +104,15 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     dist_all = np.full(n_files, np.nan, np.float32)
     if method.NEEDS:
         t = time.perf_counter()
-        ref_idx, rkey = build_index([str(cfg.data.reference)], cfg, cache, progress and is_main) \
-            if "scenes" in method.NEEDS else (None, "")
-        items = dict(zip(idx.content_hash[usable], idx.path[usable]))
-        if ref_idx is not None:
+        ref_idx, rkey = None, ""
+        if "scenes" in method.NEEDS:
+            if state is not None:
+                with state.main_process_first():
+                    ref_idx, rkey = build_index([str(cfg.data.reference)], cfg, cache, progress and is_main)
+            else:
+                ref_idx, rkey = build_index([str(cfg.data.reference)], cfg, cache, progress)
             ref_ok = ref_idx[ref_idx.readable]
-            items.update({h: p for h, p in zip(ref_ok.content_hash, ref_ok.path) if h not in items})
+        items = collect_items(idx, ref_idx)
         plan, store, ekey = embed_stage(items, cfg, cache, progress, state)
         timings["embed"] = time.perf_counter() - t
         if not is_main:
