@@ -27,6 +27,7 @@ from rsprune.cache import cached_table, stable_hash, write_json, write_text
 from rsprune.cli import UsageError, main
 from rsprune.manifest import MANIFEST_COLUMNS, write_manifest
 
+SCENE_CHUNK = 65536  # corpus rows per scene-assignment chunk
 PACKAGES = ("torch", "numpy", "faiss-cpu", "faiss-gpu", "pandas", "hydra-core", "transformers", "accelerate")
 
 
@@ -128,9 +129,13 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
             skey = stable_hash("scenes", ekey, rkey, hashes, OmegaConf.to_container(cfg.scenes), seed)
 
             def compute_scenes():
-                s, sim = assign_scenes(gather(plan, store, hashes), gather(plan, store, ref_ok.content_hash.tolist()),
-                                       ref_labels, str(cfg.scenes.assign), int(cfg.scenes.per_class),
-                                       int(cfg.scenes.knn), float(cfg.scenes.threshold), seed)
+                # In chunks: a second full N x d copy of the corpus would break the memory bound at 1e6.
+                ref = gather(plan, store, ref_ok.content_hash.tolist())
+                parts = [assign_scenes(gather(plan, store, hashes[i:i + SCENE_CHUNK]), ref, ref_labels,
+                                       str(cfg.scenes.assign), int(cfg.scenes.per_class), int(cfg.scenes.knn),
+                                       float(cfg.scenes.threshold), seed)
+                         for i in range(0, len(hashes), SCENE_CHUNK)]
+                s, sim = (np.concatenate(p) for p in zip(*parts))
                 return pd.DataFrame({"content_hash": hashes, "scene": s, "scene_similarity": sim})
 
             scenes, cached["scenes"] = cached_table(Path(cache) / "scenes" / f"{skey}.parquet", skey, compute_scenes)
