@@ -278,3 +278,15 @@ def decode_uint8(fs, z: torch.Tensor, batch_size: int = 32) -> np.ndarray:
 def read_metrics(run_dir) -> dict | None:
     p = Path(run_dir) / "metrics.json"
     return read_json(p) if p.is_file() else None
+
+
+def finished(cfg) -> tuple[str, dict | None]:
+    """(config key, the run's metrics if it was already evaluated under this exact config)."""
+    from omegaconf import OmegaConf
+
+    key = stable_hash(OmegaConf.to_container(cfg, resolve=True))
+    done = read_metrics(cfg.run_dir)
+    if done and done.get("config_key") == key:
+        log.info("already evaluated: %s", Path(cfg.run_dir) / "metrics.json")
+        return key, done
+    return key, None

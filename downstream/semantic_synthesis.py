@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from downstream import dubai, segnet
 from downstream import finetune as ft
@@ -54,10 +54,8 @@ def run(cfg: DictConfig) -> dict:
     cfg = resolve(cfg)
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
-    key = stable_hash(OmegaConf.to_container(cfg, resolve=True))
-    done = ft.read_metrics(run_dir)
-    if done and done.get("config_key") == key:
-        log.info("already evaluated: %s", run_dir / "metrics.json")
+    key, done = ft.finished(cfg)
+    if done:
         return done
     unet, scheduler, fs, info = ft.load_start(cfg, cfg.resolution)
     res = int(info["image_size"])

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from downstream import finetune as ft
 from downstream.conditioning import condition_channels, pixels_condition, widen_conv_in
 from downstream.metrics import FDScorer, psnr_ssim, sample_sheet, summary, to01
-from rsprune.cache import stable_hash, write_json
+from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
 
@@ -87,10 +87,8 @@ def run(cfg: DictConfig) -> dict:
     cfg = resolve(cfg)
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
-    key = stable_hash(OmegaConf.to_container(cfg, resolve=True))
-    done = ft.read_metrics(run_dir)
-    if done and done.get("config_key") == key:
-        log.info("already evaluated: %s", run_dir / "metrics.json")
+    key, done = ft.finished(cfg)
+    if done:
         return done
     unet, scheduler, fs, info = ft.load_start(cfg, cfg.resolution)
     res = int(info["image_size"])

@@ -25,7 +25,7 @@ from prune.index import build_index, walk
 from prune.scenes import UNMATCHED, assign_scenes, reference_labels
 from rsprune.cache import cached_table, stable_hash, write_json, write_text
 from rsprune.cli import UsageError, main
-from rsprune.manifest import MANIFEST_COLUMNS, write_manifest
+from rsprune.manifest import write_manifest
 
 SCENE_CHUNK = 65536  # corpus rows per scene-assignment chunk
 PACKAGES = ("torch", "numpy", "faiss-cpu", "faiss-gpu", "pandas", "hydra-core", "transformers", "accelerate")
