@@ -200,6 +200,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         per_scene=_per_group(manifest, "scene_name", usable),
         per_cluster=_per_group(manifest[manifest.cluster >= 0], "cluster", None),
         reasons=manifest.reason.value_counts().to_dict(),
+        method_info=pool.extra,  # e.g. the eps semdedup needed to meet the budget
         timings_s={k: round(v, 3) for k, v in timings.items()},
         cached=cached,
         versions=_versions(),
