@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DATA = Path(os.environ.get("RSPRUNE_DATA", ROOT / ".." / "shared" / "data")).resolve()
+# Load when the script started: a run on a busy machine says so in its section.
+START_LOAD = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 HEADER = "# Benchmarks\n\nEach section is written by the script named in it; rerun the command to refresh it.\n"
 
 
@@ -30,8 +32,7 @@ def machine() -> str:
         ram = f"{mem_kb / 2**20:.0f} GiB RAM"
     except (OSError, AttributeError):
         ram = "RAM ?"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} cores (nproc), {model}, {ram}, load average {load:.2f} at start"
+    return f"{os.cpu_count()} cores (nproc), {model}, {ram}, load average {START_LOAD:.2f} at start"
 
 
 def command() -> str:
@@ -50,13 +51,14 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str, shared_note: bool = True) -> None:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md, atomically."""
+def write_section(name: str, title: str, body: str, shared_note: bool | None = None) -> None:
+    """Replace (or append) this benchmark's section of BENCHMARKS.md, atomically. The shared-
+    machine note appears when asked, or by default when the 1-minute load at start was >= 1."""
     from rsprune.cache import write_text
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     note = ("\n\nThe machine was shared with other jobs during the run: absolute figures are noisy; "
-            "ratios come from the same run." if shared_note else "")
+            "ratios come from the same run." if (START_LOAD >= 1 if shared_note is None else shared_note) else "")
     text = (f"<!-- bench:{name} -->\n## {title}\n\n`{command()}`  \n{machine()}; {now}.{note}\n\n"
             f"{body.strip()}\n<!-- /bench:{name} -->")
     old = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER

@@ -55,7 +55,7 @@ def main() -> None:
             + table(["run", "wall s", "peak RSS GiB", "index s", "embed s", "scenes s", "clusters s", "select s"], rows)
             + f"\n\nwarm / cold wall time: {float(rows[1][1]) / float(rows[0][1]):.3f}; kept.txt identical: {same}.")
     write_section("pipeline", f"Main command cold and warm (`prune/run.py +experiment={args.experiment}`)", body,
-                  shared_note=args.shared)
+                  shared_note=True if args.shared else None)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ The cut is chosen late: scores are computed once in the index pass, the threshol
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
 def histogram_entropy(counts: np.ndarray) -> np.ndarray:
-    """Entropy (bits) of histograms along the last axis."""
+    """Entropy (bits) of histograms along the last axis (the reference form of `entropies`)."""
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum(axis=-1, keepdims=True)
     p = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
@@ -19,24 +21,52 @@ def histogram_entropy(counts: np.ndarray) -> np.ndarray:
     return -(p * logp).sum(axis=-1)
 
 
+@functools.lru_cache(maxsize=32)
+def _patches(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, 256 x its patch number (so label + grey value is a histogram bin), and the
+    pixel count of each patch. Patches cut the image at rounded multiples of H/grid and W/grid,
+    so every pixel counts once."""
+    rows = np.repeat(np.arange(grid), np.diff(np.linspace(0, h, grid + 1).round().astype(int)))
+    cols = np.repeat(np.arange(grid), np.diff(np.linspace(0, w, grid + 1).round().astype(int)))
+    label = (rows[:, None] * grid + cols[None, :]).astype(np.intp).ravel() * 256
+    return label, np.bincount(label // 256, minlength=grid * grid).astype(np.float64)
+
+
+_XLOG2X = np.zeros(1)
+
+
+def _xlog2x(n: int) -> np.ndarray:
+    """Table of c * log2(c) for c = 0..n (0 at 0), grown on demand."""
+    global _XLOG2X
+    if len(_XLOG2X) <= n:
+        c = np.arange(max(n + 1, 2 * len(_XLOG2X)), dtype=np.float64)
+        _XLOG2X = c * np.log2(np.maximum(c, 1))
+    return _XLOG2X
+
+
+def entropies(grey: np.ndarray, grid: int = 4) -> tuple[float, float]:
+    """(global, local) entropy in bits of a uint8 image from one bincount: the grid x grid patch
+    histograms, whose sum is the global one. H = log2(n) - sum(c log2 c) / n per histogram."""
+    h, w = grey.shape
+    grid = max(1, min(grid, h, w))
+    label, sizes = _patches(h, w, grid)
+    counts = np.bincount(label + grey.ravel(), minlength=grid * grid * 256).reshape(grid * grid, 256)
+    table = _xlog2x(h * w)
+    local = np.log2(sizes) - table[counts].sum(axis=1) / sizes
+    n = float(h * w)
+    glob = np.log2(n) - table[counts.sum(axis=0)].sum() / n
+    # Clip the last-ulp negatives of flat images to the exact 0 they are.
+    return max(float(glob), 0.0), max(float(local.mean()), 0.0)
+
+
 def global_entropy(grey: np.ndarray) -> float:
     """Entropy (bits) of the grey-level histogram of a uint8 image."""
-    return float(histogram_entropy(np.bincount(grey.ravel(), minlength=256)))
+    return entropies(grey, 1)[0]
 
 
 def local_entropy(grey: np.ndarray, grid: int = 4) -> float:
-    """Mean entropy (bits) over a grid x grid partition of a uint8 image.
-
-    Patches are the image cut at rounded multiples of H/grid and W/grid, so every pixel counts
-    once; all patch histograms come from one bincount.
-    """
-    h, w = grey.shape
-    grid = max(1, min(grid, h, w))
-    rows = np.repeat(np.arange(grid), np.diff(np.linspace(0, h, grid + 1).round().astype(int)))
-    cols = np.repeat(np.arange(grid), np.diff(np.linspace(0, w, grid + 1).round().astype(int)))
-    patch = rows[:, None] * grid + cols[None, :]
-    counts = np.bincount((patch * 256 + grey).ravel(), minlength=grid * grid * 256)
-    return float(histogram_entropy(counts.reshape(grid * grid, 256)).mean())
+    """Mean entropy (bits) over a grid x grid partition of a uint8 image."""
+    return entropies(grey, grid)[1]
 
 
 def entropy_cut(scores: np.ndarray, floor: float, percentile: float) -> float:

@@ -15,12 +15,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from prune.entropy import global_entropy, local_entropy
+from prune.entropy import entropies
 from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
-from rsprune.imageio import UnreadableImage, bands_to_rgb, grey, list_images, load_array
-from PIL import Image
+from rsprune.imageio import UnreadableImage, list_images, load_grey
 
+# Part of every index cache key: bump when scan_file's output changes, so no cached shard
+# from an older scorer mixes into a resumed index (2: JPEG luma decode, one-bincount entropies).
+SCAN_VERSION = 2
 COLUMNS = ["id", "path", "root", "relpath", "size", "content_hash", "width", "height", "bands",
            "readable", "error", "entropy_global", "entropy_local", "duplicate_of"]
 
@@ -65,18 +67,12 @@ def scan_file(path: str, grid: int, max_side: int) -> dict:
         row["error"] = "empty file (0 bytes)"
         return row
     try:
-        a = load_array(path, data)
+        g, bands, (height, width) = load_grey(path, data, max_side)  # huge tiles scored on a shrunk copy
     except UnreadableImage as e:
         row["error"] = str(e)
         return row
-    row.update(height=a.shape[0], width=a.shape[1], bands=1 if a.ndim == 2 else a.shape[2], readable=True)
-    g = grey(bands_to_rgb(a))
-    if max(g.shape) > max_side:  # entropy of huge tiles on a downscaled copy: same content, less cost
-        s = max_side / max(g.shape)
-        g = np.asarray(Image.fromarray(g).resize((max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))),
-                                                 Image.BILINEAR))
-    row["entropy_global"] = global_entropy(g)
-    row["entropy_local"] = local_entropy(g, grid)
+    row.update(height=height, width=width, bands=bands, readable=True)
+    row["entropy_global"], row["entropy_local"] = entropies(g, grid)
     return row
 
 
@@ -91,20 +87,24 @@ class _Scan(torch.utils.data.Dataset):
         return scan_file(self.paths[i], self.grid, self.max_side)
 
 
-def _as_list(batch):
-    return batch
+def _columns(rows: list[dict]) -> dict[str, list]:
+    # Workers send a batch as columns, not 256 dicts: a third less pickling between processes.
+    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 def scan(paths: list[str], grid: int, max_side: int, num_workers: int, progress=None) -> pd.DataFrame:
     """scan_file over paths, in order, decoded in DataLoader workers."""
-    loader = torch.utils.data.DataLoader(_Scan(paths, grid, max_side), batch_size=64, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_as_list)
-    rows = []
+    # Batches of up to 256, but at least 4 per worker so small shards still run in parallel.
+    batch = max(1, min(256, -(-len(paths) // (4 * max(1, num_workers)))))
+    loader = torch.utils.data.DataLoader(_Scan(paths, grid, max_side), batch_size=batch, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_columns)
+    cols: dict[str, list] = {}
     for batch in loader:
-        rows.extend(batch)
+        for k, v in batch.items():
+            cols.setdefault(k, []).extend(v)
         if progress is not None:
-            progress.update(len(batch))
-    return pd.DataFrame(rows)
+            progress.update(len(v))
+    return pd.DataFrame(cols)
 
 
 def mark_duplicates(df: pd.DataFrame) -> pd.Series:
@@ -121,7 +121,7 @@ def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
                 files: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
     """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done."""
     files = walk(roots) if files is None else files
-    params = dict(grid=int(cfg.entropy.grid), max_side=int(cfg.entropy.max_side))
+    params = dict(grid=int(cfg.entropy.grid), max_side=int(cfg.entropy.max_side), version=SCAN_VERSION)
     key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
     final = Path(cache_dir) / "index" / f"{key}.parquet"
     df = load_table(final, key)

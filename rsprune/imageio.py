@@ -79,6 +79,7 @@ def _read_tiff(src) -> np.ndarray:
 
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
+    im.load()
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
@@ -88,30 +89,73 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def load_array(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
-    """Decode one image file (or its bytes, already read) to its raw HxW[xC] array, or raise
-    UnreadableImage with the reason."""
-    path = str(path)
+def _decode(path: str, data: bytes | None, from_pil):
+    """Decode a file (or its bytes, already read): a TIFF tifffile reads comes back as its
+    array, anything else as from_pil(the opened PIL image), which decodes it. Any failure,
+    conversion included, becomes UnreadableImage with the reason."""
     src = io.BytesIO(data) if data is not None else path
     try:
         if path.lower().endswith((".tif", ".tiff")):
             try:
-                a = _read_tiff(src)
+                return _read_tiff(src)
             except Exception:  # not every .tif is a TIFF tifffile reads; let PIL try
                 if data is not None:
                     src.seek(0)
-                with Image.open(src) as im:
-                    im.load()
-                    a = _pil_to_array(im)
-        else:
-            with Image.open(src) as im:
-                im.load()
-                a = _pil_to_array(im)
+        with Image.open(src) as im:
+            return from_pil(im)
     except Exception as e:  # any decoder failure is a per-file problem, never a crash
         raise UnreadableImage(_reason(e)) from None
+
+
+def _checked(a: np.ndarray) -> np.ndarray:
     if a.size == 0 or a.ndim not in (2, 3):
         raise UnreadableImage(f"empty or unsupported array of shape {a.shape}")
     return a
+
+
+def load_array(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
+    """Decode one image file to its raw HxW[xC] array, or raise UnreadableImage with the reason."""
+    return _checked(_decode(str(path), data, _pil_to_array))
+
+
+def _shrink(g: np.ndarray, max_side: int | None) -> np.ndarray:
+    if not max_side or max(g.shape) <= max_side:
+        return g
+    s = max_side / max(g.shape)
+    size = (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s)))
+    return np.asarray(Image.fromarray(g).resize(size, Image.BILINEAR))
+
+
+def _pil_grey(im: Image.Image, max_side: int | None):
+    (w, h), bands = im.size, len(im.getbands())
+    if im.format == "JPEG" and im.mode == "RGB":
+        # Decode the stored luma plane only (no chroma upsampling or colour conversion), and let
+        # the DCT shrink tiles of 2..8x max_side for free.
+        k = next((k for k in (8, 4, 2) if max_side and min(w, h) >= 8 * k and max(w, h) >= k * max_side), 1)
+        im.draft("L", (w // k, h // k) if k > 1 else None)
+    im.load()
+    if im.mode in ("RGB", "L"):  # PIL's convert('L') is grey() in C, same rounding
+        g = im if im.mode == "L" else im.convert("L")
+        # frombuffer: half the cost of np.asarray(g), which goes through the same tobytes()
+        return _shrink(np.frombuffer(g.tobytes(), np.uint8).reshape(g.size[1], g.size[0]), max_side), bands, (h, w)
+    return _pil_to_array(im)
+
+
+def load_grey(path: str | os.PathLike, data: bytes | None = None,
+              max_side: int | None = None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """The grey (ITU-R 601 luma) image of a file, no larger than max_side, its band count and its
+    full (height, width); or raise UnreadableImage. The entropy filter's reader: it decodes
+    as few pixels as it can.
+
+    JPEGs give their stored luma plane, which equals grey(load_rgb(path)) up to the rounding
+    of chroma upsampling (+-1 grey level on some pixels); 8-bit RGB/L files give exactly
+    grey(load_rgb(path)); everything else goes by the band rule.
+    """
+    out = _decode(str(path), data, lambda im: _pil_grey(im, max_side))
+    if isinstance(out, tuple):
+        return _checked(out[0]), out[1], out[2]
+    a = _checked(out)
+    return _shrink(grey(bands_to_rgb(a)), max_side), 1 if a.ndim == 2 else a.shape[2], a.shape[:2]
 
 
 def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:

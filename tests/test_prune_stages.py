@@ -7,14 +7,14 @@ from PIL import Image
 
 from conftest import DATA
 from prune.budget import budget, waterfill
-from prune.entropy import entropy_filter, global_entropy, local_entropy
+from prune.entropy import entropies, entropy_filter, global_entropy, histogram_entropy, local_entropy
 from prune.index import scan_file
 from prune.methods.rsprune import cluster_quotas
 from prune.scenes import assign_scenes, reference_labels
 from prune.selection import pick
 from rsprune.cli import compose
 from rsprune.encoders import build_encoder, embed_paths
-from rsprune.imageio import grey, list_images, load_rgb
+from rsprune.imageio import grey, list_images, load_grey, load_rgb
 
 
 def real_image(name="aid/Beach/beach_1.jpg") -> np.ndarray:
@@ -80,6 +80,40 @@ def test_band_rule_on_modes_made_from_a_real_image(tmp_path):
     g = load_rgb(tmp_path / "grey16.png")
     assert g.shape == rgb.shape and g.min() == 0 and g.max() == 255  # stretched, not left dark
     assert np.corrcoef(g[:, :, 0].ravel(), grey(rgb).ravel())[0, 1] > 0.99
+    # The index pass's grey decode (a C fast path for RGB and L) is the grey of the band rule...
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    bands = {"rgb.png": 3, "grey.png": 1, "palette.png": 3, "rgba.png": 4, "grey16.png": 1, "four_band.tif": 4}
+    for name, n in bands.items():
+        g, b, hw = load_grey(tmp_path / name)
+        assert b == n and hw == rgb.shape[:2] and g.dtype == np.uint8, name
+        assert (g == grey(load_rgb(tmp_path / name))).all(), name
+
+
+def test_jpeg_luma_decode_matches_grey_of_rgb_and_shrinks_big_tiles(tmp_path):
+    """...and a JPEG's stored luma plane, decoded alone, is that grey up to chroma rounding."""
+    src = DATA / "aid" / "Beach" / "beach_1.jpg"
+    g, b, hw = load_grey(src)
+    ref = grey(load_rgb(src))
+    d = np.abs(g.astype(int) - ref)  # RGB clipping of saturated pixels moves a few by more
+    assert b == 3 and hw == ref.shape and d.mean() < 0.05 and (d > 1).mean() < 0.01, (d.mean(), (d > 1).mean())
+    assert abs(local_entropy(g) - local_entropy(ref)) < 0.05
+    big = np.array(Image.fromarray(load_rgb(src)).resize((2000, 1500), Image.BICUBIC))
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    g, b, hw = load_grey(tmp_path / "big.jpg", max_side=512)  # DCT 1/2 then resize to 512
+    ref = np.asarray(Image.fromarray(grey(big)).resize((512, 384), Image.BILINEAR))
+    assert hw == (1500, 2000) and g.shape == (384, 512)
+    assert abs(local_entropy(g) - local_entropy(ref)) < 0.1, (local_entropy(g), local_entropy(ref))
+
+
+def test_one_bincount_entropies_equal_the_reference_histograms():
+    files = [DATA / "aid" / c / sorted(list_images(DATA / "aid" / c))[0] for c in ("Beach", "Desert", "Forest")]
+    for g in [grey(load_rgb(f)) for f in files] + [grey(load_rgb(files[0]))[:37, :91]]:
+        h, w = g.shape
+        r, c = (np.linspace(0, n, 5).round().astype(int) for n in (h, w))  # cuts at rounded H/4, W/4
+        patches = [g[r[i]:r[i + 1], c[j]:c[j + 1]] for i in range(4) for j in range(4)]
+        ref_local = np.mean([histogram_entropy(np.bincount(p.ravel(), minlength=256)) for p in patches])
+        ref_global = histogram_entropy(np.bincount(g.ravel(), minlength=256))
+        assert np.allclose(entropies(g, 4), (ref_global, ref_local), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95])
