@@ -24,6 +24,7 @@ from prune.entropy import entropy_filter
 from prune.index import build_index, walk
 from prune.scenes import UNMATCHED, assign_scenes, reference_labels
 from rsprune.cache import cached_table, stable_hash, write_json, write_text
+from rsprune import knn
 from rsprune.cli import UsageError, main
 from rsprune.manifest import write_manifest
 
@@ -55,6 +56,11 @@ def validate(cfg: DictConfig):
         _, classes = reference_labels(ref_files.relpath.tolist())
     if str(cfg.entropy.score) not in ("local", "global"):
         raise UsageError(f"entropy.score must be local or global, got {cfg.entropy.score!r}")
+    threads = cfg.faiss.threads
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"faiss.threads must be a positive integer or null (all cores), got {threads!r}")
+    knn.use_gpu(cfg.faiss.gpu)  # faiss.gpu=true without a GPU stops here, before anything is written
+    knn.set_threads(threads)
     return corpus, method, files, classes
 
 
@@ -202,6 +208,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         reasons=manifest.reason.value_counts().to_dict(),
         method_info=pool.extra,  # e.g. the eps semdedup needed to meet the budget
         timings_s={k: round(v, 3) for k, v in timings.items()},
+        faiss_gpu=knn.gpu_in_use(),
         cached=cached,
         versions=_versions(),
     )

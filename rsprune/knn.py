@@ -38,6 +38,10 @@ def use_gpu(flag) -> bool:
     return on
 
 
+def gpu_in_use() -> bool:
+    return bool(_GPU["use"])
+
+
 def set_threads(n: int | None) -> None:
     """faiss (OpenMP) threads; None or 0 leaves faiss's default (all cores)."""
     import faiss

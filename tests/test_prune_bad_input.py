@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA, ROOT, link_images, shrunk_overrides
 from prune.index import scan_file
 from prune.run import run
+from rsprune import knn
 from rsprune.manifest import read_kept, read_manifest
 
 
@@ -75,8 +76,11 @@ def cli(*args, cwd=ROOT):
 
 
 @pytest.mark.parametrize("case", ["ratio_high", "ratio_zero", "ratio_text", "missing_corpus", "empty_corpus",
-                                  "unknown_method", "unknown_encoder", "one_class_reference", "no_corpus"])
+                                  "unknown_method", "unknown_encoder", "one_class_reference", "no_corpus",
+                                  "faiss_gpu_missing", "faiss_threads_zero"])
 def test_usage_errors_exit_2_with_one_line_and_write_nothing(case, small_corpus, small_reference, tmp_path):
+    if case == "faiss_gpu_missing" and knn.gpu_available():
+        pytest.skip("faiss-gpu sees a GPU here: faiss.gpu=true is valid")
     empty = tmp_path / "empty"
     empty.mkdir()
     one = link_images(tmp_path / "one", DATA / "aid", 3)
@@ -85,7 +89,8 @@ def test_usage_errors_exit_2_with_one_line_and_write_nothing(case, small_corpus,
     base = dict(corpus=f"[{small_corpus}]", ref=str(small_reference))
     over = {"ratio_high": ["ratio=1.0"], "ratio_zero": ["ratio=0"], "ratio_text": ["ratio=abc"],
             "missing_corpus": [], "empty_corpus": [], "unknown_method": ["method=magic"],
-            "unknown_encoder": ["encoder=resnet9000"], "one_class_reference": [], "no_corpus": []}[case]
+            "unknown_encoder": ["encoder=resnet9000"], "one_class_reference": [], "no_corpus": [],
+            "faiss_gpu_missing": ["faiss.gpu=true"], "faiss_threads_zero": ["faiss.threads=0"]}[case]
     if case == "missing_corpus":
         base["corpus"] = f"[{tmp_path / 'nope'}]"
     if case == "empty_corpus":

@@ -1,12 +1,15 @@
 """Each pruning stage as a pure function, on real shared images."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import DATA
 from prune.budget import budget, waterfill
+from prune.cluster import cluster_stratum
 from prune.entropy import entropies, entropy_filter, global_entropy, histogram_entropy, local_entropy
 from prune.index import scan_file
 from prune.methods.rsprune import cluster_quotas
@@ -156,18 +159,24 @@ def test_pick_skips_near_duplicates_but_fills_quota():
         assert len(set(got.tolist())) == 3
 
 
-def test_scene_assignment_agrees_with_held_out_aid_labels():
-    """Prototypes from 20 AID images per class; 10 held-out images per class are assigned."""
-    cfg = compose("prune")
-    enc = build_encoder(cfg.encoder)
+@functools.lru_cache(maxsize=1)
+def aid_embeddings():
+    """Default-encoder embeddings of 20 + 10 AID images per class (900): (ref paths, test paths, emb)."""
+    enc = build_encoder(compose("prune").encoder)
     ref_paths, test_paths = [], []
     for c in sorted(p.name for p in (DATA / "aid").iterdir() if p.is_dir()):
         files = list_images(DATA / "aid" / c)
         ref_paths += [f"{c}/{f}" for f in files[:20]]
         test_paths += [f"{c}/{f}" for f in files[-10:]]
+    return ref_paths, test_paths, embed_paths(enc, [DATA / "aid" / p for p in ref_paths + test_paths], 64, 1,
+                                              progress=False)
+
+
+def test_scene_assignment_agrees_with_held_out_aid_labels():
+    """Prototypes from 20 AID images per class; 10 held-out images per class are assigned."""
+    ref_paths, test_paths, emb = aid_embeddings()
     labels, classes = reference_labels(ref_paths)
     truth, _ = reference_labels(test_paths)
-    emb = embed_paths(enc, [DATA / "aid" / p for p in ref_paths + test_paths], 64, 1, progress=False)
     scene, sim = assign_scenes(emb[len(ref_paths):], emb[:len(ref_paths)], labels, threshold=-1.0)
     acc = (scene == truth).mean()
     print(f"held-out AID scene accuracy (nearest class mean, 30 classes): {acc:.3f}")
@@ -175,3 +184,18 @@ def test_scene_assignment_agrees_with_held_out_aid_labels():
     knn, _ = assign_scenes(emb[len(ref_paths):], emb[:len(ref_paths)], labels, mode="knn", knn=10, threshold=-1.0)
     print(f"held-out AID scene accuracy (10-NN vote): {(knn == truth).mean():.3f}")
     assert (knn == truth).mean() > 0.5
+
+
+def test_refine_step_closes_most_of_the_sample_fit_gap_on_real_embeddings():
+    """k-means fitted on 10% of 900 real AID embeddings, then one Lloyd step over all of them."""
+    emb = aid_embeddings()[2]
+    objective = {}
+    for refine in (0, 1):
+        label, dist, centroids = cluster_stratum(emb, 30, 0.1, 0, 20, 0, refine)
+        assert label.shape == (900,) and centroids.shape == (30, emb.shape[1])
+        assert np.allclose(1 - dist, (emb * centroids[label]).sum(1), atol=1e-4)  # distances to own centroid
+        objective[refine] = float(dist.sum())
+    full = float(cluster_stratum(emb, 30, 1.0, 0, 20, 0, 1)[1].sum())  # fitted on all: nothing to refine
+    gap0, gap1 = objective[0] / full - 1, objective[1] / full - 1
+    print(f"objective vs full fit: sample {1 + gap0:.3f}, sample + 1 refine step {1 + gap1:.3f}")
+    assert gap1 < 0.5 * gap0, (gap0, gap1)
