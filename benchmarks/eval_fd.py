@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from benchutil import DATA, machine, table, write_section
 from eval.features import build_extractor, extract_features
 from eval.fid import fd_kid

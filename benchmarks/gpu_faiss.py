@@ -3,7 +3,7 @@
 `python benchmarks/gpu_faiss.py [--n 1000000]` (run by benchmarks/gpu_check.sh on a CUDA machine)
 
 Same synthetic strata as benchmarks/kmeans_sample.py; per stratum the configured sample fit +
-assignment (`+experiment=ratio85`) once with faiss-cpu and once with faiss-gpu (rsprune.knn
+assignment (`+experiment=ratio85`, refine step included) once with faiss-cpu and once with faiss-gpu (rsprune.knn
 use_gpu). GPU k-means is a different implementation, so the check is on quality (objective
 ratio GPU/CPU, both on all points) and on the exact search: top-1 agreement of CPU and GPU
 search against the same centroids.
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-
-import numpy as np
 
 from benchutil import table, write_section
 from kmeans_sample import faiss_fit, strata_of
@@ -35,7 +33,7 @@ def main():
     res = {}
     for name, on in (("faiss-cpu", False), ("faiss-gpu", True)):
         knn.use_gpu(on)
-        res[name] = faiss_fit(emb, scene, cl, float(cl.sample_fraction), niter, args.seed)
+        res[name] = faiss_fit(emb, scene, cl, float(cl.sample_fraction), niter, args.seed, int(cl.refine))
         print(name, res[name], flush=True)
     knn.use_gpu(False)
     centroids, _ = knn.kmeans(emb[:200_000], 4096, seed=args.seed, niter=5)

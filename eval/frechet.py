@@ -61,7 +61,7 @@ def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
     exact and avoids two d x d eigen-solves.
     """
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    (mu1, s1), (mu2, s2) = (f1.mean(0), None), (f2.mean(0), None)
+    mu1, mu2 = f1.mean(0), f2.mean(0)
     n1, n2, d = len(f1), len(f2), f1.shape[1]
     if n1 < 2 or n2 < 2 or f2.shape[1] != d:
         raise ValueError(f"need two (N, d) feature matrices with N >= 2, got {f1.shape} and {f2.shape}")
