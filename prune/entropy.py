@@ -33,15 +33,19 @@ def _patches(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _XLOG2X = np.zeros(1)
+_TABLE_MAX = 1 << 20  # 8 MB at most: counts of larger images take the logs directly
 
 
-def _xlog2x(n: int) -> np.ndarray:
-    """Table of c * log2(c) for c = 0..n (0 at 0), grown on demand."""
+def _xlog2x(counts: np.ndarray, n: int) -> np.ndarray:
+    """c * log2(c) (0 at 0) of counts no larger than n, from a table grown on demand."""
     global _XLOG2X
+    if n > _TABLE_MAX:
+        c = counts.astype(np.float64)
+        return c * np.log2(np.maximum(c, 1))
     if len(_XLOG2X) <= n:
-        c = np.arange(max(n + 1, 2 * len(_XLOG2X)), dtype=np.float64)
+        c = np.arange(min(max(n + 1, 2 * len(_XLOG2X)), _TABLE_MAX + 1), dtype=np.float64)
         _XLOG2X = c * np.log2(np.maximum(c, 1))
-    return _XLOG2X
+    return _XLOG2X[counts]
 
 
 def entropies(grey: np.ndarray, grid: int = 4) -> tuple[float, float]:
@@ -51,10 +55,9 @@ def entropies(grey: np.ndarray, grid: int = 4) -> tuple[float, float]:
     grid = max(1, min(grid, h, w))
     label, sizes = _patches(h, w, grid)
     counts = np.bincount(label + grey.ravel(), minlength=grid * grid * 256).reshape(grid * grid, 256)
-    table = _xlog2x(h * w)
-    local = np.log2(sizes) - table[counts].sum(axis=1) / sizes
-    n = float(h * w)
-    glob = np.log2(n) - table[counts.sum(axis=0)].sum() / n
+    n = h * w
+    local = np.log2(sizes) - _xlog2x(counts, n).sum(axis=1) / sizes
+    glob = np.log2(n) - _xlog2x(counts.sum(axis=0), n).sum() / n
     # Clip the last-ulp negatives of flat images to the exact 0 they are.
     return max(float(glob), 0.0), max(float(local.mean()), 0.0)
 

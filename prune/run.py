@@ -23,8 +23,8 @@ from prune.embed import collect_items, dist_state, embed_stage, gather
 from prune.entropy import entropy_filter
 from prune.index import build_index, walk
 from prune.scenes import UNMATCHED, assign_scenes, reference_labels
-from rsprune.cache import cached_table, stable_hash, write_json, write_text
 from rsprune import knn
+from rsprune.cache import cached_table, stable_hash, write_json, write_text
 from rsprune.cli import UsageError, main
 from rsprune.manifest import write_manifest
 

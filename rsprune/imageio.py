@@ -128,7 +128,7 @@ def _shrink(g: np.ndarray, max_side: int | None) -> np.ndarray:
 
 def _pil_grey(im: Image.Image, max_side: int | None):
     (w, h), bands = im.size, len(im.getbands())
-    if im.format == "JPEG" and im.mode == "RGB":
+    if im.format == "JPEG" and im.mode in ("RGB", "L"):
         # Decode the stored luma plane only (no chroma upsampling or colour conversion), and let
         # the DCT shrink tiles of 2..8x max_side for free.
         k = next((k for k in (8, 4, 2) if max_side and min(w, h) >= 8 * k and max(w, h) >= k * max_side), 1)
@@ -148,8 +148,9 @@ def load_grey(path: str | os.PathLike, data: bytes | None = None,
     as few pixels as it can.
 
     JPEGs give their stored luma plane, which equals grey(load_rgb(path)) up to the rounding
-    of chroma upsampling (+-1 grey level on some pixels); 8-bit RGB/L files give exactly
-    grey(load_rgb(path)); everything else goes by the band rule.
+    of chroma upsampling (within 1 grey level on all but ~0.1% of pixels, saturated ones whose
+    RGB clips); other 8-bit RGB/L files give exactly grey(load_rgb(path)); everything else goes
+    by the band rule.
     """
     out = _decode(str(path), data, lambda im: _pil_grey(im, max_side))
     if isinstance(out, tuple):
