@@ -10,12 +10,31 @@ import os
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DATA = Path(os.environ.get("RSPRUNE_DATA", ROOT / ".." / "shared" / "data")).resolve()
-# Load when the script started: a run on a busy machine says so in its section.
+
+
+def _busy_cores(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes over `seconds` (this one sleeps meanwhile), from
+    /proc/stat; the load average would still count a job that ended a minute ago."""
+    def sample():
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(f) - f[3] - f[4], sum(f)  # busy (all but idle and iowait), total
+    try:
+        b0, t0 = sample()
+        time.sleep(seconds)
+        b1, t1 = sample()
+        return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+# Other work when the script started: a run on a busy machine says so in its section.
+START_BUSY = _busy_cores()
 START_LOAD = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 HEADER = "# Benchmarks\n\nEach section is written by the script named in it; rerun the command to refresh it.\n"
 
@@ -32,7 +51,8 @@ def machine() -> str:
         ram = f"{mem_kb / 2**20:.0f} GiB RAM"
     except (OSError, AttributeError):
         ram = "RAM ?"
-    return f"{os.cpu_count()} cores (nproc), {model}, {ram}, load average {START_LOAD:.2f} at start"
+    return (f"{os.cpu_count()} cores (nproc), {model}, {ram}; at start {START_BUSY:.2f} cores busy with other "
+            f"work (load average {START_LOAD:.2f})")
 
 
 def command() -> str:
@@ -53,12 +73,12 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def write_section(name: str, title: str, body: str, shared_note: bool | None = None) -> None:
     """Replace (or append) this benchmark's section of BENCHMARKS.md, atomically. The shared-
-    machine note appears when asked, or by default when the 1-minute load at start was >= 1."""
+    machine note appears when asked, or by default when other work kept >= 0.5 core busy at start."""
     from rsprune.cache import write_text
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     note = ("\n\nThe machine was shared with other jobs during the run: absolute figures are noisy; "
-            "ratios come from the same run." if (START_LOAD >= 1 if shared_note is None else shared_note) else "")
+            "ratios come from the same run." if (START_BUSY >= 0.5 if shared_note is None else shared_note) else "")
     text = (f"<!-- bench:{name} -->\n## {title}\n\n`{command()}`  \n{machine()}; {now}.{note}\n\n"
             f"{body.strip()}\n<!-- /bench:{name} -->")
     old = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER

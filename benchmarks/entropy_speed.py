@@ -1,12 +1,12 @@
 """Entropy stage (index pass) throughput against the raw decode rate of the same files (the floor).
 
-`python benchmarks/entropy_speed.py [--n 5000] [--workers 0,2] [--rounds 3]`
+`python benchmarks/entropy_speed.py [--n 5000] [--n512 1000] [--n2048 200] [--workers 0,2] [--rounds 5]`
 
-The stage is prune.index.scan: read bytes once -> sha1 (exact duplicates) -> decode -> grey ->
-global and local entropy, in a DataLoader with workers. The floor is the same DataLoader doing
-only read + decode of the same files: the bytes read and PIL's decoder run (Image.load), no
-array made, the least any reader of pixels pays. Rows run interleaved and
-the median of the rounds counts. Target: stage / floor >= 0.8.
+The stage is prune.index.scan: read bytes once -> sha1 (exact duplicates) -> decode (a JPEG's
+luma plane only) -> global and local entropy, in a DataLoader with workers. The floor is a
+DataLoader doing only read + decode of the same files: the bytes read and PIL's full RGB
+decode (Image.load), no array made, the least any reader of the pixels pays. Rows run
+interleaved and the median of the rounds counts. Target: stage / floor >= 0.8.
 """
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ def main():
     text = table(["files", "pass", "workers", "n", "median s", "images/s", "x floor", "x floor, per round"], rows)
     print(text)
     body = (f"Real JPEG files (128 px AID and NWPU-12), and {args.n512} 512 x 512 and {args.n2048} 2048 x 1536 "
-            f"JPEG tiles made from AID "
-            f"images (upscaled, noise added); page cache warm, DataLoader batch 64, entropy grid {args.grid}, "
+            f"JPEG tiles made from AID images (upscaled, noise added); page cache warm; DataLoader batches of 64 "
+            f"(floor) and of up to 256 (the stage, as in the pipeline); entropy grid {args.grid}, "
             f"max_side {args.max_side}; {args.rounds} interleaved rounds, median. The floor reads each file and "
             f"runs PIL's full RGB decode; the stage reads, hashes, decodes the JPEG luma plane only (DCT-"
             f"shrunk toward max_side for large tiles), and scores. `x floor` = floor time / stage time at the "
