@@ -80,13 +80,13 @@ def main():
     got = interleaved({k: model_job(k) for k in variants}, args.rounds)
     ref = got["eager"][1]
     rows = [["model only", k, variants[k][1], "-", setup[k], n / t, got["eager"][0] / t,
-             float((e * ref).sum(1).min())] for k, (t, e) in got.items()]
+             f"{(e * ref).sum(1).min():.7f}"] for k, (t, e) in got.items()]
 
     e2e = {"eager": (encs["eager"], 1), "onnx b64": (encs["onnx b64"], 0), "onnx b64 ": (encs["onnx b64"], 1)}
     got = interleaved({k: (lambda enc=enc, w=w: embed_paths(enc, paths, 64, w, progress=False))
                        for k, (enc, w) in e2e.items()}, args.rounds)
     rows += [["embed_paths (decode+model)", k.strip(), 64, e2e[k][1], float("nan"), n / t, got["eager"][0] / t,
-              float((e * ref).sum(1).min())] for k, (t, e) in got.items()]
+              f"{(e * ref).sum(1).min():.7f}"] for k, (t, e) in got.items()]
 
     head = ["what", "backend", "batch", "decode workers", "setup s", "images/s", "x eager", "min cosine vs eager"]
     text = table(head, rows)
