@@ -8,8 +8,8 @@ the first missing shard, and images shared by corpus and reference are embedded 
 All readable images are embedded, not only stage-1 survivors, so the entropy cut stays free to
 change without a new embedding pass.
 
-Under `accelerate launch`, shards are dealt round-robin to processes; the result is the same
-arrays as a single process writes.
+Under `accelerate launch`, index shards (prune/index.py) and then embedding shards are dealt
+round-robin to processes; the result is the same tables and arrays as a single process writes.
 
 As a command, index + embed only (a cluster's GPU pass, before `prune/run.py` reads the store):
     accelerate launch --multi_gpu --num_processes N prune/embed.py +experiment=ratio85 encoder.device=auto
@@ -157,10 +157,9 @@ def run(cfg, progress: bool = True) -> dict:
     state = dist_state()
     is_main = state is None or state.is_main_process
     cache = str(cfg.cache_dir)
-    with state.main_process_first() if state is not None else _nothing():  # one process scans, the rest read
-        idx, _ = build_index(corpus, cfg, cache, progress and is_main, files)
-        ref_idx = build_index([str(cfg.data.reference)], cfg, cache, progress and is_main)[0] \
-            if "scenes" in method.NEEDS else None
+    idx, _ = build_index(corpus, cfg, cache, progress, files, state)  # shards split over processes
+    ref_idx = build_index([str(cfg.data.reference)], cfg, cache, progress, state=state)[0] \
+        if "scenes" in method.NEEDS else None
     items = collect_items(idx, ref_idx)
     plan, store, ekey = embed_stage(items, cfg, cache, progress, state)
     if not is_main:
@@ -168,12 +167,6 @@ def run(cfg, progress: bool = True) -> dict:
     out = dict(images=len(items), shards=len(plan), store=str(store), encoder_key=ekey)
     print(f"[embed] {len(items)} distinct images in {len(plan)} shards -> {store}", flush=True)
     return out
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

@@ -118,8 +118,12 @@ def mark_duplicates(df: pd.DataFrame) -> pd.Series:
 
 
 def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
-                files: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
-    """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done."""
+                files: pd.DataFrame | None = None, state=None) -> tuple[pd.DataFrame, str]:
+    """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done.
+
+    `state` (an accelerate PartialState) splits the shards round-robin over the processes, as
+    the embedding does; the main process then assembles the table and the others read it.
+    """
     files = walk(roots) if files is None else files
     params = dict(grid=int(cfg.entropy.grid), max_side=int(cfg.entropy.max_side), version=SCAN_VERSION)
     key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
@@ -127,23 +131,43 @@ def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
     df = load_table(final, key)
     if df is not None:
         return df, key
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     shard_size = int(cfg.index.shard_size)
-    parts = []
-    with tqdm(total=len(files), desc="index", unit="file", disable=not progress) as bar:
-        for start in range(0, len(files), shard_size):
-            chunk = files.iloc[start:start + shard_size]
-            skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
-            spath = Path(cache_dir) / "index" / "shards" / f"{skey}.parquet"
-            part = load_table(spath, skey)
-            if part is None:
-                part = scan(chunk.path.tolist(), params["grid"], params["max_side"], int(cfg.index.num_workers), bar)
-                save_table(spath, part, {"key": skey})
+    chunks = [files.iloc[s:s + shard_size] for s in range(0, len(files), shard_size)]
+
+    def cached(chunk):
+        skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
+        spath = Path(cache_dir) / "index" / "shards" / f"{skey}.parquet"
+        return skey, spath, load_table(spath, skey)
+
+    parts = {}
+    mine = range(rank, len(chunks), world)  # shards dealt round-robin, as the embedding's
+    with tqdm(total=sum(len(chunks[i]) for i in mine), desc=f"index[{rank}]" if world > 1 else "index",
+              unit="file", disable=not progress) as bar:
+        for i in mine:
+            skey, spath, parts[i] = cached(chunks[i])
+            if parts[i] is None:
+                parts[i] = scan(chunks[i].path.tolist(), params["grid"], params["max_side"],
+                                int(cfg.index.num_workers), bar)
+                save_table(spath, parts[i], {"key": skey})
             else:
-                bar.update(len(chunk))
-            parts.append(part)
-    scanned = pd.concat(parts, ignore_index=True)
+                bar.update(len(chunks[i]))
+    if world > 1:
+        state.wait_for_everyone()  # every shard is cached now
+        if not state.is_main_process:
+            state.wait_for_everyone()  # until the main process has written the table
+            df = load_table(final, key)
+            if df is None:
+                raise RuntimeError(f"the main process wrote no index table {final}")
+            return df, key
+        parts |= {i: cached(chunks[i])[2] for i in range(len(chunks)) if i not in parts}
+        if any(p is None for p in parts.values()):
+            raise RuntimeError(f"index shards missing after the split pass in {Path(cache_dir) / 'index'}")
+    scanned = pd.concat([parts[i] for i in range(len(chunks))], ignore_index=True)
     df = pd.concat([files.drop(columns="mtime").reset_index(drop=True), scanned], axis=1)
     df["duplicate_of"] = mark_duplicates(df)
     df = df[COLUMNS]
     save_table(final, df, {"key": key})
+    if world > 1:
+        state.wait_for_everyone()
     return df, key

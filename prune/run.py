@@ -74,11 +74,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     timings, cached = {}, {}
 
     t = time.perf_counter()
-    if state is not None:
-        with state.main_process_first():  # one process scans; the others read its cache
-            idx, ikey = build_index(corpus, cfg, cache, progress and is_main, files)
-    else:
-        idx, ikey = build_index(corpus, cfg, cache, progress, files)
+    idx, ikey = build_index(corpus, cfg, cache, progress, files, state)  # shards split over processes
     timings["index"] = time.perf_counter() - t
     n_files = len(idx)
     budget = budget_of(n_files, float(cfg.ratio))
@@ -113,11 +109,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         t = time.perf_counter()
         ref_idx, rkey = None, ""
         if "scenes" in method.NEEDS:
-            if state is not None:
-                with state.main_process_first():
-                    ref_idx, rkey = build_index([str(cfg.data.reference)], cfg, cache, progress and is_main)
-            else:
-                ref_idx, rkey = build_index([str(cfg.data.reference)], cfg, cache, progress)
+            ref_idx, rkey = build_index([str(cfg.data.reference)], cfg, cache, progress, state=state)
             ref_ok = ref_idx[ref_idx.readable]
         items = collect_items(idx, ref_idx)
         plan, store, ekey = embed_stage(items, cfg, cache, progress, state)

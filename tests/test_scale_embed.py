@@ -1,9 +1,10 @@
-"""Sharded embedding at scale: two accelerate CPU processes write the same store as one process.
+"""Sharded index and embedding at scale: two accelerate CPU processes write the same index table
+and embedding store as one process.
 
 Runs the real command `accelerate launch --multi_gpu --num_processes 2 prune/embed.py ...` with
-ACCELERATE_USE_CPU=1 on 192
-real NWPU images (16 per class), 3 shards of 64, and compares every shard with the store that
-one process writes through `prune.embed.run` (computed once for the module).
+ACCELERATE_USE_CPU=1 on 192 real NWPU images (16 per class), 3 index and 3 embedding shards of
+64, and compares with what one process writes through `prune.embed.run` (computed once for the
+module).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from prune import embed
@@ -38,7 +40,7 @@ def corpus(tmp_path_factory) -> Path:
 def overrides(corpus: Path, cache: Path) -> list[str]:
     # method=random: no reference needed, so only the corpus is embedded; float32 storage so
     # the comparison sees the encoder's own numbers, not float16 rounding.
-    return ["method=random", f"data.corpus=[{corpus}]", f"cache_dir={cache}", "embed.shard_size=64",
+    return ["method=random", f"data.corpus=[{corpus}]", f"cache_dir={cache}", "embed.shard_size=64", "index.shard_size=64",
             "embed.dtype=float32", "index.num_workers=0", "encoder.num_workers=0", "report.enabled=false"]
 
 
@@ -72,7 +74,15 @@ def test_two_accelerate_processes_write_the_single_process_store(corpus, single,
     res = subprocess.run(cmd + overrides(corpus, tmp_path / "two"), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "embed[0]" in res.stderr and "embed[1]" in res.stderr, "both processes should have embedded shards"
+    for stage in ("index", "embed"):
+        assert f"{stage}[0]" in res.stderr and f"{stage}[1]" in res.stderr, f"both processes should run {stage} shards"
+
+    tables = [sorted((cache / "index").glob("*.parquet")) for cache in (one["cache"], tmp_path / "two")]
+    assert [p.name for p in tables[0]] == [p.name for p in tables[1]] and len(tables[0]) == 1
+    idx1, idx2 = (pd.read_parquet(t[0]) for t in tables)
+    assert len(idx1) == 192 and idx1.readable.all()
+    pd.testing.assert_frame_equal(idx1, idx2)  # same rows, same order, same entropies
+    assert len(list((tmp_path / "two" / "index" / "shards").glob("*.parquet"))) == 3
 
     a, b = shards(Path(one["store"])), shards(tmp_path / "two" / "embed" / one["encoder_key"])
     assert one["images"] == 192 and one["shards"] == 3
