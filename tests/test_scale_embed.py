@@ -62,18 +62,22 @@ def shards(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for p in sorted(store.glob("*.npy")) if not p.name.endswith(".ids.npy")}
 
 
-def test_two_accelerate_processes_write_the_single_process_store(corpus, single, tmp_path):
-    one = single
+def launch_two(script: str, args: list[str]) -> subprocess.CompletedProcess:
     # `--cpu --num_processes 2` starts ONE process in accelerate 1.15 (its simple launcher; several
     # CPU processes need MPI or a config file); torchrun through --multi_gpu starts two, and
     # ACCELERATE_USE_CPU=1 makes them gloo CPU processes.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "prune" / "embed.py")]
+           "--main_process_port", str(free_port()), str(ROOT / "prune" / script)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd + overrides(corpus, tmp_path / "two"), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_two_accelerate_processes_write_the_single_process_store(corpus, single, tmp_path):
+    one = single
+    res = launch_two("embed.py", overrides(corpus, tmp_path / "two"))
     for stage in ("index", "embed"):
         assert f"{stage}[0]" in res.stderr and f"{stage}[1]" in res.stderr, f"both processes should run {stage} shards"
 
@@ -106,3 +110,18 @@ def test_rerun_recomputes_only_a_missing_shard(corpus, single, tmp_path):
     changed = sorted(n for n in after if after[n] != stamp[n])
     assert changed == sorted([lost, lost[:-4] + ".ids.npy"])
     assert np.array_equal(np.load(store / lost), np.load(Path(single["store"]) / lost))
+
+
+def test_prune_run_on_two_processes_keeps_what_one_process_keeps(corpus, tmp_path):
+    """The whole pipeline (scenes against a reference, here the corpus's own folders) launched on
+    two processes: index and embedding split, the rest on the main process."""
+    from prune.run import run
+
+    def args(name):
+        over = [o for o in overrides(corpus, tmp_path / name / "cache") if not o.startswith("method=")]
+        return over + [f"data.reference={corpus}", f"run_dir={tmp_path / name / 'run'}"]
+
+    launch_two("run.py", ["+experiment=ratio85"] + args("two"))
+    run(compose("prune", ["+experiment=ratio85"] + args("one")), progress=False)
+    kept = [(tmp_path / n / "run" / "kept.txt").read_text().split() for n in ("one", "two")]
+    assert len(kept[0]) == 29 and kept[0] == kept[1]
