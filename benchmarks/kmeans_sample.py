@@ -1,15 +1,16 @@
 """Stratified-sample k-means against a full fit (N = 10^6) and against scikit-learn (N = 10^5).
 
-`python benchmarks/kmeans_sample.py --part full [--n 1000000] [--settings 0.25:20:1,0.25:20:0,0.1:10:1]`
+`python benchmarks/kmeans_sample.py --part full [--n 1000000] [--settings 0.1:20:1,0.25:20:1,0.25:20:0]`
 `python benchmarks/kmeans_sample.py --part sklearn [--n-sklearn 100000]`
 
 Data: the synthetic scene-structured embeddings of benchmarks/selection_scale.py, split into
 scene strata by assign_scenes as in the pipeline. Per stratum, k follows `clustering.k_rule`
 (configs of `+experiment=ratio85`); the sample rule is the one of prune/cluster.py:
 m = max(min_sample, ceil(fraction * n), k) members, all of a small stratum, then `refine`
-Lloyd steps over all members (clustering.refine). "full" fits on every member. Both are then scored by the k-means objective of their centroids on the FULL
-data (sum of squared distances of every point to its nearest centroid, over strata), so the
-objective ratio says what the sample costs in quality. Times are summed over strata.
+Lloyd steps over all members (clustering.refine). "full" fits on every member. Both are then
+scored by the k-means objective of their centroids on the FULL data (sum of squared distances
+of every point to its nearest centroid, over strata), so the objective ratio says what the
+sample costs in quality. Times are summed over strata.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def main():
                     help="full: sample fits against the full faiss fit; sklearn: against scikit-learn KMeans")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--n-sklearn", type=int, default=100_000)
-    ap.add_argument("--settings", default="0.25:20:1,0.25:20:0,0.1:10:1",
+    ap.add_argument("--settings", default="0.1:20:1,0.25:20:1,0.25:20:0",
                     help="sample fits to time, fraction:niter:refine, comma-separated")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
