@@ -3,8 +3,8 @@
 `python benchmarks/gpu_faiss.py [--n 1000000]` (run by benchmarks/gpu_check.sh on a CUDA machine)
 
 Same synthetic strata as benchmarks/kmeans_sample.py; per stratum the configured sample fit +
-assignment (`+experiment=ratio85`, refine step included) once with faiss-cpu and once with faiss-gpu (rsprune.knn
-use_gpu). GPU k-means is a different implementation, so the check is on quality (objective
+assignment (`+experiment=ratio85`, refine step included) once with faiss-cpu and once with
+faiss-gpu (rsprune.knn use_gpu). GPU k-means is a different implementation, so the check is on quality (objective
 ratio GPU/CPU, both on all points) and on the exact search: top-1 agreement of CPU and GPU
 search against the same centroids.
 """

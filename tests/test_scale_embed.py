@@ -40,8 +40,9 @@ def corpus(tmp_path_factory) -> Path:
 def overrides(corpus: Path, cache: Path) -> list[str]:
     # method=random: no reference needed, so only the corpus is embedded; float32 storage so
     # the comparison sees the encoder's own numbers, not float16 rounding.
-    return ["method=random", f"data.corpus=[{corpus}]", f"cache_dir={cache}", "embed.shard_size=64", "index.shard_size=64",
-            "embed.dtype=float32", "index.num_workers=0", "encoder.num_workers=0", "report.enabled=false"]
+    return ["method=random", f"data.corpus=[{corpus}]", f"cache_dir={cache}", "embed.shard_size=64",
+            "index.shard_size=64", "embed.dtype=float32", "index.num_workers=0", "encoder.num_workers=0",
+            "report.enabled=false"]
 
 
 def free_port() -> int:
