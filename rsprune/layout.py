@@ -1,0 +1,78 @@
+"""Where things live: the one declaration of run-folder and cache names.
+
+Every module that writes or reads a training/fine-tuning run folder or a cache entry takes its
+names from here, so a layout change is one edit (and readers never guess a spelling).
+
+A run folder (train/main.py, downstream/sr.py, downstream/semantic_synthesis.py):
+
+    config.yaml                   resolved config, written once (a rerun must match it)
+    metrics.jsonl                 one JSON record a line (loss, lr, held-out loss, sample stats, ...)
+    split.json                    the test split this run is scored against (file list hash, sizes)
+    checkpoints/step_XXXXXXX/     full resumable states (rotated by checkpoints_total_limit)
+    snapshots/step_XXXXXXX/       light EMA weights on a schedule (never rotated): what curves score
+    samples/step_XXXXXXX.png      EMA sample grids (fixed seed)
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# --- run folders ---
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SPLIT = "split.json"
+CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
+SAMPLES = "samples"
+TMP_PREFIX = ".tmp-"  # a folder being written; renamed to its final name when complete
+
+_STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{int(step):07d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a `step_XXXXXXX` name, None for anything else (temporary folders included)."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / step_name(step)
+
+
+def snapshot_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOTS / step_name(step)
+
+
+def sample_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / SAMPLES / f"{step_name(step)}.png"
+
+
+def step_folders(parent) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_XXXXXXX` folder under `parent`, oldest first; completeness
+    is the caller's check (each kind of folder knows which files it needs)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    out = [(parse_step(p.name), p) for p in parent.iterdir() if p.is_dir()]
+    return sorted((s, p) for s, p in out if s is not None)
+
+
+# --- cache sub-folders (under cache_dir) ---
+CACHE_INDEX = "index"          # prune stage 0 tables and shards
+CACHE_EMBED = "embed"          # prune stage 2 embedding stores
+CACHE_SCENES = "scenes"        # prune stage 3
+CACHE_CLUSTERS = "clusters"    # prune stage 4
+CACHE_SPLIT = "split"          # the default data split's list files
+CACHE_LATENTS = "latents"      # first-stage latents of training sets
+CACHE_FIRST_STAGE = "first_stage"  # fitted autoencoders (kl_small)
+CACHE_FID = "fid"              # feature statistics of reference sets
+CACHE_DOWNSTREAM = "downstream"    # downstream latents and the segmentation judge
+
+
+def cache_path(cache_dir, kind: str, *parts: str) -> Path:
+    """`cache_dir/<kind>/<parts...>` for one of the CACHE_* kinds above."""
+    return Path(cache_dir, kind, *parts)
