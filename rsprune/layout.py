@@ -68,7 +68,7 @@ CACHE_SCENES = "scenes"        # prune stage 3
 CACHE_CLUSTERS = "clusters"    # prune stage 4
 CACHE_SPLIT = "split"          # the default data split's list files
 CACHE_LATENTS = "latents"      # first-stage latents of training sets
-CACHE_FIRST_STAGE = "first_stage"  # fitted autoencoders (kl_small)
+CACHE_FIRST_STAGE = "autoencoders"  # fitted autoencoders (kl_small)
 CACHE_FID = "fid"              # feature statistics of reference sets
 CACHE_DOWNSTREAM = "downstream"    # downstream latents and the segmentation judge
 
