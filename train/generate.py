@@ -10,43 +10,45 @@ autoencoder and the latent scale), `trainer_state.json` and accelerate's full tr
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rsprune.cache import read_json
+from rsprune import layout
 from rsprune.cli import UsageError
 
-CKPT_RE = re.compile(r"^step_(\d{7,})$")
 SAMPLERS = ("ddim", "ddpm", "dpm")
 
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run as (step, path), oldest first (temporary folders excluded)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and (p / "unet").is_dir() and (p / "first_stage.json").is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    return [(s, p) for s, p in layout.step_folders(Path(run_dir) / layout.CHECKPOINTS)
+            if (p / "unet").is_dir() and (p / "first_stage.json").is_file()]
+
+
+def list_snapshots(run_dir) -> list[tuple[int, Path]]:
+    """Every scorable EMA state of a run as (step, path), oldest first: the light EMA snapshots
+    (`snapshots/`, never rotated) plus complete checkpoints; one per step, the snapshot first."""
+    found = {s: p for s, p in list_checkpoints(run_dir)}
+    for s, p in layout.step_folders(Path(run_dir) / layout.SNAPSHOTS):
+        if (p / "unet_ema").is_dir() and (p / "scheduler").is_dir() and (p / "first_stage.json").is_file():
+            found[s] = p
+    return sorted(found.items())
 
 
 def _pick(run_dir, step: int | None) -> tuple[int, Path]:
-    ckpts = list_checkpoints(run_dir)
+    ckpts = list_snapshots(run_dir)
     if not ckpts:
-        raise UsageError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}; train first "
+        raise UsageError(f"no checkpoint or snapshot in {run_dir}; train first "
                          "(accelerate launch train/main.py run_dir=...)")
     if step is None:
         return ckpts[-1]
     for s, p in ckpts:
         if s == step:
             return s, p
-    raise UsageError(f"no checkpoint at step {step} in {run_dir}; have {[s for s, _ in ckpts]}")
+    raise UsageError(f"no checkpoint or snapshot at step {step} in {run_dir}; have {[s for s, _ in ckpts]}")
 
 
 def load_backbone(run_dir, step: int | None = None, ema: bool = True, device: str | torch.device = "cpu"):
