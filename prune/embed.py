@@ -21,14 +21,18 @@ follows finds every shard done.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from prune.index import index_inputs
+from prune.validate import validate
 from rsprune.cache import save_npy, stable_hash
 from rsprune.encoders import build_encoder, embed_paths
+from rsprune.layout import CACHE_EMBED, cache_path
 
 
 def encoder_key(enc_cfg) -> str:
@@ -98,12 +102,13 @@ def gather(plan, store: Path, hashes) -> np.ndarray:
 
 
 def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=None):
-    """Embed content hashes -> path `items`; returns (plan, store) once every shard exists.
+    """Embed content hashes -> path `items`; returns (plan, store folder, encoder key) once
+    every shard exists. `cfg` needs the `encoder` and `embed` groups.
 
     `state` is an accelerate PartialState when launched on several processes.
     """
     ekey = encoder_key(cfg.encoder)
-    store = Path(cache_dir) / "embed" / ekey
+    store = cache_path(cache_dir, CACHE_EMBED, ekey)
     plan = shard_plan(list(items), int(cfg.embed.shard_size), ekey)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     run_shards(plan, items, cfg.encoder, store, str(cfg.embed.dtype), rank, world, progress)
@@ -113,6 +118,26 @@ def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=N
     if missing:
         raise RuntimeError(f"{len(missing)} embedding shards missing after the pass in {store}")
     return plan, store, ekey
+
+
+@dataclass
+class Store:
+    """A finished embedding pass: its shard plan, folder and encoder key."""
+    plan: list
+    path: Path
+    key: str
+    images: int
+
+    def gather(self, hashes) -> np.ndarray:
+        return gather(self.plan, self.path, hashes)
+
+
+def embed_inputs(inputs, cfg, cache_dir: str, progress: bool = True, state=None) -> Store:
+    """Stage 2 over the index tables (prune/index.py:Inputs): every readable unique corpus
+    image, and the readable reference images."""
+    items = collect_items(inputs.corpus, inputs.reference)
+    plan, path, key = embed_stage(items, cfg, cache_dir, progress, state)
+    return Store(plan, path, key, len(items))
 
 
 def collect_items(idx, ref_idx) -> dict:
@@ -150,22 +175,14 @@ def dist_state():
 def run(cfg, progress: bool = True) -> dict:
     """Index the corpus (and the reference when the method needs scenes), then embed; returns
     {images, shards, store, encoder_key} on the main process, {} on the others."""
-    from prune.index import build_index
-    from prune.run import validate
-
-    corpus, method, files, _ = validate(cfg)
+    plan = validate(cfg)
     state = dist_state()
-    is_main = state is None or state.is_main_process
-    cache = str(cfg.cache_dir)
-    idx, _ = build_index(corpus, cfg, cache, progress, files, state)  # shards split over processes
-    ref_idx = build_index([str(cfg.data.reference)], cfg, cache, progress, state=state)[0] \
-        if "scenes" in method.NEEDS else None
-    items = collect_items(idx, ref_idx)
-    plan, store, ekey = embed_stage(items, cfg, cache, progress, state)
-    if not is_main:
+    inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
+    store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
+    if state is not None and not state.is_main_process:
         return {}
-    out = dict(images=len(items), shards=len(plan), store=str(store), encoder_key=ekey)
-    print(f"[embed] {len(items)} distinct images in {len(plan)} shards -> {store}", flush=True)
+    out = dict(images=store.images, shards=len(store.plan), store=str(store.path), encoder_key=store.key)
+    print(f"[embed] {store.images} distinct images in {len(store.plan)} shards -> {store.path}", flush=True)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from prune.entropy import entropies
 from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
 from rsprune.imageio import UnreadableImage, list_images, load_grey
+from rsprune.layout import CACHE_INDEX, cache_path
 
 # Part of every index cache key: bump when scan_file's output changes, so no cached shard
 # from an older scorer mixes into a resumed index (2: JPEG luma decode, one-bincount entropies).
@@ -117,27 +119,29 @@ def mark_duplicates(df: pd.DataFrame) -> pd.Series:
     return dup
 
 
-def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
+def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progress: bool = True,
                 files: pd.DataFrame | None = None, state=None) -> tuple[pd.DataFrame, str]:
     """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done.
+    `index_cfg` is the `index` config (shards, workers), `entropy_cfg` the `entropy` one (the
+    scores' grid and max_side).
 
     `state` (an accelerate PartialState) splits the shards round-robin over the processes, as
     the embedding does; the main process then assembles the table and the others read it.
     """
     files = walk(roots) if files is None else files
-    params = dict(grid=int(cfg.entropy.grid), max_side=int(cfg.entropy.max_side), version=SCAN_VERSION)
+    params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION)
     key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
-    final = Path(cache_dir) / "index" / f"{key}.parquet"
+    final = cache_path(cache_dir, CACHE_INDEX, f"{key}.parquet")
     df = load_table(final, key)
     if df is not None:
         return df, key
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    shard_size = int(cfg.index.shard_size)
+    shard_size = int(index_cfg.shard_size)
     chunks = [files.iloc[s:s + shard_size] for s in range(0, len(files), shard_size)]
 
     def cached(chunk):
         skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
-        spath = Path(cache_dir) / "index" / "shards" / f"{skey}.parquet"
+        spath = cache_path(cache_dir, CACHE_INDEX, "shards", f"{skey}.parquet")
         return skey, spath, load_table(spath, skey)
 
     parts = {}
@@ -148,7 +152,7 @@ def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
             skey, spath, parts[i] = cached(chunks[i])
             if parts[i] is None:
                 parts[i] = scan(chunks[i].path.tolist(), params["grid"], params["max_side"],
-                                int(cfg.index.num_workers), bar)
+                                int(index_cfg.num_workers), bar)
                 save_table(spath, parts[i], {"key": skey})
             else:
                 bar.update(len(chunks[i]))
@@ -162,7 +166,7 @@ def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
             return df, key
         parts |= {i: cached(chunks[i])[2] for i in range(len(chunks)) if i not in parts}
         if any(p is None for p in parts.values()):
-            raise RuntimeError(f"index shards missing after the split pass in {Path(cache_dir) / 'index'}")
+            raise RuntimeError(f"index shards missing after the split pass in {cache_path(cache_dir, CACHE_INDEX)}")
     scanned = pd.concat([parts[i] for i in range(len(chunks))], ignore_index=True)
     df = pd.concat([files.drop(columns="mtime").reset_index(drop=True), scanned], axis=1)
     df["duplicate_of"] = mark_duplicates(df)
@@ -171,3 +175,21 @@ def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
     if world > 1:
         state.wait_for_everyone()
     return df, key
+
+
+@dataclass
+class Inputs:
+    """The index tables a run reads: the corpus's, and the reference's when scenes are needed."""
+    corpus: pd.DataFrame
+    corpus_key: str
+    reference: pd.DataFrame | None = None
+    reference_key: str = ""
+
+
+def index_inputs(plan, cfg, cache_dir: str, progress: bool = True, state=None) -> Inputs:
+    """Stage 0 for a validated `plan` (prune/validate.py): the corpus, then the reference."""
+    idx, ikey = build_index(plan.corpus, cfg.index, cfg.entropy, cache_dir, progress, plan.files, state)
+    if plan.reference is None:
+        return Inputs(idx, ikey)
+    ref, rkey = build_index([plan.reference], cfg.index, cfg.entropy, cache_dir, progress, state=state)
+    return Inputs(idx, ikey, ref, rkey)
