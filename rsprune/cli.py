@@ -13,11 +13,9 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rsprune.errors import UsageError  # noqa: F401  (re-exported: commands import it from here)
+
 CONFIG_DIR = Path(os.environ.get("RSPRUNE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
-
-
-class UsageError(Exception):
-    """Bad configuration or input that the user must fix: reported in one line, exit code 2."""
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:

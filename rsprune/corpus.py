@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rsprune.cli import UsageError
+from rsprune.errors import UsageError
 from rsprune.imageio import list_images
 
 LIST_SUFFIX = ".txt"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsprune.cli import UsageError
+from rsprune.errors import UsageError
 from rsprune.corpus import is_list, list_files, read_list, write_list
 from rsprune.imageio import list_images
 
