@@ -19,7 +19,8 @@ from prune.budget import budget as budget_of
 from prune.index import walk
 from prune.scenes import reference_labels
 from rsprune import knn
-from rsprune.cli import UsageError
+from rsprune.corpus import is_list
+from rsprune.errors import UsageError
 
 WITHIN = ("nearest", "farthest", "spread", "random")
 # Enumerated values: key -> allowed values.
@@ -113,10 +114,10 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_reference(ref: str) -> None:
-    """The reference is a folder of >= 2 class folders (which classes are readable is the
-    scenes stage's business: it drops a class with no readable file)."""
-    if not os.path.isdir(ref):
-        raise UsageError(f"reference folder not found: {ref}")
+    """The reference is a folder (or .txt list) of >= 2 class folders (which classes are
+    readable is the scenes stage's business: it drops a class with no readable file)."""
+    if not (os.path.isdir(ref) or is_list(ref)):
+        raise UsageError(f"reference folder (or .txt list) not found: {ref}")
     reference_labels(walk([ref]).relpath.tolist())
 
 
