@@ -30,18 +30,28 @@ from tqdm import tqdm
 
 from prune.index import index_inputs
 from prune.validate import validate
-from rsprune.cache import save_npy, stable_hash
+from rsprune.cache import CHECKSUM_SUFFIX, save_npy, stable_hash, verified
+from rsprune.errors import UsageError
 from rsprune.encoders import build_encoder, embed_paths
 from rsprune.layout import CACHE_EMBED, cache_path
 
 
-def encoder_key(enc_cfg) -> str:
+DTYPES = ("float16", "float32")  # storage of the embeddings
+
+
+def encoder_key(enc_cfg, dtype: str = "float16") -> str:
+    """The store's key: every encoder value that changes the numbers, and the storage dtype."""
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(enc_cfg, resolve=True)
     for k in ("batch_size", "num_workers", "threads", "channels_last", "backend", "device"):  # speed knobs
         c.pop(k, None)
-    return stable_hash("encoder", c)
+    return stable_hash("encoder", c, dtype)
+
+
+def shard_done(store: Path, key: str) -> bool:
+    """Both files of a shard are there and match their checksums (a bad one is removed)."""
+    return verified(store / f"{key}.ids.npy") & verified(store / f"{key}.npy")
 
 
 def shard_plan(hashes: list[str], shard_size: int, ekey: str) -> list[tuple[str, list[str]]]:
@@ -55,7 +65,7 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
                progress: bool = True) -> int:
     """Compute this process's missing shards; returns how many it computed."""
     mine = [(k, h) for i, (k, h) in enumerate(plan) if i % world == rank]
-    todo = [(k, h) for k, h in mine if not (store / f"{k}.npy").exists()]
+    todo = [(k, h) for k, h in mine if not shard_done(store, k)]
     if not todo:
         return 0
     if enc_cfg.get("threads"):
@@ -68,8 +78,8 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
         for k, h in todo:
             e = embed_paths(encoder, [path_of[x] for x in h], int(enc_cfg.batch_size),
                             int(enc_cfg.num_workers), progress=False)
-            save_npy(store / f"{k}.ids.npy", np.asarray(h))
-            save_npy(store / f"{k}.npy", e.astype(dtype))  # written last: its presence marks done
+            save_npy(store / f"{k}.ids.npy", np.asarray(h), checksum=True)
+            save_npy(store / f"{k}.npy", e.astype(dtype), checksum=True)  # its checksum, written last, marks done
             bar.update(len(h))
     return len(todo)
 
@@ -107,14 +117,19 @@ def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=N
 
     `state` is an accelerate PartialState when launched on several processes.
     """
-    ekey = encoder_key(cfg.encoder)
+    dtype = str(cfg.embed.dtype)
+    if dtype not in DTYPES:  # prune/validate.py refuses it first; other callers land here
+        raise UsageError(f"embed.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    ekey = encoder_key(cfg.encoder, dtype)
     store = cache_path(cache_dir, CACHE_EMBED, ekey)
     plan = shard_plan(list(items), int(cfg.embed.shard_size), ekey)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    run_shards(plan, items, cfg.encoder, store, str(cfg.embed.dtype), rank, world, progress)
+    run_shards(plan, items, cfg.encoder, store, dtype, rank, world, progress)
     if state is not None:
         state.wait_for_everyone()
-    missing = [k for k, _ in plan if not (store / f"{k}.npy").exists()]
+    # Each process verified its own shards; here presence of both checksums is enough.
+    missing = [k for k, _ in plan if not all((store / f"{k}{ext}{CHECKSUM_SUFFIX}").exists()
+                                             for ext in (".npy", ".ids.npy"))]
     if missing:
         raise RuntimeError(f"{len(missing)} embedding shards missing after the pass in {store}")
     return plan, store, ekey

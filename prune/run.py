@@ -42,11 +42,19 @@ class Timings(dict):
 
 
 def check_usable(idx, budget: int) -> np.ndarray:
-    """The usable mask (readable, first of its bytes); UsageError if the budget cannot be met."""
+    """The usable mask (readable, first of its bytes); UsageError, saying what is wrong with
+    the files, if the budget cannot be met."""
     usable = (idx.readable & (idx.duplicate_of == "")).to_numpy()
-    if usable.sum() < budget:
-        raise UsageError(f"only {usable.sum()} readable unique images for a budget of {budget}; lower the ratio")
-    return usable
+    if usable.sum() >= budget:
+        return usable
+    errors = idx.error[~idx.readable].value_counts()
+    why = "; ".join(f"{n} x {e}" for e, n in errors.head(3).items()) or "none unreadable"
+    n_dup = int((idx.duplicate_of != "").sum())
+    if not usable.any():
+        raise UsageError(f"none of the {len(idx)} corpus files is a readable image ({why}); check data.corpus")
+    raise UsageError(f"only {usable.sum()} of {len(idx)} corpus files are readable, unique images "
+                     f"({(~idx.readable).sum()} unreadable: {why}; {n_dup} exact duplicates) for a budget "
+                     f"of {budget}: fix or remove the bad files, or raise the ratio")
 
 
 def add_scenes(pool, cols: Columns, inputs, store, usable, pool_rows, cfg, cached: dict) -> list[str]:

@@ -18,7 +18,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from rsprune.cache import cached_table, stable_hash
-from rsprune.cli import UsageError
+from rsprune.errors import UsageError, warn
 from rsprune.knn import kmeans, normalize, search
 from rsprune.layout import CACHE_SCENES, cache_path
 
@@ -78,7 +78,11 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
     corpus content `hashes`, against the readable images of the reference index `ref`.
     `store` is the embedding store (prune/embed.py:Store)."""
     ok = ref[ref.readable]
-    labels, classes = reference_labels(ok.relpath.tolist())
+    labels, classes = reference_labels(ok.relpath.tolist())  # names and labels from the same files
+    empty = sorted(set(reference_labels(ref.relpath.tolist())[1]) - set(classes))
+    if empty:
+        warn(f"reference class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
+             "with no readable image dropped from the scenes")
     c = scenes_cfg
     key = stable_hash("scenes", store.key, ref_key, hashes, OmegaConf.to_container(c), seed)
 

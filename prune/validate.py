@@ -129,11 +129,15 @@ def validate(cfg: DictConfig) -> Plan:
     if not corpus:
         raise UsageError("data.corpus is empty: give one or more folders, e.g. data.corpus=[DIR1,DIR2]")
     method = methods.get(str(cfg.method.name))
-    files = walk([str(c) for c in corpus])
+    files = walk([str(c) for c in corpus], exclude=[str(cfg.run_dir), str(cfg.cache_dir)])
+    budget = budget_of(len(files), float(cfg.ratio))
+    if budget < 1:
+        raise UsageError(f"ratio={cfg.ratio} keeps round((1 - ratio) * {len(files)} files) = 0 images: "
+                         "nothing to select; lower the ratio")
     ref = None
     if "scenes" in method.NEEDS:
         ref = str(cfg.data.reference)
         check_reference(ref)
     knn.use_gpu(cfg.faiss.gpu)  # faiss.gpu=true without a GPU stops here, before anything is written
     knn.set_threads(cfg.faiss.threads)
-    return Plan([str(c) for c in corpus], method, files, budget_of(len(files), float(cfg.ratio)), ref)
+    return Plan([str(c) for c in corpus], method, files, budget, ref)
