@@ -250,3 +250,22 @@ def test_all_unreadable_says_what_is_wrong(tmp_path):
         run(cfg_for(corpus, tmp_path, "method=random", "ratio=0.5"), progress=False)
     msg = str(e.value)
     assert "none of the 4" in msg and "4 x UnidentifiedImageError" in msg and "lower the ratio" not in msg, msg
+
+
+def test_usage_error_under_accelerate_launch_stays_visible(tmp_path):
+    """torchrun ends with its own traceback and exit code 1 (documented); the child's one line
+    must be the root cause it reports, in the last lines, not only far above them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(ROOT / "prune" / "embed.py"), "ratio=abc", f"cache_dir={tmp_path / 'c'}"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    tail = r.stderr.strip().splitlines()[-4:]
+    assert any("error: ratio must be a number strictly between 0 and 1" in line for line in tail), tail
+    assert not (tmp_path / "c").exists()
