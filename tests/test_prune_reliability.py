@@ -2,8 +2,8 @@
 and every bad input refused or recorded with a stable reason."""
 from __future__ import annotations
 
+import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -110,7 +110,8 @@ def test_fixed_permissions_are_seen_on_the_next_run():
         shutil.copy(REAL, corpus / "a.jpg")
         shutil.copy(DATA / "aid" / "Beach" / "beach_2.jpg", corpus / "b.jpg")
         os.chmod(corpus / "a.jpg", 0)
-        icfg, ecfg = OmegaConf.create({"shard_size": 8, "num_workers": 0}), OmegaConf.create({"grid": 4, "max_side": 64})
+        icfg = OmegaConf.create({"shard_size": 8, "num_workers": 0})
+        ecfg = OmegaConf.create({"grid": 4, "max_side": 64})
         # Once as root on the readable file alone: every lazy import happens here (an unprivileged
         # user cannot read root's site-packages).
         warm = folder / "warm"
@@ -142,7 +143,6 @@ def _peak_rss_mib_of_scan(path: Path) -> float:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
-    import json
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

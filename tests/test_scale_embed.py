@@ -103,7 +103,7 @@ def test_rerun_recomputes_only_a_missing_shard(corpus, single, tmp_path):
     cfg = compose("prune", overrides(corpus, tmp_path / "cache"))
     store = tmp_path / "cache" / "embed" / single["encoder_key"]
     stamp = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
-    lost = sorted(n for n in stamp if not n.endswith(".ids.npy"))[0]
+    lost = sorted(n for n in stamp if n.endswith(".npy") and not n.endswith(".ids.npy"))[0]
     (store / lost).unlink()  # the array is the shard's done-marker (written last)
     embed.run(cfg, progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
