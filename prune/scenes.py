@@ -1,9 +1,18 @@
 """Stage 3: scene assignment against a labelled reference benchmark.
 
 Each reference class gets prototypes (its mean embedding, or k-means prototypes inside the
-class); a corpus image goes to the scene of its most similar prototype (cosine). Images whose
-best similarity is under `threshold` form the "unmatched" stratum (scene -1), clustered like
-any other. Alternative (`assign=knn`): a vote of the k most similar reference images.
+class); a corpus image goes to the scene of its most similar prototype (cosine). Alternative
+(`assign=knn`): a vote of the k most similar reference images.
+
+An image whose best similarity is under the threshold matches no scene. The threshold is
+calibrated to the data (`scenes.threshold`): `reference` takes the `scenes.quantile` of the
+reference's own held-out best similarities (half of each class scored against prototypes of
+the other half: how similar a true member of a scene typically is, in this encoder);
+`corpus` takes that quantile of the corpus's best similarities (a fixed share unmatched);
+a number is an absolute cosine (the old behaviour; -1 disables). A corpus from another
+source or sensor sits lower on the absolute scale, and an absolute cosine then puts most of it
+in one stratum. Unmatched images are clustered into pseudo-scenes (`pseudo_scenes`), so a
+whole unmatched source is never one quota; with pseudo-scenes off they form scene -1.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from rsprune.cli import UsageError
 from rsprune.knn import kmeans, normalize, search
 
 UNMATCHED = -1
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)  # the similarity distribution reported in diagnostics
 
 
 def reference_labels(relpaths: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -61,3 +71,82 @@ def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: st
         raise UsageError(f"unknown scenes.assign {mode!r}; choose prototype or knn")
     scene = np.where(score >= threshold, scene, UNMATCHED)
     return scene.astype(np.int64), score.astype(np.float32)
+
+
+def heldout_scores(ref: np.ndarray, labels: np.ndarray, mode: str, per_class: int, knn: int, seed: int) -> np.ndarray:
+    """Best similarity of held-out reference images: a seeded half of each class is scored
+    against prototypes (or neighbours) built from the other half, exactly as corpus images are."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(ref), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        held[rng.permutation(rows)[: len(rows) // 2]] = True
+    if held.all() or not held.any():
+        raise UsageError("the reference needs at least 2 images per class to calibrate scenes.threshold")
+    _, score = assign_scenes(ref[held], ref[~held], labels[~held], mode, per_class, knn, -np.inf, seed)
+    return score
+
+
+def calibrate(setting, quantile: float, corpus_score: np.ndarray, heldout) -> tuple[float, str]:
+    """(threshold, rule) from `scenes.threshold`: a number, `reference` or `corpus`.
+    `heldout` is a callable giving the reference's held-out scores (computed only when needed)."""
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return float(setting), "absolute"
+    if not 0.0 <= float(quantile) <= 1.0:
+        raise UsageError(f"scenes.quantile must lie in [0, 1], got {quantile!r}")
+    if setting == "reference":
+        return float(np.quantile(heldout(), quantile)), f"reference held-out best similarity, quantile {quantile}"
+    if setting == "corpus":
+        if not len(corpus_score):
+            return -np.inf, "corpus (empty)"
+        return float(np.quantile(corpus_score, quantile)), f"corpus best similarity, quantile {quantile}"
+    raise UsageError(f"scenes.threshold must be a number, reference or corpus, got {setting!r}")
+
+
+def n_pseudo(n_unmatched: int, n_total: int, n_classes: int, pseudo_size) -> int:
+    """Pseudo-scenes for the unmatched pool. `auto`: as many as the reference scenes its share of
+    the corpus would fill, round(n_unmatched / (n_total / n_classes)); a number: images per
+    pseudo-scene; 0 or null: none (one unmatched stratum)."""
+    if n_unmatched == 0 or pseudo_size in (None, 0):
+        return 0
+    per = n_total / max(n_classes, 1) if pseudo_size == "auto" else float(pseudo_size)
+    if per <= 0:
+        raise UsageError(f"scenes.pseudo_size must be auto, 0/null or a positive number, got {pseudo_size!r}")
+    return int(max(1, min(round(n_unmatched / per), n_unmatched)))
+
+
+def pseudo_scenes(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Pseudo-scene index (0..k-1) of each unmatched image: spherical k-means on the unmatched pool."""
+    if k <= 1:
+        return np.zeros(len(emb), np.int64)
+    centroids, _ = kmeans(emb, k, seed=seed, spherical=True)
+    return search(centroids, emb, 1)[1][:, 0].astype(np.int64)
+
+
+def stratify(scene: np.ndarray, score: np.ndarray, emb_rows, n_classes: int, threshold: float,
+             pseudo_size, seed: int) -> tuple[np.ndarray, int]:
+    """Strata from the best scene and its similarity: matched images keep their scene; the
+    unmatched become pseudo-scenes n_classes..n_classes+k-1 (or UNMATCHED when k = 0).
+    `emb_rows(rows)` gives the embeddings of the unmatched rows. Returns (strata, k)."""
+    out = scene.astype(np.int64).copy()
+    rows = np.flatnonzero(score < threshold)
+    k = n_pseudo(len(rows), len(scene), n_classes, pseudo_size)
+    out[rows] = UNMATCHED if k == 0 else n_classes + pseudo_scenes(emb_rows(rows), k, seed)
+    return out, k
+
+
+def diagnostics(strata: np.ndarray, score: np.ndarray, threshold: float, rule: str, n_classes: int,
+                k_pseudo: int, pseudo_size, heldout: np.ndarray | None = None) -> dict:
+    """What summary.json and the report say about the strata: matched share, the similarity
+    distribution against the threshold, pseudo-scene sizes."""
+    matched = (strata >= 0) & (strata < n_classes)
+    q = lambda v: {f"p{int(100 * x)}": float(np.quantile(v, x)) for x in QUANTILES} if len(v) else {}
+    sizes = np.bincount(strata[strata >= n_classes] - n_classes, minlength=k_pseudo) if k_pseudo else []
+    out = dict(threshold=float(threshold), rule=rule, images=int(len(strata)), matched=int(matched.sum()),
+               matched_share=float(matched.mean()) if len(strata) else 0.0, similarity=q(score),
+               matched_scenes=int(len(np.unique(strata[matched]))),
+               pseudo_scenes=int(k_pseudo), pseudo_size_rule=str(pseudo_size),
+               pseudo_scene_sizes=[int(v) for v in sizes], unmatched_stratum=int((strata == UNMATCHED).sum()))
+    if heldout is not None:
+        out["reference_heldout_similarity"] = q(heldout)
+    return out
