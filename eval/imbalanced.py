@@ -69,3 +69,19 @@ if __name__ == "__main__":
     from rsprune.cli import main
 
     main("eval/imbalanced", run, __doc__)
+
+
+def section(cfg) -> object:
+    """The `imbalanced` section of eval/tables.py: build the corpus, then the pruning table on it
+    (every method x ratio x seed; the scene reference is the default split's AID reference)."""
+    from omegaconf import OmegaConf
+
+    from eval.pruning_table import build as build_table
+
+    dst = run(cfg)["corpus"]
+    cfg = OmegaConf.merge(cfg, {"sweep": {"overrides": [*cfg.sweep.overrides, f"data.corpus=[{dst}]"]}})
+    note = (f"Corpus: `eval/imbalanced.py` (nwpu12/train classes cut to {cfg.top} down to "
+            f"{round(cfg.top / cfg.factor)} images, Zipf-like); reference: the default split's AID reference "
+            "(disjoint); KL to uniform is over the 12 NWPU classes, which no selection reads.")
+    return build_table(cfg, title="Subset quality on an imbalanced corpus from another source",
+                       section="imbalanced", note=note)

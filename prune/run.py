@@ -18,15 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune import methods
 from prune.budget import budget as budget_of
-from prune.cluster import stratified_clusters
+from prune.cluster import cluster_stage
 from prune.embed import collect_items, dist_state, embed_stage, gather
 from prune.entropy import entropy_filter
 from prune.index import build_index, walk
-from prune.scenes import UNMATCHED, assign_scenes, reference_labels
+from prune.scenes import UNMATCHED, check_scenes, reference_labels, scene_names, scene_stage
 from rsprune import knn
-from rsprune.cache import cached_table, stable_hash, write_json, write_text
+from rsprune.cache import stable_hash, write_json, write_text
 from rsprune.cli import UsageError, main
 from rsprune.corpus import is_list
+from rsprune.layout import CACHE_CLUSTERS, CACHE_SCENES
 from rsprune.manifest import write_manifest
 
 SCENE_CHUNK = 65536  # corpus rows per scene-assignment chunk
@@ -55,6 +56,7 @@ def validate(cfg: DictConfig):
             raise UsageError(f"reference folder (or .txt list) not found: {ref}")
         ref_files = walk([ref])
         _, classes = reference_labels(ref_files.relpath.tolist())
+    check_scenes(cfg.scenes)
     if str(cfg.entropy.score) not in ("local", "global"):
         raise UsageError(f"entropy.score must be local or global, got {cfg.entropy.score!r}")
     threads = cfg.faiss.threads
@@ -72,7 +74,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     is_main = state is None or state.is_main_process
     cache = str(cfg.cache_dir)
     seed = int(cfg.seed)
-    timings, cached = {}, {}
+    timings, cached, scene_info = {}, {}, {}
 
     t = time.perf_counter()
     idx, ikey = build_index(corpus, cfg, cache, progress, files, state)  # shards split over processes
@@ -126,37 +128,26 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
             ref_labels, _ = reference_labels(ref_ok.relpath.tolist())
             hashes = sorted(set(idx.content_hash[usable]))
             skey = stable_hash("scenes", ekey, rkey, hashes, OmegaConf.to_container(cfg.scenes), seed)
-
-            def compute_scenes():
-                # In chunks: a second full N x d copy of the corpus would break the memory bound at 1e6.
-                ref = gather(plan, store, ref_ok.content_hash.tolist())
-                parts = [assign_scenes(gather(plan, store, hashes[i:i + SCENE_CHUNK]), ref, ref_labels,
-                                       str(cfg.scenes.assign), int(cfg.scenes.per_class), int(cfg.scenes.knn),
-                                       float(cfg.scenes.threshold), seed)
-                         for i in range(0, len(hashes), SCENE_CHUNK)]
-                s, sim = (np.concatenate(p) for p in zip(*parts))
-                return pd.DataFrame({"content_hash": hashes, "scene": s, "scene_similarity": sim})
-
-            scenes, cached["scenes"] = cached_table(Path(cache) / "scenes" / f"{skey}.parquet", skey, compute_scenes)
+            scenes, scene_info, cached["scenes"] = scene_stage(
+                lambda h: gather(plan, store, h), hashes, ref_ok.content_hash.tolist(), ref_labels, cfg.scenes, seed,
+                Path(cache) / CACHE_SCENES / f"{skey}.parquet", skey, SCENE_CHUNK)
             by_hash = scenes.set_index("content_hash")
             scene_all[usable] = by_hash.scene.reindex(idx.content_hash[usable]).to_numpy()
             sim_all[usable] = by_hash.scene_similarity.reindex(idx.content_hash[usable]).to_numpy()
             pool.scene = scene_all[pool_rows]
             timings["scenes"] = time.perf_counter() - t
-            log(f"[scenes] {len(classes)} reference scenes; {(pool.scene == UNMATCHED).sum()} pool images unmatched "
-                f"({timings['scenes']:.1f} s)")
+            log(f"[scenes] {len(classes)} reference scenes, threshold {scene_info['threshold']:.3f} "
+                f"({scene_info['rule']}): {scene_info['matched_share']:.0%} matched, "
+                f"{scene_info['pseudo_scenes']} pseudo-scenes ({timings['scenes']:.1f} s)")
 
         if "clusters" in method.NEEDS:
             t = time.perf_counter()
             strata = pool.scene if pool.scene is not None else np.zeros(len(pool), np.int64)
             ckey = stable_hash("clusters", ekey, strata.tolist(), pool.table.content_hash.tolist(),
                                OmegaConf.to_container(cfg.clustering), seed)
-
-            def compute_clusters():
-                c, d, _ = stratified_clusters(pool.emb, strata, cfg.clustering, seed, progress)
-                return pd.DataFrame({"id": pool.ids, "cluster": c, "centroid_distance": d})
-
-            cl, cached["clusters"] = cached_table(Path(cache) / "clusters" / f"{ckey}.parquet", ckey, compute_clusters)
+            cl, pool.centroids, cached["clusters"] = cluster_stage(
+                pool.emb, strata, pool.ids, cfg.clustering, seed, Path(cache) / CACHE_CLUSTERS / f"{ckey}.parquet",
+                ckey, progress)
             pool.cluster, pool.dist = cl.cluster.to_numpy(), cl.centroid_distance.to_numpy()
             cluster_all[pool_rows], dist_all[pool_rows] = pool.cluster, pool.dist
             timings["clusters"] = time.perf_counter() - t
@@ -187,8 +178,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
 
     manifest = idx.assign(stage1_kept=kept1, scene=scene_all, scene_similarity=sim_all, cluster=cluster_all,
                           centroid_distance=dist_all, selected=selected, reason=reason)
-    scene_names = {i: c for i, c in enumerate(classes or [])} | {UNMATCHED: "unmatched", UNMATCHED - 1: ""}
-    manifest["scene_name"] = manifest.scene.map(scene_names)
+    manifest["scene_name"] = manifest.scene.map(scene_names(classes or [], scene_info.get("pseudo_scenes", 0)))
     summary = dict(
         config=OmegaConf.to_container(cfg, resolve=True),
         hash=stable_hash("run", {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "run_dir"}, ikey),
@@ -196,6 +186,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
                     exact_duplicates=int((idx.duplicate_of != "").sum()), usable=int(usable.sum()),
                     entropy_cut_bits=cut, stage1_dropped=int(usable.sum() - kept1.sum()), pool=len(pool),
                     budget=budget, selected=int(selected.sum()), entropy_topup=len(extra)),
+        scenes=scene_info,  # threshold and its rule, matched share, similarity quantiles, pseudo-scene sizes
         per_scene=_per_group(manifest, "scene_name", usable),
         per_cluster=_per_group(manifest[manifest.cluster >= 0], "cluster", None),
         reasons=manifest.reason.value_counts().to_dict(),

@@ -73,6 +73,19 @@ def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: st
     return scene.astype(np.int64), score.astype(np.float32)
 
 
+def check_scenes(cfg) -> None:
+    """The scene keys this stage adds, checked before anything runs (one-line UsageError)."""
+    t = cfg.threshold
+    if not (t in ("reference", "corpus") or (isinstance(t, (int, float)) and not isinstance(t, bool))):
+        raise UsageError(f"scenes.threshold must be reference, corpus or a cosine, got {t!r}")
+    q = cfg.quantile
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        raise UsageError(f"scenes.quantile must be a number in [0, 1], got {q!r}")
+    p = cfg.pseudo_size
+    if not (p in ("auto", None) or (isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0)):
+        raise UsageError(f"scenes.pseudo_size must be auto, 0/null or a positive number, got {p!r}")
+
+
 def heldout_scores(ref: np.ndarray, labels: np.ndarray, mode: str, per_class: int, knn: int, seed: int) -> np.ndarray:
     """Best similarity of held-out reference images: a seeded half of each class is scored
     against prototypes (or neighbours) built from the other half, exactly as corpus images are."""
@@ -150,3 +163,56 @@ def diagnostics(strata: np.ndarray, score: np.ndarray, threshold: float, rule: s
     if heldout is not None:
         out["reference_heldout_similarity"] = q(heldout)
     return out
+
+
+def pseudo_name(j: int) -> str:
+    return f"pseudo_{j:02d}"
+
+
+def scene_names(classes: list[str], k_pseudo: int) -> dict[int, str]:
+    """Stratum index -> name: reference classes, pseudo-scenes after them, -1 unmatched, -2 none."""
+    names = {i: c for i, c in enumerate(classes)} | {UNMATCHED: "unmatched", UNMATCHED - 1: ""}
+    return names | {len(classes) + j: pseudo_name(j) for j in range(k_pseudo)}
+
+
+def scene_stage(embed_of, hashes: list[str], ref_hashes: list[str], ref_labels: np.ndarray, cfg, seed: int,
+                path, key: str, chunk: int = 65536):
+    """Stage 3, cached: (table content_hash/scene/scene_similarity, diagnostics, was_cached).
+
+    `embed_of(hashes)` gives unit embeddings. The best scene is found in chunks of `chunk` rows
+    (a second full N x d copy would break the memory bound at 1e6); the threshold is calibrated
+    on the whole set, then the unmatched rows are gathered once for the pseudo-scenes. The
+    diagnostics are stored beside the table (`<key>.json`) so a cached run reports them too."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from rsprune.cache import cached_table, read_json, write_json
+
+    path = Path(path)
+    info_path = path.with_suffix(".json")
+    n_classes = int(ref_labels.max()) + 1
+    mode, per_class, knn = str(cfg.assign), int(cfg.per_class), int(cfg.knn)
+    box = {}
+
+    def compute():
+        ref = embed_of(ref_hashes)
+        parts = [assign_scenes(embed_of(hashes[i:i + chunk]), ref, ref_labels, mode, per_class, knn, -np.inf, seed)
+                 for i in range(0, len(hashes), chunk)]
+        best, score = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 2
+        held = heldout_scores(ref, ref_labels, mode, per_class, knn, seed)
+        threshold, rule = calibrate(cfg.threshold, float(cfg.quantile), score, lambda: held)
+        pick = np.asarray(hashes)
+        strata, k = stratify(best, score, lambda rows: embed_of(pick[rows].tolist()), n_classes, threshold,
+                             cfg.pseudo_size, seed)
+        box["info"] = diagnostics(strata, score, threshold, rule, n_classes, k, cfg.pseudo_size, held)
+        return pd.DataFrame({"content_hash": hashes, "scene": strata, "scene_similarity": score})
+
+    table, was_cached = cached_table(path, key, compute)
+    if "info" in box:
+        write_json(info_path, {"key": key, **box["info"]})
+    elif not info_path.exists() or read_json(info_path).get("key") != key:
+        path.unlink()  # a table without its diagnostics (an older cache): compute both again
+        return scene_stage(embed_of, hashes, ref_hashes, ref_labels, cfg, seed, path, key, chunk)
+    info = {k: v for k, v in read_json(info_path).items() if k != "key"}
+    return table, info, was_cached
