@@ -23,6 +23,8 @@ import numpy as np
 from benchutil import table, write_section
 from selection_scale import reference, synthetic
 
+ABS_THRESHOLD = 0.55  # the absolute cosine its recorded figures used (prune's default is now calibrated)
+
 
 def strata_of(n: int, d: int, scenes: int, seed: int, cfg):
     from prune.scenes import assign_scenes
@@ -30,7 +32,7 @@ def strata_of(n: int, d: int, scenes: int, seed: int, cfg):
     emb, _ = synthetic(n, d, scenes, seed)
     ref, labels = reference(d, scenes, 300, seed)
     scene, _ = assign_scenes(emb, ref, labels, str(cfg.scenes.assign), int(cfg.scenes.per_class),
-                             int(cfg.scenes.knn), float(cfg.scenes.threshold), seed)
+                             int(cfg.scenes.knn), ABS_THRESHOLD, seed)
     return emb, scene
 
 

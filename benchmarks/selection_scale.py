@@ -24,6 +24,8 @@ from benchutil import table, write_section
 
 CHUNK = 65536
 
+ABS_THRESHOLD = 0.55  # the absolute cosine its recorded figures used (prune's default is now calibrated)
+
 
 def synthetic(n: int, d: int, scenes: int, seed: int, offscene: float = 0.05, dup: float = 0.02):
     """(n, d) float32 unit rows and their true scene (-1 off-scene), built chunk by chunk so that
@@ -84,7 +86,7 @@ def child(n: int, d: int, scenes: int, per_class: int, seed: int) -> dict:
     out = dict(n=n, data_gib=emb.nbytes / 2**30, rss_after_data_gib=rss_gib())
     t0 = time.perf_counter()
     scene, _ = assign_scenes(emb, ref, labels, str(cfg.scenes.assign), int(cfg.scenes.per_class),
-                             int(cfg.scenes.knn), float(cfg.scenes.threshold), seed)
+                             int(cfg.scenes.knn), ABS_THRESHOLD, seed)
     t1 = time.perf_counter()
     cluster, dist, info = stratified_clusters(emb, scene, cfg.clustering, seed)
     t2 = time.perf_counter()

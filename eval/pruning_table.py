@@ -20,56 +20,67 @@ from rsprune.cli import compose
 METRICS = [("fd", "FD to corpus", True), ("coverage_mean", "coverage mean", True),
            ("coverage_p95", "coverage p95", True), ("near_dup_rate", "near-dup rate", True),
            ("entropy_local", "local entropy (bits)", False), ("classes_present", "classes present", False),
-           ("kl_uniform", "KL to uniform", True), ("kl_corpus", "KL to corpus", True)]
+           ("kl_uniform", "KL to uniform", True), ("kl_uniform_nwpu", "KL to uniform, NWPU classes", True),
+           ("kl_corpus", "KL to corpus", True)]
+
+
+def metrics_of(df: pd.DataFrame) -> list[tuple[str, str, bool]]:
+    """The METRICS the results carry (per-source balance only where the config asked for it)."""
+    return [m for m in METRICS if m[0] in df.columns and df[m[0]].notna().any()]
+
+
+def run_or_reuse(rd: Path, overrides: list[str], progress: bool) -> str:
+    """One prune run at `rd` (reused when its summary holds the same config)."""
+    from prune.run import run as prune_run
+
+    cfg = compose("prune", [f"run_dir={rd}", "report.enabled=false", *overrides])
+    summary = rd / "summary.json"
+    if not (summary.exists() and read_json(summary)["config"] == OmegaConf.to_container(cfg)):
+        print(f"[pruning] {rd.name}", flush=True)
+        prune_run(cfg, progress=progress)
+    return str(rd)
 
 
 def sweep_runs(sweep: DictConfig, progress: bool = True) -> list[str]:
     """Run or reuse each selection of the sweep; returns the run folders."""
-    from prune.run import run as prune_run
-
-    dirs = []
-    for method in sweep.methods:
-        for ratio in sweep.ratios:
-            for seed in sweep.seeds:
-                rd = Path(sweep.runs_root) / f"{method}-r{ratio}-s{seed}"
-                cfg = compose("prune", [f"method={method}", f"ratio={ratio}", f"seed={seed}", f"run_dir={rd}",
-                                        "report.enabled=false", *sweep.overrides])
-                summary = rd / "summary.json"
-                if not (summary.exists() and read_json(summary)["config"] == OmegaConf.to_container(cfg)):
-                    print(f"[pruning] {method} ratio {ratio} seed {seed}", flush=True)
-                    prune_run(cfg, progress=progress)
-                dirs.append(str(rd))
-    return dirs
+    return [run_or_reuse(Path(sweep.runs_root) / f"{method}-r{ratio}-s{seed}",
+                         [f"method={method}", f"ratio={ratio}", f"seed={seed}", *sweep.overrides], progress)
+            for method in sweep.methods for ratio in sweep.ratios for seed in sweep.seeds]
 
 
-def aggregate(results: list[dict]) -> pd.DataFrame:
+def aggregate(results: list[dict], by=("method", "ratio")) -> pd.DataFrame:
     df = pd.DataFrame(results)
-    cols = [m for m, _, _ in METRICS]
-    g = df.groupby(["method", "ratio"])[cols]
+    cols = [m for m, _, _ in metrics_of(df)]
+    g = df.groupby(list(by))[cols]
     return g.mean().join(g.std(ddof=0), rsuffix="_std").join(g.size().rename("seeds")).reset_index()
 
 
-def markdown(agg: pd.DataFrame, feature: str, corpus_n: int) -> str:
-    lines = [f"# Training-free subset quality (corpus of {corpus_n} usable images)", "",
+def cell(r, col: str, best) -> str:
+    v = f"{r[col]:.4f} ± {r[col + '_std']:.4f}" if col != "classes_present" else f"{r[col]:.1f} ± {r[col + '_std']:.1f}"
+    return f"**{v}**" if np.isclose(r[col], best) else v
+
+
+def rows(part: pd.DataFrame, key: str, metrics) -> list[str]:
+    """Markdown rows of one block, the best value of each column in bold."""
+    out = ["| " + key + " | " + " | ".join(h + (" ↓" if low else " ↑") for _, h, low in metrics) + " |",
+           "|---|" + "---|" * len(metrics)]
+    for _, r in part.iterrows():
+        out.append(f"| {r[key]} | " + " | ".join(cell(r, c, part[c].min() if low else part[c].max())
+                                                 for c, _, low in metrics) + " |")
+    return out
+
+
+def markdown(agg: pd.DataFrame, feature: str, corpus_n: int, title: str = "Training-free subset quality",
+             note: str = "") -> str:
+    metrics = metrics_of(agg)
+    lines = [f"# {title} (corpus of {corpus_n} usable images)", "",
              f"Mean +- std over seeds. Evaluation space: {feature} unit-normalised embeddings (the selection "
              "used EfficientNet-Lite0). FD = Fréchet distance subset vs corpus; coverage = cosine distance from a "
              "corpus image to its nearest selected image; near-dup = selected images with another at cosine >= "
-             "0.95; classes from folder labels, never read by a selection. Rebuilt by `python eval/tables.py pruning`.",
-             ""]
+             "0.95; classes from folder labels, never read by a selection. " + note, ""]
     for ratio in sorted(agg.ratio.unique()):
-        part = agg[agg.ratio == ratio]
-        lines += [f"## ratio {ratio} (keep {1 - ratio:.0%})", "",
-                  "| method | " + " | ".join(h + (" ↓" if low else " ↑") for _, h, low in METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for _, r in part.sort_values("method").iterrows():
-            cells = []
-            for col, _, low in METRICS:
-                best = part[col].min() if low else part[col].max()
-                v = f"{r[col]:.4f} ± {r[col + '_std']:.4f}" if col != "classes_present" else \
-                    f"{r[col]:.1f} ± {r[col + '_std']:.1f}"
-                cells.append(f"**{v}**" if np.isclose(r[col], best) else v)
-            lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## ratio {ratio} (keep {1 - ratio:.0%})", ""]
+        lines += rows(agg[agg.ratio == ratio].sort_values("method"), "method", metrics) + [""]
     return "\n".join(lines)
 
 
@@ -79,8 +90,11 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-    for ax, (col, head, low) in zip(axes.ravel(), METRICS):
+    metrics = metrics_of(agg)
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10.5))
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    for ax, (col, head, low) in zip(axes.ravel(), metrics):
         for method, part in agg.groupby("method"):
             part = part.sort_values("ratio")
             ax.errorbar(part.ratio, part[col], yerr=part[col + "_std"], marker="o", ms=3, capsize=2,
@@ -94,16 +108,46 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def build(cfg: DictConfig | None = None, progress: bool = True) -> pd.DataFrame:
-    """The `pruning` section of eval/tables.py."""
+def feature_label(results: list[dict]) -> str:
+    feature = results[0]["feature"]
+    return f"EfficientNet-{feature.capitalize()}" if feature.startswith("lite") else feature
+
+
+def build(cfg: DictConfig | None = None, progress: bool = True, title: str = "Training-free subset quality",
+          section: str = "pruning", note: str = "") -> pd.DataFrame:
+    """The `pruning` section of eval/tables.py (and, with another sweep, `imbalanced`)."""
     cfg = cfg if cfg is not None else compose("eval/subset_quality")
     results = evaluate_runs(sweep_runs(cfg.sweep, progress), cfg, progress)
     agg = aggregate(results)
     out = Path(cfg.sweep.out)
-    feature = results[0]["feature"]
-    label = f"EfficientNet-{feature.capitalize()}" if feature.startswith("lite") else feature
-    write_text(out.with_suffix(".md"), markdown(agg, label, _corpus_size(results)))
+    note = (note + " " if note else "") + f"Rebuilt by `python eval/tables.py {section}`."
+    write_text(out.with_suffix(".md"), markdown(agg, feature_label(results), _corpus_size(results), title, note))
     figure(agg, out.with_suffix(".png"))
+    return agg
+
+
+def ablation(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
+    """The `ablation` section: rsprune variants at one ratio, mean +- std over seeds -> <out>.md."""
+    a = cfg.ablation
+    dirs, names = [], {}
+    for name, ov in a.variants.items():
+        slug = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(name))
+        for seed in a.seeds:
+            rd = run_or_reuse(Path(a.runs_root) / f"{slug}-s{seed}",
+                              ["method=rsprune", f"ratio={a.ratio}", f"seed={seed}", *cfg.sweep.overrides, *ov],
+                              progress)
+            dirs.append(rd)
+            names[rd] = str(name)
+    results = evaluate_runs(dirs, cfg, progress)
+    for r in results:
+        r["variant"] = names[r["run_dir"]]
+    agg = aggregate(results, ("variant",))
+    agg = agg.set_index("variant").loc[list(dict.fromkeys(names.values()))].reset_index()  # config order
+    lines = [f"# Ablations of rsprune at ratio {a.ratio} (corpus of {_corpus_size(results)} usable images)", "",
+             f"Mean +- std over seeds {list(a.seeds)}; metrics as in pruning_quality.md "
+             f"({feature_label(results)} space). Variants are `configs/eval/subset_quality.yaml:ablation.variants`; "
+             "rebuilt by `python eval/tables.py ablation`.", ""]
+    write_text(Path(a.out).with_suffix(".md"), "\n".join(lines + rows(agg, "variant", metrics_of(agg))) + "\n")
     return agg
 
 

@@ -9,7 +9,8 @@ from the same content-addressed store as the pruning embeddings (`prune/embed.py
 - near_dup_rate: share of selected images with another selected image at cosine >= `near_dup`;
 - entropy_local: mean local entropy (bits) of the subset;
 - from folder labels (`<root>/.../<class>/file`), read here and never by a selection:
-  classes present, KL(subset || uniform over corpus classes), KL(subset || corpus histogram).
+  classes present, KL(subset || uniform over corpus classes), KL(subset || corpus histogram),
+  and KL to uniform over the classes of each source in `balance_groups` (label prefix).
 Each run gets `subset_quality.json` beside its manifest.
 """
 from __future__ import annotations
@@ -39,6 +40,16 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
     p, q = p / p.sum(), q / q.sum()
     nz = p > 0
     return float((p[nz] * np.log(p[nz] / q[nz])).sum())
+
+
+def group_balance(histogram: dict, groups) -> dict:
+    """KL to uniform over the classes of one source only: `groups` maps a name to a class-label
+    prefix (e.g. nwpu: "nwpu12/", the classes the scene reference never labelled)."""
+    out = {}
+    for name, prefix in groups.items():
+        counts = np.array([n for c, n in sorted(histogram.items()) if c.startswith(str(prefix))], np.float64)
+        out[f"kl_uniform_{name}"] = kl(counts, np.ones(len(counts))) if counts.sum() > 0 else float("nan")
+    return out
 
 
 def corpus_stats(feats: np.ndarray) -> tuple:
@@ -86,7 +97,7 @@ def evaluate_runs(run_dirs: list[str], cfg: DictConfig, progress: bool = True) -
         m = read_manifest(rd)
         usable = m[m.readable & (m.reason != "pruned_exact_duplicate")].reset_index(drop=True)
         key = stable_hash("quality", usable.id.tolist(), usable.selected.tolist(), dict(cfg.encoder),
-                          float(cfg.near_dup))
+                          float(cfg.near_dup), dict(cfg.get("balance_groups") or {}))
         out = Path(rd) / "subset_quality.json"
         if out.exists() and read_json(out).get("key") == key:
             results.append(read_json(out))
@@ -100,7 +111,9 @@ def evaluate_runs(run_dirs: list[str], cfg: DictConfig, progress: bool = True) -
         r = quality(feats, usable.selected.to_numpy(), usable.entropy_local.to_numpy(), folder_labels(usable),
                     float(cfg.near_dup), stats)
         s = read_json(Path(rd) / "summary.json")
-        r.update(key=key, run_dir=str(rd), method=s["config"]["method"]["name"], ratio=s["config"]["ratio"],
+        r.update(group_balance(r["class_histogram"], cfg.get("balance_groups") or {}))
+        method = s["config"]["method"]
+        r.update(key=key, run_dir=str(rd), method=method.get("label", method["name"]), ratio=s["config"]["ratio"],
                  seed=s["config"]["seed"], feature=str(cfg.encoder.variant if "variant" in cfg.encoder else cfg.encoder.model))
         write_json(out, r)
         results.append(r)

@@ -37,7 +37,12 @@ def waterfill(capacity, weights, total: int) -> np.ndarray:
         left -= (cap[over] - alloc[over]).sum()
         alloc[over] = cap[over]
         active &= ~over
-    # Integer rounding by largest remainder, never past capacity.
+    return round_to_total(alloc, cap, total)
+
+
+def round_to_total(alloc: np.ndarray, cap: np.ndarray, total: int) -> np.ndarray:
+    """Integers floor(alloc) topped up by largest remainder (ties to the lower index) to `total`,
+    never past capacity; `alloc` must sum to `total` and lie in [0, cap]."""
     out = np.minimum(np.floor(alloc + 1e-9).astype(np.int64), cap)
     rest = total - int(out.sum())
     if rest > 0:
@@ -50,6 +55,31 @@ def waterfill(capacity, weights, total: int) -> np.ndarray:
                 out[i] += 1
                 rest -= 1
     return out
+
+
+def qp_quotas(capacity, probs, total: int, min_share: float = 0.5) -> np.ndarray:
+    """Density-based pruning's cluster quotas (Abbas et al. 2024, released code): the solution of
+    min ||x - total * probs||^2 s.t. sum(x) = total, lb <= x <= capacity, with the per-cluster
+    minimum lb = min(int(min_share * total / k), capacity - 1). That QP is the Euclidean
+    projection of the target onto a box cut by a hyperplane, x = clip(target + lam, lb, ub), so
+    it is solved exactly by bisection on the scalar lam (no QP solver); then rounded to integers
+    summing to `total` (the reference rounds each with rint, which can miss the budget)."""
+    cap = np.asarray(capacity, np.int64)
+    total = int(min(total, cap.sum()))
+    target = total * np.asarray(probs, np.float64)
+    floor_q = int(min_share * total / max(len(cap), 1))
+    lb = np.clip(np.minimum(floor_q, cap - 1), 0, None).astype(np.float64)
+    ub = cap.astype(np.float64)
+    lo, hi = float((lb - target).min()), float((ub - target).max())
+    for _ in range(200):  # sum(clip(target + lam)) is monotone in lam: bisection to float precision
+        mid = 0.5 * (lo + hi)
+        if np.clip(target + mid, lb, ub).sum() < total:
+            lo = mid
+        else:
+            hi = mid
+    alloc = np.clip(target + hi, lb, ub)
+    alloc *= total / alloc.sum() if alloc.sum() > total else 1.0  # float slack at the top end only
+    return round_to_total(np.minimum(alloc, ub), cap, total)
 
 
 def scene_weights(sizes, alpha: float) -> np.ndarray:

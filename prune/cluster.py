@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from rsprune.cache import cached_table, stable_hash
+from rsprune.cache import cached_table, save_npy, stable_hash, verified
 from rsprune.knn import kmeans, search
 from rsprune.layout import CACHE_CLUSTERS, cache_path
 
@@ -61,35 +61,52 @@ def cluster_stratum(x: np.ndarray, k: int, fraction: float, min_sample: int, nit
     return idx[:, 0], (1.0 - sim[:, 0]).astype(np.float32), centroids
 
 
-def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, progress: bool = False):
+def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, progress: bool = False,
+                        with_centroids: bool = False):
     """Cluster every stratum. Returns global cluster ids (consecutive over strata, ordered by
-    stratum), centroid distances, and a per-cluster table (cluster, stratum, size)."""
+    stratum), centroid distances, a per-cluster table (cluster, stratum, size), and with
+    `with_centroids` the (k, d) centroids, row = global cluster id."""
     cluster = np.full(len(emb), -1, np.int64)
     dist = np.full(len(emb), np.nan, np.float32)
-    info, offset = [], 0
+    info, offset, cents = [], 0, []
     from tqdm import tqdm
 
     for s in tqdm(np.unique(strata), desc="clusters", unit="stratum", disable=not progress, leave=False):
         rows = np.flatnonzero(strata == s)
         k = n_clusters(len(rows), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale, cfg.max_k)
-        lab, d, _ = cluster_stratum(emb[rows], k, cfg.sample_fraction, cfg.min_sample, cfg.niter,
-                                    seed + int(s) + 1, int(cfg.refine))
+        lab, d, cent_s = cluster_stratum(emb[rows], k, cfg.sample_fraction, cfg.min_sample, cfg.niter,
+                                         seed + int(s) + 1, int(cfg.refine))
         cluster[rows] = lab + offset
         dist[rows] = d
         sizes = np.bincount(lab, minlength=k)
         info += [(offset + c, int(s), int(sizes[c])) for c in range(k)]
+        cents.append(cent_s)
         offset += k
+    if with_centroids:
+        return cluster, dist, info, (np.concatenate(cents) if cents else np.zeros((0, emb.shape[1]), np.float32))
     return cluster, dist, info
 
 
 def cluster_stage(emb: np.ndarray, strata: np.ndarray, ids, hashes: list[str], embed_key: str, clustering_cfg,
-                  seed: int, cache_dir: str, progress: bool = False) -> tuple[pd.DataFrame, bool]:
-    """(table id -> cluster, centroid_distance in pool order; was cached) for the pool rows
-    with embeddings `emb`, stratum labels `strata`, ids and content hashes."""
+                  seed: int, cache_dir: str, progress: bool = False) -> tuple[pd.DataFrame, np.ndarray, bool]:
+    """(table id -> cluster, centroid_distance in pool order; centroids, row = cluster id; was
+    cached) for the pool rows with embeddings `emb`, stratum labels `strata`, ids and content
+    hashes. The centroids (`<key>.centroids.npy`, checksummed, written before the table) are what
+    density's d_inter and hkmeans's upper levels read; a table without valid centroids is
+    computed again."""
     key = stable_hash("clusters", embed_key, strata.tolist(), hashes, OmegaConf.to_container(clustering_cfg), seed)
+    path = cache_path(cache_dir, CACHE_CLUSTERS, f"{key}.parquet")
+    cpath = path.with_name(f"{key}.centroids.npy")
+    if path.exists() and not verified(cpath):
+        path.unlink()
 
     def compute():
-        c, d, _ = stratified_clusters(emb, strata, clustering_cfg, seed, progress)
+        c, d, _, cent = stratified_clusters(emb, strata, clustering_cfg, seed, progress, with_centroids=True)
+        save_npy(cpath, cent, checksum=True)
         return pd.DataFrame({"id": ids, "cluster": c, "centroid_distance": d})
 
-    return cached_table(cache_path(cache_dir, CACHE_CLUSTERS, f"{key}.parquet"), key, compute)
+    table, was_cached = cached_table(path, key, compute)
+    cent = np.load(cpath, allow_pickle=False)
+    if len(table) and len(cent) != int(table.cluster.max()) + 1:
+        raise RuntimeError(f"{cpath} does not match its cluster table; delete both to recompute")
+    return table, cent, was_cached

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from prune.scenes import UNMATCHED
+from prune.scenes import UNMATCHED, scene_names
 from rsprune import knn
 from rsprune.cache import stable_hash, write_json, write_text
 from rsprune.manifest import write_manifest
@@ -46,16 +46,16 @@ def reasons(idx: pd.DataFrame, usable, kept1, filtered: bool, notes: dict, pool_
     return reason
 
 
-def build_manifest(idx: pd.DataFrame, kept1, cols: Columns, selected, reason, classes) -> pd.DataFrame:
+def build_manifest(idx: pd.DataFrame, kept1, cols: Columns, selected, reason, classes,
+                   scene_info: dict) -> pd.DataFrame:
     m = idx.assign(stage1_kept=kept1, scene=cols.scene, scene_similarity=cols.scene_similarity,
                    cluster=cols.cluster, centroid_distance=cols.centroid_distance, selected=selected, reason=reason)
-    names = {i: c for i, c in enumerate(classes or [])} | {UNMATCHED: "unmatched", UNMATCHED - 1: ""}
-    m["scene_name"] = m.scene.map(names)
+    m["scene_name"] = m.scene.map(scene_names(classes or [], scene_info.get("pseudo_scenes", 0)))
     return m
 
 
 def build_summary(cfg, m: pd.DataFrame, index_key: str, usable, cut: float, pool_size: int, budget: int,
-                  n_topup: int, method_info: dict, timings: dict, cached: dict) -> dict:
+                  n_topup: int, method_info: dict, timings: dict, cached: dict, scene_info: dict) -> dict:
     return dict(
         config=OmegaConf.to_container(cfg, resolve=True),
         hash=stable_hash("run", {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "run_dir"},
@@ -64,6 +64,7 @@ def build_summary(cfg, m: pd.DataFrame, index_key: str, usable, cut: float, pool
                     exact_duplicates=int((m.duplicate_of != "").sum()), usable=int(usable.sum()),
                     entropy_cut_bits=cut, stage1_dropped=int(usable.sum() - m.stage1_kept.sum()),
                     pool=pool_size, budget=budget, selected=int(m.selected.sum()), entropy_topup=n_topup),
+        scenes=scene_info,  # threshold and its rule, matched share, similarity quantiles, pseudo-scene sizes
         per_scene=_per_group(m, "scene_name", usable),
         per_cluster=_per_group(m[m.cluster >= 0], "cluster", None),
         reasons=m.reason.value_counts().to_dict(),
@@ -101,4 +102,4 @@ def write_outputs(cfg, manifest: pd.DataFrame, summary: dict, cut: float) -> Non
         from prune.report import write_report
 
         write_report(run_dir / "report", manifest, cut, str(cfg.entropy.score), int(cfg.report.montage_scenes),
-                     int(cfg.seed))
+                     int(cfg.seed), summary.get("scenes"))

@@ -55,6 +55,28 @@ def scene_histogram(m: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def scene_similarity(m: pd.DataFrame, info: dict, path: Path) -> None:
+    """Stage 3 diagnostics: the corpus's best-scene similarity against the calibrated threshold
+    (with the reference's own held-out quantiles), and the pseudo-scene sizes."""
+    plt = _plt()
+    v = m.scene_similarity.dropna()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
+    ax[0].hist(v, bins=60, color="tab:blue", alpha=0.8, label="corpus best similarity")
+    ax[0].axvline(info["threshold"], color="tab:red", lw=2, label=f"threshold {info['threshold']:.3f}")
+    for name, q in (info.get("reference_heldout_similarity") or {}).items():
+        ax[0].axvline(q, color="tab:green", lw=0.8, ls=":")
+    ax[0].plot([], [], color="tab:green", ls=":", label="reference held-out p5..p95")
+    ax[0].set_xlabel("cosine to the best scene")
+    ax[0].set_title(f"{info['matched_share']:.0%} matched ({info['rule']})", fontsize=9)
+    ax[0].legend(fontsize=7)
+    sizes = info.get("pseudo_scene_sizes") or []
+    ax[1].bar(range(len(sizes)), sorted(sizes, reverse=True), color="tab:orange")
+    ax[1].set_xlabel("pseudo-scene (sorted)")
+    ax[1].set_ylabel("images")
+    ax[1].set_title(f"{len(sizes)} pseudo-scenes (rule: {info.get('pseudo_size_rule')})", fontsize=9)
+    _save(fig, path)
+
+
 def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
     plt = _plt()
     g = m[m.cluster >= 0].groupby("cluster").agg(size=("id", "size"), kept=("selected", "sum"))
@@ -97,11 +119,14 @@ def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int 
         canvas.save(tmp, format="PNG")
 
 
-def write_report(folder: Path, m: pd.DataFrame, cut: float, score: str, n_scenes: int, seed: int) -> None:
+def write_report(folder: Path, m: pd.DataFrame, cut: float, score: str, n_scenes: int, seed: int,
+                 scenes: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     entropy_histogram(m, cut, score, folder / "entropy_histogram.png")
     if (m.scene_name != "").any():
         scene_histogram(m, folder / "scene_histogram.png")
+    if scenes:
+        scene_similarity(m, scenes, folder / "scene_similarity.png")
     if (m.cluster >= 0).any():
         cluster_sizes(m, folder / "cluster_sizes.png")
     montage(m, n_scenes, seed, folder / "montage_kept_vs_pruned.png")

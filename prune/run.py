@@ -22,7 +22,7 @@ from prune.embed import dist_state, embed_inputs
 from prune.entropy import stage1_pool
 from prune.index import index_inputs
 from prune.outputs import Columns, build_manifest, build_summary, reasons, write_outputs
-from prune.scenes import UNMATCHED, scene_stage
+from prune.scenes import scene_stage
 from prune.validate import validate
 from rsprune.cli import UsageError, main
 
@@ -57,25 +57,27 @@ def check_usable(idx, budget: int) -> np.ndarray:
                      f"of {budget}: fix or remove the bad files, or raise the ratio")
 
 
-def add_scenes(pool, cols: Columns, inputs, store, usable, pool_rows, cfg, cached: dict) -> list[str]:
-    """Stage 3 into `pool.scene` and `cols`; returns the scene (reference class) names."""
+def add_scenes(pool, cols: Columns, inputs, store, usable, pool_rows, cfg, cached: dict) -> tuple[list[str], dict]:
+    """Stage 3 into `pool.scene` and `cols`; returns the scene (reference class) names and the
+    strata diagnostics (threshold, matched share, similarity quantiles, pseudo-scene sizes)."""
     idx = inputs.corpus
     hashes = sorted(set(idx.content_hash[usable]))
-    table, classes, cached["scenes"] = scene_stage(store, hashes, inputs.reference, inputs.reference_key,
-                                                   cfg.scenes, int(cfg.seed), str(cfg.cache_dir))
+    table, classes, info, cached["scenes"] = scene_stage(store, hashes, inputs.reference, inputs.reference_key,
+                                                         cfg.scenes, int(cfg.seed), str(cfg.cache_dir))
     by_hash = table.set_index("content_hash")
     cols.scene[usable] = by_hash.scene.reindex(idx.content_hash[usable]).to_numpy()
     cols.scene_similarity[usable] = by_hash.scene_similarity.reindex(idx.content_hash[usable]).to_numpy()
     pool.scene = cols.scene[pool_rows]
-    return classes
+    return classes, info
 
 
 def add_clusters(pool, cols: Columns, store, pool_rows, cfg, cached: dict, progress: bool) -> int:
     """Stage 4 (inside scene strata when there are scenes) into `pool` and `cols`; returns the
     number of strata."""
     strata = pool.scene if pool.scene is not None else np.zeros(len(pool), np.int64)
-    table, cached["clusters"] = cluster_stage(pool.emb, strata, pool.ids, pool.table.content_hash.tolist(), store.key,
-                                              cfg.clustering, int(cfg.seed), str(cfg.cache_dir), progress)
+    table, pool.centroids, cached["clusters"] = cluster_stage(
+        pool.emb, strata, pool.ids, pool.table.content_hash.tolist(), store.key, cfg.clustering, int(cfg.seed),
+        str(cfg.cache_dir), progress)
     pool.cluster, pool.dist = table.cluster.to_numpy(), table.centroid_distance.to_numpy()
     cols.cluster[pool_rows], cols.centroid_distance[pool_rows] = pool.cluster, pool.dist
     return len(np.unique(strata))
@@ -83,28 +85,29 @@ def add_clusters(pool, cols: Columns, store, pool_rows, cfg, cached: dict, progr
 
 def features(plan, inputs, pool, cols: Columns, usable, pool_rows, cfg, t: Timings, cached: dict,
              progress: bool, state) -> list[str] | None:
-    """Stages 2-4 as the method needs them; returns the scene names (None without scenes, and on
-    a process other than the main one, whose share of the work ends with the embedding)."""
+    """Stages 2-4 as the method needs them; returns (scene names, strata diagnostics): (None, {})
+    without scenes, and on a process other than the main one, whose share of the work ends with
+    the embedding."""
     if not plan.method.NEEDS:
-        return None
+        return None, {}
     with t("embed"):
         store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
     if state is not None and not state.is_main_process:
-        return None
+        return None, {}
     pool.emb = store.gather(pool.table.content_hash.tolist())
     log(f"[embed] {store.images} distinct images in {len(store.plan)} shards, dim {pool.emb.shape[1]} "
         f"({t['embed']:.1f} s)")
-    classes = None
+    classes, info = None, {}
     if "scenes" in plan.method.NEEDS:
         with t("scenes"):
-            classes = add_scenes(pool, cols, inputs, store, usable, pool_rows, cfg, cached)
-        log(f"[scenes] {len(classes)} reference scenes; {(pool.scene == UNMATCHED).sum()} pool images unmatched "
-            f"({t['scenes']:.1f} s)")
+            classes, info = add_scenes(pool, cols, inputs, store, usable, pool_rows, cfg, cached)
+        log(f"[scenes] {len(classes)} reference scenes, threshold {info['threshold']:.3f} ({info['rule']}): "
+            f"{info['matched_share']:.0%} matched, {info['pseudo_scenes']} pseudo-scenes ({t['scenes']:.1f} s)")
     if "clusters" in plan.method.NEEDS:
         with t("clusters"):
             n_strata = add_clusters(pool, cols, store, pool_rows, cfg, cached, progress)
         log(f"[clusters] {len(np.unique(pool.cluster))} clusters over {n_strata} strata ({t['clusters']:.1f} s)")
-    return classes
+    return classes, info
 
 
 def select(plan, pool, budget: int, cfg) -> tuple[np.ndarray, dict]:
@@ -140,7 +143,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         log(f"[entropy] pool {len(pool_rows)} < budget {budget}: {len(extra)} highest-entropy dropped images return")
 
     pool, cols = methods.Pool(idx.iloc[pool_rows].reset_index(drop=True)), Columns.empty(len(idx))
-    classes = features(plan, inputs, pool, cols, usable, pool_rows, cfg, t, cached, progress, state)
+    classes, scene_info = features(plan, inputs, pool, cols, usable, pool_rows, cfg, t, cached, progress, state)
     if state is not None and not state.is_main_process:
         return {}
 
@@ -150,9 +153,9 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         selected[pool_rows[chosen]] = True
         selected[extra] = True
     reason = reasons(idx, usable, kept1, filtered, notes, pool_rows, selected, extra)
-    manifest = build_manifest(idx, kept1, cols, selected, reason, classes)
+    manifest = build_manifest(idx, kept1, cols, selected, reason, classes, scene_info)
     summary = build_summary(cfg, manifest, inputs.corpus_key, usable, cut, len(pool), budget, len(extra),
-                            pool.extra, t, cached)
+                            pool.extra, t, cached, scene_info)
     write_outputs(cfg, manifest, summary, cut)
     log(f"[select] {selected.sum()} of {len(idx)} selected (ratio {cfg.ratio}) -> {cfg.run_dir}")
     return summary

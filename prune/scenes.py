@@ -1,13 +1,22 @@
 """Stage 3: scene assignment against a labelled reference benchmark.
 
 Each reference class gets prototypes (its mean embedding, or k-means prototypes inside the
-class); a corpus image goes to the scene of its most similar prototype (cosine). Images whose
-best similarity is under `threshold` form the "unmatched" stratum (scene -1), clustered like
-any other. Alternative (`assign=knn`): a vote of the k most similar reference images.
+class); a corpus image goes to the scene of its most similar prototype (cosine). Alternative
+(`assign=knn`): a vote of the k most similar reference images.
 
-`scene_stage` is the cached wrapper the pipeline calls: its table (content hash -> scene,
+An image whose best similarity is under the threshold matches no scene. The threshold is
+calibrated to the data (`scenes.threshold`): `reference` takes the `scenes.quantile` of the
+reference's own held-out best similarities (half of each class scored against prototypes of
+the other half: how similar a true member of a scene typically is, in this encoder);
+`corpus` takes that quantile of the corpus's best similarities (a fixed share unmatched);
+a number is an absolute cosine (the old behaviour; -1 disables). A corpus from another
+source or sensor sits lower on the absolute scale, and an absolute cosine then puts most of it
+in one stratum. Unmatched images are clustered into pseudo-scenes (`pseudo_scenes`), so a
+whole unmatched source is never one quota; with pseudo-scenes off they form scene -1.
+
+`scene_stage` is the cached wrapper the pipeline calls: its table (content hash -> stratum,
 similarity) is keyed by the embedding store, the reference index, the corpus hashes, the
-`scenes` config and the seed.
+`scenes` config and the seed; its diagnostics are stored beside it.
 """
 from __future__ import annotations
 
@@ -17,13 +26,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from rsprune.cache import cached_table, stable_hash
+from rsprune.cache import cached_table, read_json, stable_hash, write_json
 from rsprune.errors import UsageError, warn
 from rsprune.knn import kmeans, normalize, search
 from rsprune.layout import CACHE_SCENES, cache_path
 
 UNMATCHED = -1
 CHUNK = 65536  # corpus rows per assignment chunk
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)  # the similarity distribution reported in diagnostics
 
 
 def reference_labels(relpaths: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -72,11 +82,120 @@ def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: st
     return scene.astype(np.int64), score.astype(np.float32)
 
 
+def check_scenes(cfg) -> None:
+    """The scene keys this stage adds, checked before anything runs (one-line UsageError)."""
+    t = cfg.threshold
+    if not (t in ("reference", "corpus") or (isinstance(t, (int, float)) and not isinstance(t, bool))):
+        raise UsageError(f"scenes.threshold must be reference, corpus or a cosine, got {t!r}")
+    if not isinstance(t, str) and not -1.0 <= t <= 1.0:
+        raise UsageError(f"scenes.threshold as a cosine must be in [-1, 1] (-1: off), got {t!r}")
+    q = cfg.quantile
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        raise UsageError(f"scenes.quantile must be a number in [0, 1], got {q!r}")
+    p = cfg.pseudo_size
+    if not (p in ("auto", None) or (isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0)):
+        raise UsageError(f"scenes.pseudo_size must be auto, 0/null or a positive number, got {p!r}")
+
+
+def heldout_scores(ref: np.ndarray, labels: np.ndarray, mode: str, per_class: int, knn: int, seed: int) -> np.ndarray:
+    """Best similarity of held-out reference images: a seeded half of each class is scored
+    against prototypes (or neighbours) built from the other half, exactly as corpus images are."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(ref), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        held[rng.permutation(rows)[: len(rows) // 2]] = True
+    if held.all() or not held.any():
+        raise UsageError("the reference needs at least 2 images per class to calibrate scenes.threshold")
+    _, score = assign_scenes(ref[held], ref[~held], labels[~held], mode, per_class, knn, -np.inf, seed)
+    return score
+
+
+def calibrate(setting, quantile: float, corpus_score: np.ndarray, heldout) -> tuple[float, str]:
+    """(threshold, rule) from `scenes.threshold`: a number, `reference` or `corpus`.
+    `heldout` is a callable giving the reference's held-out scores (computed only when needed)."""
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return float(setting), "absolute"
+    if not 0.0 <= float(quantile) <= 1.0:
+        raise UsageError(f"scenes.quantile must lie in [0, 1], got {quantile!r}")
+    if setting == "reference":
+        return float(np.quantile(heldout(), quantile)), f"reference held-out best similarity, quantile {quantile}"
+    if setting == "corpus":
+        if not len(corpus_score):
+            return -np.inf, "corpus (empty)"
+        return float(np.quantile(corpus_score, quantile)), f"corpus best similarity, quantile {quantile}"
+    raise UsageError(f"scenes.threshold must be a number, reference or corpus, got {setting!r}")
+
+
+def n_pseudo(n_unmatched: int, n_total: int, n_classes: int, pseudo_size) -> int:
+    """Pseudo-scenes for the unmatched pool. `auto`: as many as the reference scenes its share of
+    the corpus would fill, round(n_unmatched / (n_total / n_classes)); a number: images per
+    pseudo-scene; 0 or null: none (one unmatched stratum)."""
+    if n_unmatched == 0 or pseudo_size in (None, 0):
+        return 0
+    per = n_total / max(n_classes, 1) if pseudo_size == "auto" else float(pseudo_size)
+    if per <= 0:
+        raise UsageError(f"scenes.pseudo_size must be auto, 0/null or a positive number, got {pseudo_size!r}")
+    return int(max(1, min(round(n_unmatched / per), n_unmatched)))
+
+
+def pseudo_scenes(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Pseudo-scene index (0..k-1) of each unmatched image: spherical k-means on the unmatched pool."""
+    if k <= 1:
+        return np.zeros(len(emb), np.int64)
+    centroids, _ = kmeans(emb, k, seed=seed, spherical=True)
+    return search(centroids, emb, 1)[1][:, 0].astype(np.int64)
+
+
+def stratify(scene: np.ndarray, score: np.ndarray, emb_rows, n_classes: int, threshold: float,
+             pseudo_size, seed: int) -> tuple[np.ndarray, int]:
+    """Strata from the best scene and its similarity: matched images keep their scene; the
+    unmatched become pseudo-scenes n_classes..n_classes+k-1 (or UNMATCHED when k = 0).
+    `emb_rows(rows)` gives the embeddings of the unmatched rows. Returns (strata, k)."""
+    out = scene.astype(np.int64).copy()
+    rows = np.flatnonzero(score < threshold)
+    k = n_pseudo(len(rows), len(scene), n_classes, pseudo_size)
+    out[rows] = UNMATCHED if k == 0 else n_classes + pseudo_scenes(emb_rows(rows), k, seed)
+    return out, k
+
+
+def diagnostics(strata: np.ndarray, score: np.ndarray, threshold: float, rule: str, n_classes: int,
+                k_pseudo: int, pseudo_size, heldout: np.ndarray | None = None) -> dict:
+    """What summary.json and the report say about the strata: matched share, the similarity
+    distribution against the threshold, pseudo-scene sizes."""
+    matched = (strata >= 0) & (strata < n_classes)
+    q = lambda v: {f"p{int(100 * x)}": float(np.quantile(v, x)) for x in QUANTILES} if len(v) else {}
+    sizes = np.bincount(strata[strata >= n_classes] - n_classes, minlength=k_pseudo) if k_pseudo else []
+    out = dict(threshold=float(threshold), rule=rule, images=int(len(strata)), matched=int(matched.sum()),
+               matched_share=float(matched.mean()) if len(strata) else 0.0, similarity=q(score),
+               matched_scenes=int(len(np.unique(strata[matched]))),
+               pseudo_scenes=int(k_pseudo), pseudo_size_rule=str(pseudo_size),
+               pseudo_scene_sizes=[int(v) for v in sizes], unmatched_stratum=int((strata == UNMATCHED).sum()))
+    if heldout is not None:
+        out["reference_heldout_similarity"] = q(heldout)
+    return out
+
+
+def pseudo_name(j: int) -> str:
+    return f"pseudo_{j:02d}"
+
+
+def scene_names(classes: list[str], k_pseudo: int) -> dict[int, str]:
+    """Stratum index -> name: reference classes, pseudo-scenes after them, -1 unmatched, -2 none."""
+    names = {i: c for i, c in enumerate(classes)} | {UNMATCHED: "unmatched", UNMATCHED - 1: ""}
+    return names | {len(classes) + j: pseudo_name(j) for j in range(k_pseudo)}
+
+
 def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scenes_cfg, seed: int,
-                cache_dir: str) -> tuple[pd.DataFrame, list[str], bool]:
-    """(table content_hash -> scene, scene_similarity; class names; was cached) for the sorted
-    corpus content `hashes`, against the readable images of the reference index `ref`.
-    `store` is the embedding store (prune/embed.py:Store)."""
+                cache_dir: str) -> tuple[pd.DataFrame, list[str], dict, bool]:
+    """(table content_hash -> scene (stratum), scene_similarity; class names; diagnostics; was
+    cached) for the sorted corpus content `hashes`, against the readable images of the reference
+    index `ref`. `store` is the embedding store (prune/embed.py:Store).
+
+    The best scene is found in chunks of CHUNK rows (a second full N x d copy would break the
+    memory bound at 1e6); the threshold is calibrated on the whole set, then the unmatched rows
+    are gathered once for the pseudo-scenes. The diagnostics are stored beside the table
+    (`<key>.json`) so a cached run reports them too."""
     ok = ref[ref.readable]
     labels, classes = reference_labels(ok.relpath.tolist())  # names and labels from the same files
     empty = sorted(set(reference_labels(ref.relpath.tolist())[1]) - set(classes))
@@ -85,15 +204,27 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
              "with no readable image dropped from the scenes")
     c = scenes_cfg
     key = stable_hash("scenes", store.key, ref_key, hashes, OmegaConf.to_container(c), seed)
+    path = cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet")
+    info_path = path.with_suffix(".json")
+    if path.exists() and (not info_path.is_file() or read_json(info_path).get("key") != key):
+        path.unlink()  # a table without its diagnostics (an older cache): compute both again
+    mode, per_class, knn = str(c.assign), int(c.per_class), int(c.knn)
+    box = {}
 
     def compute():
-        # In chunks: a second full N x d copy of the corpus would break the memory bound at 1e6.
         emb_ref = store.gather(ok.content_hash.tolist())
-        parts = [assign_scenes(store.gather(hashes[i:i + CHUNK]), emb_ref, labels, str(c.assign),
-                               int(c.per_class), int(c.knn), float(c.threshold), seed)
+        parts = [assign_scenes(store.gather(hashes[i:i + CHUNK]), emb_ref, labels, mode, per_class, knn, -np.inf, seed)
                  for i in range(0, len(hashes), CHUNK)]
-        s, sim = (np.concatenate(p) for p in zip(*parts))
-        return pd.DataFrame({"content_hash": hashes, "scene": s, "scene_similarity": sim})
+        best, score = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 2
+        held = heldout_scores(emb_ref, labels, mode, per_class, knn, seed)
+        threshold, rule = calibrate(c.threshold, float(c.quantile), score, lambda: held)
+        pick = np.asarray(hashes)
+        strata, k = stratify(best, score, lambda rows: store.gather(pick[rows].tolist()), len(classes), threshold,
+                             c.pseudo_size, seed)
+        box["info"] = diagnostics(strata, score, threshold, rule, len(classes), k, c.pseudo_size, held)
+        write_json(info_path, {"key": key, **box["info"]})  # before the table: a table implies its diagnostics
+        return pd.DataFrame({"content_hash": hashes, "scene": strata, "scene_similarity": score})
 
-    table, cached = cached_table(cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet"), key, compute)
-    return table, classes, cached
+    table, cached = cached_table(path, key, compute)
+    info = box.get("info") or {k: v for k, v in read_json(info_path).items() if k != "key"}
+    return table, classes, info, cached

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune import methods
 from prune.budget import budget as budget_of
 from prune.index import walk
-from prune.scenes import reference_labels
+from prune.scenes import check_scenes, reference_labels
 from rsprune import knn
 from rsprune.corpus import is_list
 from rsprune.errors import UsageError
@@ -35,6 +35,8 @@ CHOICES = {
     "method.entropy_filter": (True, False),
     "method.keep": ("hard", "easy"),
     "method.within": WITHIN,
+    "method.d_inter": ("centroids", "member_means"),
+    "method.quotas": ("qp", "waterfill"),
 }
 # Numbers: key -> (int or float, lowest, highest, lowest allowed, highest allowed).
 NUMBERS = {
@@ -48,7 +50,10 @@ NUMBERS = {
     "embed.shard_size": (int, 1, math.inf, True, False),
     "scenes.per_class": (int, 1, math.inf, True, False),
     "scenes.knn": (int, 1, math.inf, True, False),
-    "scenes.threshold": (float, -1, 1, True, True),  # a cosine
+    "method.levels": (int, 1, math.inf, True, False),
+    "method.branching": (float, 1, math.inf, False, False),
+    "method.min_share": (float, 0, 1, True, True),
+    "method.dedup": (float, 0, 1, False, True),
     "clustering.cluster_size": (float, 0, math.inf, False, False),
     "clustering.sqrt_scale": (float, 0, math.inf, False, False),
     "clustering.max_k": (int, 1, math.inf, True, False),
@@ -108,6 +113,8 @@ def check_values(cfg: DictConfig) -> None:
     for key, spec in NUMBERS.items():
         if _get(cfg, key) is not None:
             check_number(key, _get(cfg, key), *spec)
+    if _get(cfg, "scenes") is not None:
+        check_scenes(cfg.scenes)  # threshold: reference | corpus | a cosine; quantile; pseudo_size
     threads = cfg.faiss.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"faiss.threads must be a positive integer or null (all cores), got {threads!r}")

@@ -16,7 +16,7 @@ import pandas as pd
 from rsprune.cli import UsageError
 
 METHODS = ("rsprune", "random", "entropy", "kmeans_uniform", "semdedup", "prototypes", "density",
-           "scene_proportional")
+           "scene_proportional", "hkmeans")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Pool:
     scene: np.ndarray | None = None  # scene index, -1 = unmatched
     cluster: np.ndarray | None = None  # global cluster id
     dist: np.ndarray | None = None  # cosine distance to the cluster centroid
+    centroids: np.ndarray | None = None  # (max cluster id + 1, d) k-means centroids, row = cluster id
     extra: dict = field(default_factory=dict)
 
     def __len__(self):

@@ -1,4 +1,4 @@
-"""Baseline: one global k-means (no scenes), uniform quotas over clusters, nearest to centroid.
+"""Baseline: one global k-means (no scenes), uniform quotas over clusters, `selection.within` inside.
 
 RS-Prune without its scene strata: the same clustering rule and in-cluster pick, so the
 difference measures what the reference benchmark adds.

@@ -1,0 +1,87 @@
+"""The imbalanced development corpus of issue 14: `python eval/imbalanced.py out=DIR`.
+
+A corpus whose classes the scene reference never labelled: the NWPU-RESISC45 classes of
+`nwpu12/train`, each cut to a Zipf-like size falling by `factor` from `top` (400 down to 25 by
+default), built as a folder of symbolic links `<out>/nwpu_zipf/<class>/<file>` to the shared
+images (nothing is copied; the folder names are read by the evaluation only, never by a
+selection). Which class gets which size and which images a class keeps are seeded draws, so
+the corpus is the same on every machine. The scene reference stays AID (disjoint from NWPU).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+ROOT_NAME = "nwpu_zipf"
+
+
+def zipf_sizes(n_classes: int, top: int, factor: float) -> list[int]:
+    """Class sizes top * factor**(-i / (n - 1)), i = 0..n-1: a geometric (Zipf-like) fall by `factor`."""
+    if n_classes < 2:
+        return [int(top)] * n_classes
+    return [int(round(top * factor ** (-i / (n_classes - 1)))) for i in range(n_classes)]
+
+
+def build(source: str | Path, out: str | Path, top: int = 400, factor: float = 16.0, seed: int = 0) -> Path:
+    """Link the imbalanced corpus under `<out>/nwpu_zipf`; returns that folder. Idempotent: an
+    existing folder with the same links is kept, a different one is an error (never silently mixed)."""
+    source = Path(source)
+    if not source.is_dir():
+        from rsprune.cli import UsageError
+
+        raise UsageError(f"class folders not found: {source} (set data_root= or RSPRUNE_DATA)")
+    classes = sorted(p.name for p in source.iterdir() if p.is_dir())
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(classes))  # which class is large: a seeded draw, not the alphabet
+    sizes = zipf_sizes(len(classes), top, factor)
+    plan = {}
+    for rank, ci in enumerate(order):
+        files = sorted(f.name for f in (source / classes[ci]).iterdir())
+        if sizes[rank] > len(files):
+            raise ValueError(f"class {classes[ci]} has {len(files)} images, fewer than {sizes[rank]}")
+        plan[classes[ci]] = sorted(files[i] for i in rng.choice(len(files), sizes[rank], replace=False))
+    dst = Path(out) / ROOT_NAME
+    if dst.exists():
+        have = {c.name: sorted(f.name for f in c.iterdir()) for c in dst.iterdir() if c.is_dir()}
+        if have != plan:
+            raise FileExistsError(f"{dst} holds another corpus; remove it or choose another out=")
+        return dst
+    tmp = dst.with_name(f".tmp-{ROOT_NAME}-{os.getpid()}")
+    for c, files in plan.items():
+        (tmp / c).mkdir(parents=True)
+        for f in files:
+            (tmp / c / f).symlink_to((source / c / f).resolve())
+    tmp.rename(dst)  # the whole tree appears at once
+    return dst
+
+
+def run(cfg) -> dict:
+    dst = build(Path(str(cfg.data_root)) / "nwpu12" / "train", str(cfg.out), int(cfg.top), float(cfg.factor),
+                int(cfg.corpus_seed))
+    sizes = {c.name: len(list(c.iterdir())) for c in sorted(dst.iterdir())}
+    print(f"{dst}: {sum(sizes.values())} images, " + ", ".join(f"{c} {n}" for c, n in sizes.items()))
+    return {"corpus": str(dst), "sizes": sizes}
+
+
+if __name__ == "__main__":
+    from rsprune.cli import main
+
+    main("eval/imbalanced", run, __doc__)
+
+
+def section(cfg) -> object:
+    """The `imbalanced` section of eval/tables.py: build the corpus, then the pruning table on it
+    (every method x ratio x seed; the scene reference is the default split's AID reference)."""
+    from omegaconf import OmegaConf
+
+    from eval.pruning_table import build as build_table
+
+    dst = run(cfg)["corpus"]
+    cfg = OmegaConf.merge(cfg, {"sweep": {"overrides": [*cfg.sweep.overrides, f"data.corpus=[{dst}]"]}})
+    note = (f"Corpus: `eval/imbalanced.py` (nwpu12/train classes cut to {cfg.top} down to "
+            f"{round(cfg.top / cfg.factor)} images, Zipf-like); reference: the default split's AID reference "
+            "(disjoint); KL to uniform is over the 12 NWPU classes, which no selection reads.")
+    return build_table(cfg, title="Subset quality on an imbalanced corpus from another source",
+                       section="imbalanced", note=note)

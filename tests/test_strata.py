@@ -1,0 +1,100 @@
+"""Issue 14: calibrated scene strata with pseudo-scenes, density held to its released code,
+hierarchical k-means, and the imbalanced development corpus; on small real corpora."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from prune.budget import qp_quotas
+from prune.methods.hkmeans import balanced_quotas
+from prune.run import run
+from prune.scenes import n_pseudo
+from rsprune.cli import UsageError
+from rsprune.manifest import read_manifest
+
+
+def test_qp_quotas_solve_the_released_qp_and_keep_the_budget():
+    """The bisection solution against scipy's solver of the same QP (min ||x - B p||^2,
+    sum x = B, min(int(0.5 B / k), n - 1) <= x <= n), then rounded to exactly B."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 80, 40)
+    p = rng.dirichlet(np.full(40, 0.3))  # peaked shares: the minimum binds for many clusters
+    budget = int(0.15 * sizes.sum())
+    got = qp_quotas(sizes, p, budget, 0.5)
+    assert got.sum() == budget and (got <= sizes).all()
+    lb = np.minimum(int(0.5 * budget / 40), sizes - 1)
+    assert (got >= lb).all() and (got[lb > 0] > 0).all()
+    res = minimize(lambda x: ((x - budget * p) ** 2).sum(), np.clip(budget * p, lb, sizes), method="SLSQP",
+                   bounds=list(zip(lb, sizes)), constraints=[{"type": "eq", "fun": lambda x: x.sum() - budget}],
+                   options={"maxiter": 500, "ftol": 1e-12})
+    assert np.abs(got - res.x).max() <= 1.0 + 1e-6
+
+
+def test_density_gives_every_cluster_the_released_minimum(prune_cfg, tmp_path):
+    """Water-filling at temperature 0.02 starved clusters; the QP keeps min(int(0.5 B/k), n-1)."""
+    s = run(prune_cfg("method=density", "ratio=0.5", run_dir=tmp_path / "d"), progress=False)
+    m = read_manifest(tmp_path / "d")
+    g = m[m.cluster >= 0].groupby("cluster").agg(n=("id", "size"), kept=("selected", "sum"))
+    floor = int(0.5 * s["counts"]["budget"] / len(g))
+    assert floor >= 1 and (g.kept >= np.minimum(floor, g.n - 1)).all(), g[g.kept < np.minimum(floor, g.n - 1)]
+    assert s["config"]["method"]["temperature"] == 0.5 and m.selected.sum() == s["counts"]["budget"]
+
+
+def test_calibrated_threshold_and_pseudo_scenes_on_a_corpus_from_another_source(prune_cfg, tmp_path):
+    """NWPU corpus, AID reference: the threshold is the reference's held-out quantile, the
+    unmatched images form pseudo-scenes by the recorded rule, and summary.json says so."""
+    s = run(prune_cfg(run_dir=tmp_path / "r"), progress=False)
+    info, m = s["scenes"], read_manifest(tmp_path / "r")
+    usable = m[m.readable & (m.reason != "pruned_exact_duplicate")]
+    assert info["rule"].startswith("reference") and info["threshold"] == pytest.approx(
+        info["reference_heldout_similarity"]["p25"])
+    matched = usable.scene_similarity >= info["threshold"]
+    assert info["matched"] == matched.sum() and 0 < info["matched_share"] < 1
+    k = n_pseudo(int((~matched).sum()), len(usable), 30, "auto")
+    assert info["pseudo_scenes"] == k >= 2 and sum(info["pseudo_scene_sizes"]) == (~matched).sum()
+    assert (usable.scene[~matched] >= 30).all() and (usable.scene[matched] < 30).all()
+    assert not (usable.scene_name == "unmatched").any()
+    assert {f"pseudo_{j:02d}" for j in range(k)} == set(usable.scene_name[~matched])
+    assert set(s["per_scene"]) >= {f"pseudo_{j:02d}" for j in range(k)}
+
+
+def test_absolute_threshold_and_one_unmatched_stratum_still_available(prune_cfg, tmp_path):
+    s = run(prune_cfg("scenes.threshold=0.55", "scenes.pseudo_size=0", run_dir=tmp_path / "r"), progress=False)
+    m = read_manifest(tmp_path / "r")
+    ok = m[m.scene >= -1]
+    assert ((ok.scene == -1) == (ok.scene_similarity < 0.55)).all() and (ok.scene == -1).any()
+    assert s["scenes"]["pseudo_scenes"] == 0 and s["scenes"]["rule"] == "absolute"
+
+
+@pytest.mark.parametrize("bad", ["scenes.threshold=high", "scenes.quantile=1.5", "scenes.pseudo_size=-3",
+                                 "method=density method.quotas=greedy"])
+def test_bad_scene_and_density_values_are_usage_errors(prune_cfg, tmp_path, bad):
+    with pytest.raises(UsageError):
+        run(prune_cfg(bad, *(["method=density"] if "quotas" not in bad else []), run_dir=tmp_path / "r"),
+            progress=False)
+
+
+def test_hierarchical_quotas_balance_down_the_tree():
+    """Leaves 0 (a dense region: 100 images) and 1-3 (one small each) under two top nodes: the
+    budget splits 2/2 at the top, so the dense leaf no longer takes almost everything."""
+    got = balanced_quotas(np.array([100, 1, 1, 1]), [np.array([0, 1, 1, 1])], 4)
+    assert got.tolist() == [2, 1, 1, 0]  # the rounding's ties go to the lower index
+
+
+def test_imbalanced_corpus_is_zipf_links_only_and_reproducible(tmp_path):
+    from eval.imbalanced import build, zipf_sizes
+
+    assert zipf_sizes(12, 400, 16)[0] == 400 and zipf_sizes(12, 400, 16)[-1] == 25
+    dst = build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 0)
+    sizes = sorted(len(os.listdir(dst / c)) for c in os.listdir(dst))
+    assert sizes == sorted(zipf_sizes(12, 400, 16))
+    f = next((dst / "beach").iterdir())
+    assert f.is_symlink() and f.resolve().is_relative_to(DATA.resolve())
+    assert build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 0) == dst  # same plan: kept
+    with pytest.raises(FileExistsError):
+        build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 1)
