@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from rsprune.cache import atomic_path, stable_hash, write_text
 from rsprune.cli import UsageError, main
 
-from eval.features import build_extractor, extract_features, metric_label, reference_stats, warn
-from eval.fid import check_count, encoder_overrides, fd_kid, image_paths
+from rsprune.features import build_extractor, extract_features, metric_label, reference_stats, warn
+from eval.fid import encoder_overrides, image_paths
+from rsprune.frechet import check_count, fd_kid
 from eval.sheets import sample_sheet
 
 COLUMNS = ["step", "fd", "kid", "kid_std", "n_fake", "n_real", "metric", "sampler", "steps", "seed", "key"]

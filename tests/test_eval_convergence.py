@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from train_fixtures import DATA
 from PIL import Image
 
 from eval import convergence, tables
 from rsprune.cli import UsageError, compose
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 def write_curve(run_dir: Path, fds: dict[int, float]) -> Path:
