@@ -50,17 +50,25 @@ def test_bad_run_folders_are_usage_errors(tmp_path):
             convergence.run(compose("eval/convergence", [f"runs={runs}", f"results_dir={tmp_path}"]))
 
 
-def test_tables_registry_runs_named_sections_and_skips_absent_modules(tmp_path):
+def test_tables_registry_runs_named_sections_and_fails_loudly_on_absent_modules(tmp_path):
     full = write_curve(tmp_path / "full", {10: 5.0, 20: 4.0})
     drop = ["~sections.pruning", "~sections.sr", "~sections.semantic_synthesis"]
     conv = [f"sections.convergence.set.runs=[{full}]", f"sections.convergence.set.results_dir={tmp_path / 'r'}"]
-    res = tables.run(compose("eval/tables", drop + conv + ["+sections.later.fn=downstream.not_yet:section"]))
-    assert res["done"] == ["convergence"] and "later" in res["skipped"]
-    assert (tmp_path / "r" / "convergence.md").is_file()
-    with pytest.raises(UsageError, match="section later"):
-        tables.run(compose("eval/tables", ["section=later", "+sections.later.fn=downstream.not_yet:section"]))
+    res = tables.run(compose("eval/tables", drop + conv))
+    assert res["done"] == ["convergence"] and (tmp_path / "r" / "convergence.md").is_file()
+    # a registry entry naming a module that is not there is broken, not "not yet": all fails, naming it
+    with pytest.raises(UsageError, match="later: module downstream.not_yet not found"):
+        tables.run(compose("eval/tables", drop + conv + ["+sections.later.fn=downstream.not_yet:section"]))
+    with pytest.raises(UsageError, match="section later: eval.convergence has no function 'nope'"):
+        tables.run(compose("eval/tables", ["section=later", "+sections.later.fn=eval.convergence:nope"]))
     with pytest.raises(UsageError, match="unknown section"):
         tables.run(compose("eval/tables", ["section=nope"]))
+
+
+def test_tables_registry_reaches_downward_only():
+    """eval sits below downstream: no section of the registry may load a downstream module."""
+    cfg = compose("eval/tables")
+    assert {n: str(s.fn).split(".")[0] for n, s in cfg.sections.items()} == {n: "eval" for n in cfg.sections}
 
 
 def test_tables_cli_missing_run_folder_exits_2(tmp_path):
