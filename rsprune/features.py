@@ -201,20 +201,20 @@ class _Decoded(torch.utils.data.Dataset):
 
 def _collate(items):
     kept = [x for x in items if x is not None]
-    return (torch.stack(kept) if kept else None), len(items) - len(kept)
+    return (torch.stack(kept) if kept else None), np.array([x is not None for x in items], bool)
 
 
 def _batches(items, size: int, batch_size: int, num_workers: int, pre_size: int | None = None):
-    """Yield (uint8 NCHW batch or None, n_unreadable) for paths or a uint8 NHWC array / list of arrays."""
+    """Yield (uint8 NCHW batch or None, readable mask) for paths or a uint8 NHWC array / list of arrays."""
     if isinstance(items, np.ndarray) or (len(items) and isinstance(items[0], np.ndarray)):
         for i in range(0, len(items), batch_size):
             chunk = [_to_side(np.asarray(a, np.uint8), pre_size, size) for a in items[i:i + batch_size]]
-            yield torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2), 0
+            yield torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2), np.ones(len(chunk), bool)
         return
     loader = torch.utils.data.DataLoader(_Decoded([str(p) for p in items], size, pre_size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate, shuffle=False)
-    for batch, bad in loader:
-        yield (None if batch is None else batch.permute(0, 3, 1, 2).contiguous()), bad
+    for batch, ok in loader:
+        yield (None if batch is None else batch.permute(0, 3, 1, 2).contiguous()), ok
 
 
 def extract_features(items, extractor: torch.nn.Module, batch_size: int = 64, num_workers: int = 0,
@@ -222,13 +222,20 @@ def extract_features(items, extractor: torch.nn.Module, batch_size: int = 64, nu
     """(features (N, d) float64 of the readable items in order, number of unreadable items skipped).
 
     `pre_size`: images are first resized to this side (then to the extractor's), see common_side."""
-    out, bad = [], 0
-    for batch, n_bad in _batches(items, extractor.resolution, batch_size, num_workers, pre_size):
-        bad += n_bad
+    feats, ok = features_and_mask(items, extractor, batch_size, num_workers, pre_size)
+    return feats, int((~ok).sum())
+
+
+def features_and_mask(items, extractor: torch.nn.Module, batch_size: int = 64, num_workers: int = 0,
+                      pre_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features of the readable items in order, bool mask over `items` of which were readable)."""
+    out, masks = [], []
+    for batch, ok in _batches(items, extractor.resolution, batch_size, num_workers, pre_size):
+        masks.append(ok)
         if batch is not None:
             out.append(extractor(batch).numpy())
     feats = np.concatenate(out) if out else np.zeros((0, extractor.num_features), np.float64)
-    return feats, bad
+    return feats, (np.concatenate(masks) if masks else np.zeros(0, bool))
 
 
 def image_features(paths_or_arrays, feature: str | torch.nn.Module = "efficientnet_lite2", batch_size: int = 64,
@@ -302,16 +309,20 @@ def reference_stats(paths, extractor: torch.nn.Module, cache_dir: str | os.PathL
                     pre_size: int | None = None) -> dict:
     """Features and Gaussian statistics of a reference image set, cached by content hash.
 
-    Returns dict(features float32 (n, d), mu, sigma float64, n, n_unreadable, key, cached)."""
+    Returns dict(features float32 (n, d), mu, sigma float64, n, n_unreadable, readable (bool mask
+    over the sorted paths: which rows the features are), key, cached)."""
     paths = sorted(str(p) for p in paths)
     key = stable_hash(content_hash(paths, root), extractor.key, {"pre_size": pre_size})
     path = Path(cache_dir) / f"{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         with np.load(path) as z:
-            return {k: z[k] for k in ("features", "mu", "sigma")} | {
-                "n": int(z["n"]), "n_unreadable": int(z["n_unreadable"]), "key": key, "cached": True}
-    feats, bad = extract_features(paths, extractor, batch_size, num_workers, pre_size)
-    stats = {"features": feats.astype(np.float32), "n": len(feats), "n_unreadable": bad}
+            if "readable" in z or int(z["n_unreadable"]) == 0:  # older entries lack the mask
+                ok = z["readable"] if "readable" in z else np.ones(int(z["n"]), bool)
+                return {k: z[k] for k in ("features", "mu", "sigma")} | {
+                    "n": int(z["n"]), "n_unreadable": int(z["n_unreadable"]), "readable": ok, "key": key,
+                    "cached": True}
+    feats, ok = features_and_mask(paths, extractor, batch_size, num_workers, pre_size)
+    stats = {"features": feats.astype(np.float32), "n": len(feats), "n_unreadable": int((~ok).sum()), "readable": ok}
     if len(feats) >= 2:
         stats["mu"], stats["sigma"] = gaussian_stats(feats)
     if path is not None and len(feats) >= 2:
