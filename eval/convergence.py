@@ -113,8 +113,8 @@ def test_split(cfg, run_dir: Path) -> dict:
         tests = read_json(rec).get("test") or []
         tests = [tests] if isinstance(tests, dict) else tests
         if tests and desc["sha256"] not in {t.get("sha256") for t in tests}:
-            raise UsageError(f"{run_dir} was trained beside another test split than {entry} "
-                             f"({tests[0].get('sha256', '?')[:12]} vs {desc['sha256'][:12]}); its scores would not compare")
+            raise UsageError(f"{run_dir} was trained beside another test split than {entry} ("
+                             f"{tests[0].get('sha256', '?')[:12]} vs {desc['sha256'][:12]}); its scores would not compare")
     return {"entry": str(entry), "paths": paths(str(entry)), "sha256": desc["sha256"]}
 
 

@@ -18,7 +18,7 @@ from rsprune.cli import UsageError
 METRICS = [("fd", "{metric} against the whole test split", "{:.2f}"),
            ("fd_balanced", "{metric} against the class-balanced test split", "{:.2f}"),
            ("kid", "KID x 1000 against the whole test split (std over subsets in the CSV)", "{:.2f}"),
-           ("memorisation", "memorisation rate (share of samples nearer a training image than the 5th "
+           ("memorisation", "memorisation rate (share of samples nearer a training image than the {pct}th "
                             "percentile of test-to-train distances)", "{:.3f}"),
            ("heldout_loss", "held-out denoising loss on the test split (training log)", "{:.4f}")]
 SCALE = {"kid": 1000.0}
@@ -84,7 +84,8 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
         sub = agg[agg.metric == col]
         if not len(sub):
             continue
-        lines += [f"## {head.format(metric=metric)}", "", "| step | " + " | ".join(arms) + " |",
+        pct = cfg.get("memorisation_percentile", 5)
+        lines += [f"## {head.format(metric=metric, pct=pct)}", "", "| step | " + " | ".join(arms) + " |",
                   "|---:|" + "---:|" * len(arms)]
         for step in sorted(sub["step"].unique()):
             cells = [cell(sub[(sub.step == step) & (sub.arm == a)], fmt) for a in arms]
@@ -106,10 +107,14 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(c, h) for c, h, _ in METRICS if len(agg[agg.metric == c])]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.6), squeeze=False)
+    cols = min(3, max(len(panels), 1))
+    rows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     titles = {"fd": metric, "fd_balanced": f"{metric}, balanced test", "kid": "KID x 1000",
               "memorisation": "memorisation rate", "heldout_loss": "held-out loss"}
-    for ax, (col, _) in zip(axes[0], panels):
+    for ax, (col, _) in zip(axes.flat, panels):
         for i, a in enumerate(arms):
             g = agg[(agg.metric == col) & (agg.arm == a)].sort_values("step")
             if not len(g):
@@ -120,7 +125,7 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
         ax.set_title(titles[col], fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
