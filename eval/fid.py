@@ -11,8 +11,8 @@ float64).
 Same resolution first (`match_resolution=true`, the default): both sets are brought to the
 smallest image side found in either set (antialiased bicubic) before the extractor's own
 resize, so 600 px real AID tiles against 64 px samples are compared at 64 px; otherwise FD
-measures the resolution gap (on real AID images, 128 px against 64 px of other images of the
-same classes scores about 5x the FD of the two sets at one side: README, Evaluation).
+measures the resolution gap (510 real AID images at 128 px against themselves at 64 px: FD
+246.5 unmatched, 0 matched; two disjoint draws of 510 at 64 px score 284.8: README, Evaluation).
 `match_resolution=N` uses side N; `false` skips it.
 
 Unreadable images are counted and skipped; fewer than 2 images is an error (exit 2); fewer

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from rsprune.cli import UsageError
+from rsprune.errors import UsageError
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
