@@ -4,7 +4,7 @@
 
 Rows: images/s of `extract_features` on real AID files (decode + antialiased resize + network)
 at the encoder's resolution; then the Fréchet distance of two n-image feature sets by the three
-routes in eval/: torchmetrics (d x d eigvals, what eval/fid.py reports), the float64 d x d
+routes in rsprune/frechet.py: torchmetrics (d x d eigvals, what eval/fid.py reports), the float64 d x d
 eigh form (`frechet_distance` on statistics) and the sample-space form
 (`frechet_distance_features`, for n small against d), with their relative disagreement.
 `--write` replaces this script's section of BENCHMARKS.md.
@@ -15,9 +15,8 @@ import argparse
 import time
 
 from benchutil import DATA, machine, table, write_section
-from eval.features import build_extractor, extract_features
-from eval.fid import fd_kid
-from eval.frechet import frechet_distance, frechet_distance_features, gaussian_stats
+from rsprune.features import build_extractor, extract_features
+from rsprune.frechet import fd_kid, frechet_distance, frechet_distance_features, gaussian_stats
 from rsprune.imageio import list_images
 
 

@@ -1,8 +1,8 @@
-"""Downstream metrics: PSNR/SSIM (torchmetrics), mIoU, FD (eval.fid), and sample sheets.
+"""Downstream metrics: PSNR/SSIM (torchmetrics), mIoU, FD (rsprune.features/frechet), and sample sheets.
 
 PSNR and SSIM are computed per image on RGB in [0, 1] (data_range 1, SSIM with the usual
-11x11 Gaussian window, sigma 1.5), then averaged over images. FD goes through the eval agent's
-feature extractor and torchmetrics Fréchet path, with the real features extracted once and
+11x11 Gaussian window, sigma 1.5), then averaged over images. FD goes through the ground floor's
+feature extractor and torchmetrics Fréchet path (the same as eval/fid.py), with the real features extracted once and
 shared by every row of a table.
 """
 from __future__ import annotations
@@ -55,15 +55,15 @@ class FDScorer:
     """FD of several image sets against one real set; the real features are extracted once."""
 
     def __init__(self, real_uint8: np.ndarray, feature: str = "efficientnet_lite2", batch_size: int = 64):
-        from eval.features import build_extractor, extract_features
+        from rsprune.features import build_extractor, extract_features
 
         self.extractor = build_extractor(feature)
         self.batch_size = batch_size
         self.real, _ = extract_features(real_uint8, self.extractor, batch_size)
 
     def __call__(self, fake_uint8: np.ndarray) -> float:
-        from eval.features import extract_features
-        from eval.fid import fd_kid
+        from rsprune.features import extract_features
+        from rsprune.frechet import fd_kid
 
         fake, _ = extract_features(fake_uint8, self.extractor, self.batch_size)
         return float(fd_kid(self.real, fake)["fd"])

@@ -1,52 +1,89 @@
-"""Convergence curves: Fréchet distance of each checkpoint's samples against held-out real images.
+"""Convergence curves: every run scored at every saved step against the ONE test split.
 
-    python eval/convergence.py runs=[outputs/train/full,outputs/train/rsprune85] [n_samples=1000 steps=50 ...]
+    python eval/convergence.py runs=[outputs/train/full-s0,outputs/train/full-s1] [arm_key=data.subset]
+    python eval/convergence.py 'runs={full:[RUN,RUN],rsprune:[RUN,RUN]}'
 
-For every run and every checkpoint (train.generate.list_checkpoints) it generates `n_samples`
-images from the EMA weights with a fixed seed and sampler (DDIM, `steps` steps), and scores them
-against real images in the feature space `feature` (eval/features.py: antialiased bicubic resize
-to the extractor's size; real images are first brought to the run's image size, as training
-saw them). Real images: `real=holdout` re-derives each run's own held-out corpus images (never
-trained on; `n_real` of them) from its config.yaml; `real=DIR` uses one folder for every run,
-which is what to use when runs trained on different subsets must share one yardstick.
+For every run and every step `train.generate.list_snapshots` returns (light EMA snapshots and
+complete checkpoints; `score_steps=[...]` picks some), it generates `n_samples` images from the
+EMA weights with a fixed seed and sampler, and scores them in the feature space `feature`
+(rsprune/features.py; the test images are first brought to the generated side):
+- FD and KID (+ std over subsets of half the smaller set) against the whole test split;
+- the same against a class-balanced resample of the test split (classes = folders; every
+  class drawn down to the smallest class's count, seeded), so a model is not rewarded for the
+  test split's class mix;
+- the memorisation rate (eval/memorisation.py) against the run's own training images;
+- the held-out denoising loss the training engine logged at that step (`heldout_loss` in
+  metrics.jsonl; "-" where absent).
 
-Writes `<run>/convergence.csv` (one row per step; rerunning skips steps already scored under
-the same settings, so it can follow a run that is still training), `<results_dir>/convergence.md`
-(FD at each step, steps to reach a target FD), `<results_dir>/convergence.png` (FD against step,
-one line per run) and `<results_dir>/samples/<run>.png` (last checkpoint's samples beside real
-images). Keep old checkpoints (train.checkpoints_total_limit) if every step should be scored.
+The test split is `test=DIR|LIST` or, by default, each run's `data.test` (config.yaml); its
+file-list hash (rsprune.split.describe) is stored in every row, and runs scored against
+different test splits, sample counts, samplers, sampler steps, seeds, features or sides are
+refused (exit 2): their numbers do not compare. A run whose split.json records another test
+split than the one scored against is refused too.
+
+Runs are grouped into arms (a `runs` mapping arm -> [run dirs], or `arm_key`: a config.yaml key
+such as data.subset; else each run is its own arm); the report gives each arm's mean, std and
+number of runs per step (eval/convergence_report.py). Writes `<run>/convergence.csv` (one row per
+step, written after every step: rerunning resumes and skips steps scored under the same
+settings), `<results_dir>/convergence.md|png` and `<results_dir>/samples/<run>.png`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from rsprune.cache import atomic_path, stable_hash, write_text
+from rsprune import layout
+from rsprune.cache import atomic_path, read_json
 from rsprune.cli import UsageError, main
+from rsprune.features import build_extractor, extract_features, metric_label, reference_stats, warn
+from rsprune.frechet import check_count, fd_kid
 
-from eval.features import build_extractor, extract_features, metric_label, reference_stats, warn
-from eval.fid import check_count, encoder_overrides, fd_kid, image_paths
+from eval import convergence_report as report
+from eval.fid import encoder_overrides
+from eval.memorisation import memorisation_rate, threshold
 from eval.sheets import sample_sheet
 
-COLUMNS = ["step", "fd", "kid", "kid_std", "n_fake", "n_real", "metric", "sampler", "steps", "seed", "key"]
+CSV = "convergence.csv"
+SETTINGS = ["metric", "side", "n_fake", "sampler", "steps", "seed", "test_sha256"]  # equal in compared rows
+COLUMNS = ["step", "fd", "kid", "kid_std", "fd_balanced", "kid_balanced", "kid_balanced_std", "memorisation",
+           "n_test", "n_balanced", "n_train", *SETTINGS]
 
 
-def run_dirs(cfg) -> list[Path]:
-    """The run folders of `cfg.runs`, each checked to exist and hold at least one checkpoint."""
-    from train.generate import list_checkpoints
+def run_groups(cfg) -> dict[str, list[Path]]:
+    """arm -> run folders, each checked to exist and to hold a snapshot or a convergence.csv."""
+    from train.generate import list_snapshots
 
-    runs = [Path(str(r)) for r in (cfg.runs or [])]
-    if not runs:
-        raise UsageError("no run folders given: runs=[RUN_DIR,...]")
-    for r in runs:
-        if not r.is_dir():
-            raise UsageError(f"run folder {r} does not exist")
-        if not list_checkpoints(r) and not (r / "convergence.csv").is_file():
-            raise UsageError(f"no checkpoint in {r / 'checkpoints'} (and no convergence.csv to report)")
-    return runs
+    runs = cfg.get("runs")
+    if OmegaConf.is_dict(runs):
+        groups = {str(a): [Path(str(d)) for d in ds] for a, ds in runs.items()}
+    else:
+        dirs = [Path(str(r)) for r in (runs or [])]
+        groups = {}
+        for d in dirs:
+            groups.setdefault(arm_of(d, cfg.get("arm_key")), []).append(d)
+    if not any(groups.values()):
+        raise UsageError("no run folders given: runs=[RUN_DIR,...] or runs={arm: [RUN_DIR,...]}")
+    for d in (d for ds in groups.values() for d in ds):
+        if not d.is_dir():
+            raise UsageError(f"run folder {d} does not exist")
+        if not list_snapshots(d) and not (d / CSV).is_file():
+            raise UsageError(f"no snapshot or checkpoint in {d} (and no {CSV} to report)")
+    return groups
+
+
+def arm_of(run_dir: Path, key) -> str:
+    """The arm of a run: the value of config key `key` in its config.yaml, or its folder name."""
+    if not key:
+        return run_dir.name
+    conf = run_dir / layout.CONFIG
+    value = OmegaConf.select(OmegaConf.load(conf), str(key)) if conf.is_file() else None
+    if value is None:
+        raise UsageError(f"arm_key={key}: not set in {conf}")
+    return Path(str(value)).name if "/" in str(value) else str(value)
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -55,107 +92,196 @@ def run_names(runs: list[Path]) -> list[str]:
     return [f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
 
 
-def real_paths(cfg, run_dir: Path) -> list[str]:
-    """Real reference images for one run: a folder, or the run's own held-out corpus images."""
-    if str(cfg.real) != "holdout":
-        return image_paths(cfg.real, "real")
-    from train.data import resolve_subset
-
-    conf = run_dir / "config.yaml"
+def run_config(run_dir: Path):
+    conf = run_dir / layout.CONFIG
     if not conf.is_file():
-        raise UsageError(f"real=holdout needs {conf} (written by train/main.py); or give real=DIR")
-    tcfg = OmegaConf.load(conf)
-    tcfg.data.holdout = int(cfg.n_real)
-    return resolve_subset(tcfg.data, int(tcfg.seed))[1]
+        raise UsageError(f"{conf} not found (written by train/main.py)")
+    return OmegaConf.load(conf)
+
+
+def test_split(cfg, run_dir: Path) -> dict:
+    """{entry, paths, sha256} of the test split a run is scored against, checked against the
+    test split the run recorded (split.json) when it trained."""
+    from rsprune.split import describe, paths
+
+    entry = cfg.get("test") or run_config(run_dir).data.get("test")
+    if not entry:
+        raise UsageError(f"no test split: {run_dir / layout.CONFIG} has no data.test; give test=DIR|LIST")
+    desc = describe(str(entry))
+    rec = run_dir / layout.SPLIT
+    if rec.is_file():
+        tests = read_json(rec).get("test") or []
+        tests = [tests] if isinstance(tests, dict) else tests
+        if tests and desc["sha256"] not in {t.get("sha256") for t in tests}:
+            raise UsageError(f"{run_dir} was trained beside another test split than {entry} ("
+                             f"{tests[0].get('sha256', '?')[:12]} vs {desc['sha256'][:12]}); its scores would not compare")
+    return {"entry": str(entry), "paths": paths(str(entry)), "sha256": desc["sha256"]}
+
+
+def training_paths(run_dir: Path) -> list[str]:
+    """The images a run trained on, from its config.yaml (data.subset over data.corpus)."""
+    from train.data import corpus_paths, read_subset
+
+    data = run_config(run_dir).data
+    return corpus_paths(data) if str(data.subset) == "full" else read_subset(str(data.subset))
+
+
+def balanced_index(paths: list[str], readable: np.ndarray, seed: int) -> np.ndarray:
+    """Rows (into the readable features) of a class-balanced resample: every class folder drawn
+    down to the smallest class's count without replacement, by a seeded permutation."""
+    labels = np.array([str(Path(p).parent) for p in sorted(paths)])[readable]
+    classes, counts = np.unique(labels, return_counts=True)
+    m = int(counts.min())
+    rng = np.random.default_rng(int(seed))
+    rows = [rng.permutation(np.flatnonzero(labels == c))[:m] for c in classes]
+    return np.sort(np.concatenate(rows))
+
+
+def heldout_losses(run_dir: Path) -> dict[int, float]:
+    """step -> `heldout_loss` from the run's metrics.jsonl (the last record of a step wins)."""
+    path = run_dir / layout.METRICS
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("heldout_loss") is not None:
+                out[int(rec["step"])] = float(rec["heldout_loss"])
+    return out
+
+
+def with_heldout_loss(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """The scored rows joined with the logged held-out loss, at every step that has either."""
+    losses = heldout_losses(run_dir)
+    loss = pd.DataFrame({"step": list(losses), "heldout_loss": list(losses.values())}, columns=["step", "heldout_loss"])
+    rows = rows.astype({"step": int})
+    return rows.merge(loss.astype({"step": int}), on="step", how="outer").sort_values("step").reset_index(drop=True)
 
 
 def read_rows(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "convergence.csv"
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+    path = run_dir / CSV
+    rows = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+    missing = [c for c in COLUMNS if c not in rows.columns]
+    if missing:  # a CSV of the old protocol (per-run holdout): its numbers compare with nothing here
+        raise UsageError(f"{path} lacks {', '.join(missing)} (scored under the old protocol); delete it to rescore")
+    return rows[COLUMNS]
 
 
-def score_run(cfg, run_dir: Path, extractor, results_dir: Path, name: str) -> pd.DataFrame:
-    """Score every unscored checkpoint of one run; returns its rows scored under these settings.
+def settings(cfg, metric: str, side: int, test_sha: str) -> dict:
+    return {"metric": metric, "side": int(side), "n_fake": int(cfg.n_samples), "sampler": str(cfg.sampler),
+            "steps": int(cfg.steps), "seed": int(cfg.seed), "test_sha256": test_sha}
 
-    `extractor` is a function returning the feature module (built once per process)."""
-    from train.generate import generate, list_checkpoints, load_backbone
 
-    ckpts = list_checkpoints(run_dir)
-    rows = read_rows(run_dir)
-    if not ckpts:  # checkpoints rotated away: report what the CSV holds
+def snapshot_image_size(path: Path) -> int:
+    """Generated image side of a snapshot or checkpoint, from its saved configs (no weights loaded)."""
+    unet = read_json(path / ("unet_ema" if (path / "unet_ema").is_dir() else "unet") / "config.json")
+    return int(unet["sample_size"]) * int(read_json(path / "first_stage.json")["downscale"])
+
+
+class Scorer:
+    """The per-run yardsticks (test features, balanced rows, training features), built lazily:
+    a report from saved CSVs needs no network and no image."""
+
+    def __init__(self, cfg):
+        self.cfg, self._extractor, self._memo = cfg, None, {}
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            c = self.cfg
+            self._extractor = build_extractor(c.feature, inception_weights=c.get("inception_weights"),
+                                              overrides=encoder_overrides(c), device=c.get("device"))
+        return self._extractor
+
+    def stats(self, paths: list[str], side: int) -> dict:
+        key = (tuple(paths), side)
+        if key not in self._memo:
+            c = self.cfg
+            self._memo[key] = reference_stats(paths, self.extractor, c.cache_dir, batch_size=int(c.batch_size),
+                                              num_workers=int(c.num_workers), pre_size=side)
+        return self._memo[key]
+
+    def test(self, split: dict, side: int) -> dict:
+        ref = self.stats(split["paths"], side)
+        if ref["n_unreadable"]:
+            warn(f"test split: {ref['n_unreadable']} unreadable image(s) skipped")
+        check_count(ref["n"], f"test split {split['entry']}", int(self.cfg.warn_below))
+        return ref | {"balanced": balanced_index(split["paths"], ref["readable"], int(self.cfg.seed))}
+
+    def score(self, fake: np.ndarray, test: dict, train: dict | None) -> dict:
+        c = self.cfg
+        ff, _ = extract_features(fake, self.extractor, int(c.batch_size))
+        kw = dict(kid=bool(c.kid), kid_subsets=int(c.kid_subsets), kid_subset_size=int(c.kid_subset_size),
+                  seed=int(c.seed))
+        whole = fd_kid(test["features"], ff, **kw)
+        bal = fd_kid(test["features"][test["balanced"]], ff, **kw)
+        row = {"fd": whole["fd"], "kid": whole["kid"], "kid_std": whole["kid_std"], "fd_balanced": bal["fd"],
+               "kid_balanced": bal["kid"], "kid_balanced_std": bal["kid_std"], "n_test": test["n"],
+               "n_balanced": len(test["balanced"]), "memorisation": None, "n_train": None}
+        if train is not None:
+            row |= {"memorisation": memorisation_rate(train["features"], ff, train["q"]), "n_train": train["n"]}
+        return row
+
+    def train(self, run_dir: Path, test: dict, side: int) -> dict | None:
+        if not self.cfg.memorisation:
+            return None
+        ref = self.stats(training_paths(run_dir), side)
+        q = threshold(ref["features"], test["features"], float(self.cfg.memorisation_percentile))
+        return {"features": ref["features"], "q": q, "n": ref["n"]}
+
+
+def wanted_steps(cfg, snaps: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    if cfg.get("score_steps") is None:
+        return snaps
+    want = {int(s) for s in cfg.score_steps}
+    return [(s, p) for s, p in snaps if s in want]
+
+
+def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) -> pd.DataFrame:
+    """Score every unscored step of one run under the current settings; returns all its rows."""
+    from train.generate import generate, list_snapshots, load_backbone
+
+    snaps, rows = list_snapshots(run_dir), read_rows(run_dir)
+    todo = wanted_steps(cfg, snaps)
+    if not todo:  # nothing saved any more: report what the CSV holds
         return rows
-    image_size = checkpoint_image_size(ckpts[-1][1])
-    extractor = extractor()
-    ref = reference(cfg, run_dir, extractor, image_size)
-    key = stable_hash(ref["key"], int(cfg.n_samples), int(cfg.seed), str(cfg.sampler), int(cfg.steps), bool(cfg.kid))
-    done = set(rows.loc[rows["key"] == key, "step"].astype(int))
-    for step, _ in ckpts:
+    split, side = test_split(cfg, run_dir), snapshot_image_size(todo[-1][1])
+    now = settings(cfg, metric_label(str(cfg.feature)), side, split["sha256"])
+    done = set(rows.loc[(rows[SETTINGS].astype(str) == pd.Series(now).astype(str)).all(axis=1), "step"].astype(int))
+    test = train = None
+    for step, _ in todo:
         if step in done:
             continue
+        if test is None:
+            test = scorer.test(split, side)
+            train = scorer.train(run_dir, test, side)
         loaded = load_backbone(run_dir, step=step, ema=True, device=device(cfg))
         fake = generate(loaded, int(cfg.n_samples), seed=int(cfg.seed), steps=int(cfg.steps),
                         sampler=str(cfg.sampler), batch_size=int(cfg.batch_size))
-        ff, _ = extract_features(fake, extractor, int(cfg.batch_size))
-        res = fd_kid(ref["features"], ff, kid=bool(cfg.kid), kid_subsets=int(cfg.kid_subsets),
-                     kid_subset_size=int(cfg.kid_subset_size), seed=int(cfg.seed))
-        row = {"step": step, "fd": res["fd"], "kid": res["kid"], "kid_std": res["kid_std"], "n_fake": len(ff),
-               "n_real": ref["n"], "metric": metric_label(extractor.name), "sampler": str(cfg.sampler),
-               "steps": int(cfg.steps), "seed": int(cfg.seed), "key": key}
-        rows = pd.concat([rows[rows["step"] != step], pd.DataFrame([row])]) if len(rows) else pd.DataFrame([row])
-        rows = rows.sort_values("step", kind="stable")[COLUMNS].reset_index(drop=True)
-        with atomic_path(run_dir / "convergence.csv") as tmp:  # after every step: a killed run resumes here
+        row = {"step": step, **scorer.score(fake, test, train), **now}
+        rows = pd.concat([rows[rows["step"] != step], pd.DataFrame([row])[COLUMNS]]) if len(rows) else \
+            pd.DataFrame([row])[COLUMNS]
+        rows = rows.sort_values("step", kind="stable").reset_index(drop=True)
+        with atomic_path(run_dir / CSV) as tmp:  # after every step: a killed run resumes here
             rows.to_csv(tmp, index=False)
-        kid = f" kid={res['kid']:.4g}" if res["kid"] is not None else ""
-        print(f"{name} step {step}: fd={res['fd']:.6g}{kid}")
+        print(f"{name} step {step}: fd={row['fd']:.6g} fd_balanced={row['fd_balanced']:.6g}"
+              + (f" memorisation={row['memorisation']:.3f}" if row["memorisation"] is not None else ""))
     if int(cfg.sheet_n) > 0:
-        write_sheet(cfg, run_dir, ckpts[-1][0], image_size, results_dir, name)
-    return rows[rows["key"] == key]
+        write_sheet(cfg, run_dir, todo[-1][0], side, split["paths"], results_dir, name)
+    return rows
 
 
-def write_sheet(cfg, run_dir: Path, step: int, image_size: int, results_dir: Path, name: str) -> Path:
-    """`sheet_n` samples of the last checkpoint (same seed and sampler) beside as many real images."""
+def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_dir: Path, name: str) -> Path:
+    """`sheet_n` samples of the last step (same seed and sampler) beside as many test images."""
     from train.generate import generate, load_backbone
+    from train.data import load_images
 
     n = int(cfg.sheet_n)
     fake = generate(load_backbone(run_dir, step=step, ema=True, device=device(cfg)), n, seed=int(cfg.seed),
                     steps=int(cfg.steps), sampler=str(cfg.sampler), batch_size=int(cfg.batch_size))
-    paths = real_paths(cfg, run_dir)
-    real = real_images(paths[:: max(1, len(paths) // n)][:n], image_size)  # spread over the sorted classes
+    real = load_images(test_paths[:: max(1, len(test_paths) // n)][:n], side)  # spread over the sorted classes
     path = results_dir / "samples" / f"{name.replace('/', '_')}.png"
-    sample_sheet(fake, real, path, captions=(f"generated, step {step}", "real"))
+    sample_sheet(fake, real, path, captions=(f"generated, step {step}", "test split"))
     return path
-
-
-def checkpoint_image_size(ckpt: Path) -> int:
-    """Generated image side of a checkpoint, from its saved configs (no weights loaded)."""
-    from rsprune.cache import read_json
-
-    unet = read_json(ckpt / ("unet_ema" if (ckpt / "unet_ema").is_dir() else "unet") / "config.json")
-    return int(unet["sample_size"]) * int(read_json(ckpt / "first_stage.json")["downscale"])
-
-
-def reference(cfg, run_dir: Path, extractor, image_size: int) -> dict:
-    paths = real_paths(cfg, run_dir)
-    pre = image_size if cfg.real_at_train_resolution else None
-    ref = reference_stats(paths, extractor, cfg.cache_dir, batch_size=int(cfg.batch_size),
-                          num_workers=int(cfg.num_workers), pre_size=pre)
-    if ref["n_unreadable"]:
-        warn(f"real: {ref['n_unreadable']} unreadable image(s) skipped")
-    check_count(ref["n"], f"real ({cfg.real})", int(cfg.warn_below))
-    check_count(int(cfg.n_samples), "n_samples", int(cfg.warn_below))
-    return ref
-
-
-def real_images(paths, size: int) -> np.ndarray:
-    from rsprune.imageio import UnreadableImage, load_rgb, resize
-
-    out = []
-    for p in paths:
-        try:
-            out.append(resize(load_rgb(p), size))
-        except UnreadableImage:
-            continue
-    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
 def device(cfg) -> str:
@@ -164,82 +290,19 @@ def device(cfg) -> str:
     return str(cfg.device) if cfg.get("device") else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def steps_to_reach(rows: pd.DataFrame, target: float) -> int | None:
-    """First checkpoint step whose FD is at or under `target` (None if never)."""
-    hit = rows[rows["fd"] <= target]
-    return int(hit["step"].min()) if len(hit) else None
-
-
-def default_target(curves: dict[str, pd.DataFrame]) -> float | None:
-    """The worst final FD among runs: a level every run reaches, so the steps compare speed."""
-    finals = [c.sort_values("step")["fd"].iloc[-1] for c in curves.values() if len(c)]
-    return float(max(finals)) if finals else None
-
-
-def markdown(curves: dict[str, pd.DataFrame], metric: str, target: float | None, cfg) -> str:
-    """FD at each step (one column per run) and steps to reach the target FD."""
-    steps = sorted({int(s) for c in curves.values() for s in c["step"]})
-    names = list(curves)
-    lines = [f"# Convergence: {metric} of samples against held-out real images", "",
-             f"{cfg.n_samples} samples per checkpoint from EMA weights, {str(cfg.sampler).upper()} {cfg.steps} steps, "
-             f"seed {cfg.seed}; real images: {cfg.real}. Rebuilt by `python eval/convergence.py` "
-             "(or `python eval/tables.py convergence`).", "",
-             "| step | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-    for s in steps:
-        cells = []
-        for n in names:
-            v = curves[n].loc[curves[n]["step"] == s, "fd"]
-            cells.append(f"{float(v.iloc[0]):.2f}" if len(v) else "")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    if target is not None:
-        how = "given" if cfg.get("target_fd") is not None else "the worst final FD among runs"
-        lines += ["", f"Steps to reach {metric} <= {target:.2f} ({how}):", "", "| run | steps | best FD (step) |",
-                  "|---|---:|---:|"]
-        for n, c in curves.items():
-            reach = steps_to_reach(c, target)
-            best = c.iloc[int(np.argmin(c["fd"].to_numpy()))] if len(c) else None
-            best_txt = f"{best['fd']:.2f} ({int(best['step'])})" if best is not None else ""
-            lines.append(f"| {n} | {reach if reach is not None else 'not reached'} | {best_txt} |")
-    return "\n".join(lines) + "\n"
-
-
-def figure(curves: dict[str, pd.DataFrame], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, c in curves.items():
-        c = c.sort_values("step")
-        ax.plot(c["step"], c["fd"], marker="o", label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
 def run(cfg: DictConfig) -> dict:
-    """Score every run's checkpoints, then write the table and the figure."""
-    runs = run_dirs(cfg)
+    """Score every run's saved steps, check they compare, then write the table and the figure."""
+    groups = run_groups(cfg)
     results_dir = Path(str(cfg.results_dir))
-    def extractor():  # built only when a checkpoint needs scoring (a report from CSVs needs none)
-        return build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
-                               overrides=encoder_overrides(cfg), device=cfg.get("device"))
-
-    metric = metric_label(str(cfg.feature))
-    curves = {name: score_run(cfg, r, extractor, results_dir, name) for r, name in zip(runs, run_names(runs))}
-    target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(curves)
-    write_text(results_dir / "convergence.md", markdown(curves, metric, target, cfg))
-    figure(curves, metric, results_dir / "convergence.png")
-    print(f"wrote {results_dir / 'convergence.md'} and {results_dir / 'convergence.png'}")
-    return {"curves": {n: c[["step", "fd", "kid"]].to_dict("records") for n, c in curves.items()},
-            "target_fd": target, "steps_to_target": {n: steps_to_reach(c, target) if target is not None else None
-                                                     for n, c in curves.items()}}
+    scorer = Scorer(cfg)
+    all_runs = [d for ds in groups.values() for d in ds]
+    names = dict(zip(all_runs, run_names(all_runs)))
+    curves = {}
+    for arm, dirs in groups.items():
+        for d in dirs:
+            curves[names[d]] = with_heldout_loss(score_run(cfg, d, scorer, results_dir, names[d]), d).assign(arm=arm)
+    report.check_comparable(curves, SETTINGS)
+    return report.write(curves, cfg, results_dir)
 
 
 section = run  # the `convergence` section of eval/tables.py

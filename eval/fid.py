@@ -1,96 +1,36 @@
 """Fréchet distance (FID with feature=inception) and KID between two folder trees of images.
 
     python eval/fid.py real=DIR fake=DIR [feature=efficientnet_lite2|efficientnet_lite0|clip|dinov2|inception]
-                       [inception_weights=PATH] [kid=true] [out=FILE.json]
+                       [inception_weights=PATH] [kid=true] [match_resolution=true] [out=FILE.json]
 
 Prints `kid=<value>` (where computed) and, as the last line, `fd=<value>`; with out=FILE also
-writes them (and the counts) as JSON. The statistics and distances go through torchmetrics'
-FrechetInceptionDistance / KernelInceptionDistance; the feature extractor (eval/features.py)
-runs first so that the reference set's features are cached by content hash, and are handed to
-torchmetrics through a pass-through feature module. Resize protocol: antialiased bicubic to the
-extractor's input size (see eval/features.py). Unreadable images are counted and skipped; fewer
-than 2 images is an error (exit 2); fewer than `warn_below` gives a warning that FD is biased
-upward at small N (KID is unbiased, which is why it is reported beside FD). The KID subset size
-shrinks to the smaller set when that set has fewer images than `kid_subset_size`.
+writes them (and the counts) as JSON. Features come from rsprune.features (the reference set's
+are cached by content hash) and the distances from rsprune.frechet.fd_kid (torchmetrics,
+float64).
+
+Same resolution first (`match_resolution=true`, the default): both sets are brought to the
+smallest image side found in either set (antialiased bicubic) before the extractor's own
+resize, so 600 px real AID tiles against 64 px samples are compared at 64 px; otherwise FD
+measures the resolution gap (510 real AID images at 128 px against themselves at 64 px: FD
+246.5 unmatched, 0 matched; two disjoint draws of 510 at 64 px score 284.8: README, Evaluation).
+`match_resolution=N` uses side N; `false` skips it.
+
+Unreadable images are counted and skipped; fewer than 2 images is an error (exit 2); fewer
+than `warn_below` gives a warning that FD is biased upward at small N (KID is unbiased, which
+is why it is reported beside FD). KID subsets hold at most half the smaller set
+(rsprune.frechet.kid_subset), so the std over subsets is a real spread.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
+from rsprune.features import build_extractor, common_side, extract_features, metric_label, reference_stats, warn
+from rsprune.frechet import check_count, fd_kid
 from rsprune.imageio import list_images
-
-from eval.features import (build_extractor, extract_features, metric_label, reference_stats, warn)
-from eval.frechet import frechet_distance  # noqa: F401  (re-exported: the float64 NumPy/SciPy reference)
-
-
-class PrecomputedFeatures(torch.nn.Module):
-    """The 'feature network' handed to torchmetrics when features are already extracted (and cached)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = int(num_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.double()
-
-
-def check_count(n: int, what: str, warn_below: int = 300) -> None:
-    """FD needs a covariance: at least 2 images; under a few hundred the estimate is biased."""
-    if n < 2:
-        raise UsageError(f"{what}: {n} readable image(s); FD needs at least 2")
-    if n < warn_below:
-        warn(f"{what}: only {n} images; FD is biased upward at small N (compare FDs only at equal N, "
-             f"or use KID)")
-
-
-def fd_kid(real_feats: np.ndarray, fake_feats: np.ndarray, kid: bool = False, kid_subsets: int = 100,
-           kid_subset_size: int = 1000, seed: int = 0) -> dict:
-    """FD (and KID mean/std) between two feature matrices, computed by torchmetrics in float64."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    d = real_feats.shape[1]
-    real, fake = torch.as_tensor(real_feats, dtype=torch.float64), torch.as_tensor(fake_feats, dtype=torch.float64)
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(d))
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
-    out = {"fd": max(float(metric.compute()), 0.0),  # rounding leaves -1e-4 for identical sets
-            "kid": None, "kid_std": None, "kid_subset_size": None}
-    if kid:
-        from torchmetrics.image.kid import KernelInceptionDistance
-
-        size = int(min(kid_subset_size, len(real), len(fake)))
-        warnings.filterwarnings("ignore", message=".*will save all extracted features")  # bounded by N here
-        k = KernelInceptionDistance(feature=PrecomputedFeatures(d), subsets=int(kid_subsets), subset_size=size)
-        k.update(real, real=True)
-        k.update(fake, real=False)
-        with torch.random.fork_rng():  # KID draws its subsets from the global RNG: fix them
-            torch.manual_seed(seed)
-            mean, std = k.compute()
-        out |= {"kid": float(mean), "kid_std": float(std), "kid_subset_size": size}
-    return out
-
-
-def frechet_distance_from_images(real, fake, feature="efficientnet_lite2", kid=False, batch_size: int = 64,
-                                 inception_weights: str | None = None, overrides: dict | None = None,
-                                 **kid_opts) -> dict:
-    """FD (and KID) between two uint8 NHWC arrays (or lists of HxWx3 arrays, or image paths).
-
-    Returns dict(fd, kid, kid_std, kid_subset_size, n_real, n_fake, feature, metric)."""
-    extractor = build_extractor(feature, inception_weights=inception_weights, overrides=overrides)
-    rf, _ = extract_features(real, extractor, batch_size)
-    ff, _ = extract_features(fake, extractor, batch_size)
-    check_count(len(rf), "real", 0)
-    check_count(len(ff), "fake", 0)
-    name = extractor.name
-    return fd_kid(rf, ff, kid=kid, **kid_opts) | {"n_real": len(rf), "n_fake": len(ff), "feature": name,
-                                                  "metric": metric_label(name)}
 
 
 def image_paths(root, what: str) -> list[str]:
@@ -112,14 +52,28 @@ def encoder_overrides(cfg) -> dict:
     return ov
 
 
+def matched_side(rule, real, fake) -> int | None:
+    """The side both sets are resized to first: true -> common_side, an int -> that side, false -> none."""
+    if isinstance(rule, bool) or str(rule).lower() in ("true", "false"):
+        return common_side(real, fake) if str(rule).lower() == "true" else None
+    try:
+        side = int(rule)
+    except (TypeError, ValueError):
+        raise UsageError(f"match_resolution={rule}: expected true, false or a side in pixels") from None
+    if side < 8:
+        raise UsageError(f"match_resolution={side}: a side of at least 8 pixels")
+    return side
+
+
 def run(cfg: DictConfig) -> dict:
     """Score `cfg.fake` against `cfg.real` (whose statistics are cached)."""
     real, fake = image_paths(cfg.real, "real"), image_paths(cfg.fake, "fake")
     extractor = build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
                                 overrides=encoder_overrides(cfg), device=cfg.get("device"))
+    side = matched_side(cfg.get("match_resolution", True), real, fake)
     ref = reference_stats(real, extractor, cfg.cache_dir, root=cfg.real, batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers)
-    ff, fake_bad = extract_features(fake, extractor, cfg.batch_size, cfg.num_workers)
+                          num_workers=cfg.num_workers, pre_size=side)
+    ff, fake_bad = extract_features(fake, extractor, cfg.batch_size, cfg.num_workers, pre_size=side)
     for what, n, bad in (("real", ref["n"], ref["n_unreadable"]), ("fake", len(ff), fake_bad)):
         if bad:
             warn(f"{what}: {bad} unreadable image(s) skipped")
@@ -128,8 +82,9 @@ def run(cfg: DictConfig) -> dict:
                  kid_subset_size=cfg.kid_subset_size, seed=cfg.seed)
     res |= {"metric": metric_label(extractor.name), "feature": extractor.name, "n_real": ref["n"],
             "n_fake": len(ff), "unreadable_real": ref["n_unreadable"], "unreadable_fake": fake_bad,
-            "real": str(cfg.real), "fake": str(cfg.fake), "real_stats_cached": ref["cached"]}
-    print(f"{res['metric']}: real {res['n_real']} images, fake {res['n_fake']} images")
+            "real": str(cfg.real), "fake": str(cfg.fake), "real_stats_cached": ref["cached"], "side": side}
+    at = f" at {side} px" if side else ""
+    print(f"{res['metric']}: real {res['n_real']} images, fake {res['n_fake']} images{at}")
     if res["kid"] is not None:
         print(f"kid={res['kid']:.6g}")
     print(f"fd={res['fd']:.6g}")

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from eval.frechet import frechet_distance, gaussian_stats, psd_sqrt
+from rsprune.frechet import frechet_distance, gaussian_stats, psd_sqrt
 from prune.embed import embed_stage, gather
 from rsprune.cache import read_json, stable_hash, write_json
 from rsprune.cli import UsageError, main

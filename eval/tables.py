@@ -5,8 +5,12 @@
 The sections are a registry in configs/eval/tables.yaml: each names a function `module:function`
 that takes one config and writes its files, the config composed for it, and values merged into
 that config (`set`: which run folders, where to write). A module adds a section by adding an
-entry there; nothing here changes. `all` runs every section whose module exists, says which it
-skipped, and exits 2 at the end if any section failed on bad input (e.g. a missing run folder).
+entry there; nothing here changes. Sections live in eval/ (or below): the tables read saved
+run files and never import the commands that wrote them.
+
+Nothing is skipped quietly: a registry entry naming an absent module or function is an error,
+and so is a section whose runs are missing (rather than a "no runs yet" table written over a
+committed one). `all` runs every section, names each that failed, and exits 2 at the end.
 """
 from __future__ import annotations
 
@@ -19,21 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from rsprune.cli import UsageError, compose, main, one_line
 
 
-class SectionMissing(Exception):
-    """The section's module or function is not there (yet)."""
-
-
 def resolve(fn: str) -> Callable:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function; UsageError when either is not there."""
     mod_name, _, attr = str(fn).partition(":")
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
-        if e.name and mod_name.startswith(e.name):  # the section's own module is absent, not a dependency
-            raise SectionMissing(f"module {mod_name} not found") from None
+        if e.name and mod_name.startswith(e.name):  # the section's own module, not one of its imports
+            raise UsageError(f"module {mod_name} not found") from None
         raise
     if not attr or not hasattr(mod, attr):
-        raise SectionMissing(f"{mod_name} has no function {attr!r}")
+        raise UsageError(f"{mod_name} has no function {attr!r}")
     return getattr(mod, attr)
 
 
@@ -58,21 +58,19 @@ def run(cfg: DictConfig) -> dict:
             raise UsageError(f"unknown section {which!r}; choose all or one of {', '.join(sections)}")
         try:
             return {which: run_section(which, sections[which])}
-        except SectionMissing as e:
-            raise UsageError(f"section {which}: {e}") from None
-    done, skipped, failed = {}, {}, {}
+        except UsageError as e:
+            raise UsageError(f"section {which}: {one_line(e)}") from None
+    done, failed = [], {}
     for name, spec in sections.items():
         try:
-            done[name] = run_section(name, spec)
-        except SectionMissing as e:
-            skipped[name] = str(e)
-            print(f"skipped {name}: {e}", file=sys.stderr)
+            run_section(name, spec)
+            done.append(name)
         except UsageError as e:
             failed[name] = one_line(e)
             print(f"error in section {name}: {failed[name]}", file=sys.stderr)
     if failed:
         raise UsageError("sections failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-    return {"done": list(done), "skipped": skipped}
+    return {"done": done}
 
 
 def argv_with_section(argv: list[str]) -> list[str]:

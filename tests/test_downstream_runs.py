@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from downstream import report, semantic_synthesis, sr
+from downstream import semantic_synthesis, sr
+from eval import downstream_tables as report
 from downstream_fixtures import DATA, backbone_run, small_cfg
 from rsprune.cli import UsageError
 

@@ -1,66 +1,134 @@
 """Convergence curves (eval/convergence.py) and the results/ rebuild (eval/tables.py)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from train_fixtures import DATA
 from PIL import Image
 
 from eval import convergence, tables
 from rsprune.cli import UsageError, compose
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
-def write_curve(run_dir: Path, fds: dict[int, float]) -> Path:
-    """A run folder whose checkpoints were rotated away but whose convergence.csv remains."""
+SETTINGS = {"metric": "FD (EfficientNet-Lite2)", "side": 64, "n_fake": 1000, "sampler": "ddim", "steps": 50,
+            "seed": 0, "test_sha256": "a" * 64}
+
+
+def write_curve(run_dir: Path, fds: dict[int, float], losses: dict[int, float] | None = None, **settings) -> Path:
+    """A run folder whose snapshots were rotated away but whose convergence.csv (and log) remain."""
     run_dir.mkdir(parents=True)
-    rows = [{"step": s, "fd": v, "kid": None, "kid_std": None, "n_fake": 500, "n_real": 500,
-             "metric": "FD (EfficientNet-Lite2)", "sampler": "ddim", "steps": 50, "seed": 0, "key": "k"}
-            for s, v in fds.items()]
+    rows = [{"step": s, "fd": v, "kid": v / 1e4, "kid_std": 1e-4, "fd_balanced": v + 1, "kid_balanced": v / 1e4,
+             "kid_balanced_std": 1e-4, "memorisation": 0.05, "n_test": 1750, "n_balanced": 900, "n_train": 2000,
+             **(SETTINGS | settings)} for s, v in fds.items()]
     pd.DataFrame(rows)[convergence.COLUMNS].to_csv(run_dir / "convergence.csv", index=False)
+    if losses:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5, "heldout_loss": v}) + "\n"
+                                                       for s, v in losses.items()))
     return run_dir
 
 
-def test_report_from_saved_curves_gives_steps_to_target(tmp_path):
-    full = write_curve(tmp_path / "full", {100: 90.0, 200: 60.0, 300: 41.0, 400: 35.0})
-    pruned = write_curve(tmp_path / "rsprune85", {100: 70.0, 200: 39.0, 300: 33.0, 400: 31.0})
-    out = tmp_path / "results"
-    res = convergence.run(compose("eval/convergence", [f"runs=[{full},{pruned}]", f"results_dir={out}",
-                                                       "target_fd=40"]))
-    assert res["steps_to_target"] == {"full": 400, "rsprune85": 200}
-    md = (out / "convergence.md").read_text()
-    assert "| 300 | 41.00 | 33.00 |" in md and "| rsprune85 | 200 | 31.00 (400) |" in md
+def conv(tmp_path, *over):
+    return convergence.run(compose("eval/convergence", [f"results_dir={tmp_path / 'results'}", *over]))
+
+
+def test_report_gives_mean_spread_and_n_per_arm_and_steps_to_target(tmp_path):
+    a = [write_curve(tmp_path / f"full-s{i}", {100: 90.0 + i, 200: 60.0 + i, 300: 41.0 + 2 * i}) for i in (0, 1)]
+    b = [write_curve(tmp_path / f"rs-s{i}", {100: 70.0 + i, 200: 39.0 + i, 300: 33.0}, {100: 0.3, 200: 0.2 + i})
+         for i in (0, 1)]
+    runs = f"runs={{full:[{a[0]},{a[1]}],rsprune:[{b[0]},{b[1]}]}}"
+    res = conv(tmp_path, runs, "target_fd=40")
+    assert res["steps_to_target"] == {"full": None, "rsprune": 200}
+    md = (tmp_path / "results" / "convergence.md").read_text()
+    # FD at step 300: full 41 and 43 -> 42.00 ± 1.41 (2); rsprune 33, 33 -> no spread
+    assert "| 300 | 42.00 ± 1.41 (2) | 33.00 ± 0.00 (2) |" in md, md
+    assert "| 200 | - | 0.7000 ± 0.7071 (2) |" in md  # held-out loss from metrics.jsonl; full logged none
     assert "FD (EfficientNet-Lite2)" in md and "FID" not in md
-    assert Image.open(out / "convergence.png").size[0] > 100
-    # no target given: the worst final FD (35), which every run reaches
-    res = convergence.run(compose("eval/convergence", [f"runs=[{full},{pruned}]", f"results_dir={out}"]))
-    assert res["target_fd"] == 35.0 and res["steps_to_target"] == {"full": 400, "rsprune85": 300}
+    assert Image.open(tmp_path / "results" / "convergence.png").size[0] > 400
+    # arms by a config key: each run its own arm without one
+    res = conv(tmp_path, f"runs=[{a[0]},{b[0]}]")
+    assert set(res["steps_to_target"]) == {"full-s0", "rs-s0"}
+
+
+def test_runs_scored_against_other_test_splits_or_sample_counts_are_refused(tmp_path):
+    a = write_curve(tmp_path / "a", {100: 50.0})
+    other_split = write_curve(tmp_path / "b", {100: 40.0}, test_sha256="b" * 64)
+    fewer = write_curve(tmp_path / "c", {100: 40.0}, n_fake=500)
+    for b in (other_split, fewer):
+        with pytest.raises(UsageError, match="do not compare"):
+            conv(tmp_path, f"runs=[{a},{b}]")
+    p = subprocess.run([sys.executable, "eval/convergence.py", f"runs=[{a},{other_split}]",
+                        f"results_dir={tmp_path / 'r'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "do not compare" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not (tmp_path / "r" / "convergence.md").exists()
+
+
+def test_old_protocol_csv_is_refused(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    pd.DataFrame([{"step": 1, "fd": 3.0, "key": "k"}]).to_csv(old / "convergence.csv", index=False)
+    with pytest.raises(UsageError, match="old protocol"):
+        conv(tmp_path, f"runs=[{old}]")
 
 
 def test_bad_run_folders_are_usage_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    for runs, msg in ((f"[{tmp_path / 'empty'}]", "no checkpoint"), (f"[{tmp_path / 'absent'}]", "does not exist"),
+    for runs, msg in ((f"[{tmp_path / 'empty'}]", "no snapshot"), (f"[{tmp_path / 'absent'}]", "does not exist"),
                       ("[]", "no run folders")):
         with pytest.raises(UsageError, match=msg):
-            convergence.run(compose("eval/convergence", [f"runs={runs}", f"results_dir={tmp_path}"]))
+            conv(tmp_path, f"runs={runs}")
 
 
-def test_tables_registry_runs_named_sections_and_skips_absent_modules(tmp_path):
+def test_balanced_resample_draws_every_class_down_to_the_smallest(tmp_path):
+    paths = [str(DATA / "aid" / c / f"{c.lower()}_{i}.jpg") for c, n in (("Beach", 5), ("Forest", 9), ("Port", 3))
+             for i in range(n)]
+    readable = np.ones(len(paths), bool)
+    readable[0] = False  # an unreadable Beach image: rows index the readable features only
+    idx = convergence.balanced_index(paths, readable, seed=0)
+    labels = np.array([Path(p).parent.name for p in sorted(paths)])[readable][idx]
+    assert sorted(labels.tolist()) == ["Beach"] * 3 + ["Forest"] * 3 + ["Port"] * 3
+    assert (convergence.balanced_index(paths, readable, seed=0) == idx).all()
+
+
+def test_memorisation_rate_sees_copies_of_training_images():
+    from eval.memorisation import memorisation_rate, threshold
+    from rsprune.features import build_extractor, extract_features
+
+    files = sorted(str(p) for p in (DATA / "aid").rglob("*.jpg"))[::40]  # ~250 images over the classes
+    ex = build_extractor("efficientnet_lite2", overrides={"resolution": 64})
+    f = extract_features(files, ex, num_workers=0, pre_size=64)[0]
+    train, test, unseen = f[0::3], f[1::3], f[2::3]
+    q = threshold(train, test, 5.0)
+    assert memorisation_rate(train, train[:40] + 1e-3, q) == 1.0  # near-copies of training images
+    assert memorisation_rate(train, unseen, q) < 0.25  # other real images: about the 5% of test images
+
+
+def test_tables_registry_runs_named_sections_and_fails_loudly_on_absent_modules(tmp_path):
     full = write_curve(tmp_path / "full", {10: 5.0, 20: 4.0})
     drop = ["~sections.pruning", "~sections.sr", "~sections.semantic_synthesis"]
     conv = [f"sections.convergence.set.runs=[{full}]", f"sections.convergence.set.results_dir={tmp_path / 'r'}"]
-    res = tables.run(compose("eval/tables", drop + conv + ["+sections.later.fn=downstream.not_yet:section"]))
-    assert res["done"] == ["convergence"] and "later" in res["skipped"]
-    assert (tmp_path / "r" / "convergence.md").is_file()
-    with pytest.raises(UsageError, match="section later"):
-        tables.run(compose("eval/tables", ["section=later", "+sections.later.fn=downstream.not_yet:section"]))
+    res = tables.run(compose("eval/tables", drop + conv))
+    assert res["done"] == ["convergence"] and (tmp_path / "r" / "convergence.md").is_file()
+    # a registry entry naming a module that is not there is broken, not "not yet": all fails, naming it
+    with pytest.raises(UsageError, match="later: module downstream.not_yet not found"):
+        tables.run(compose("eval/tables", drop + conv + ["+sections.later.fn=downstream.not_yet:section"]))
+    with pytest.raises(UsageError, match="section later: eval.convergence has no function 'nope'"):
+        tables.run(compose("eval/tables", ["section=later", "+sections.later.fn=eval.convergence:nope"]))
     with pytest.raises(UsageError, match="unknown section"):
         tables.run(compose("eval/tables", ["section=nope"]))
+
+
+def test_tables_registry_reaches_downward_only():
+    """eval sits below downstream: no section of the registry may load a downstream module."""
+    cfg = compose("eval/tables")
+    assert {n: str(s.fn).split(".")[0] for n, s in cfg.sections.items()} == {n: "eval" for n in cfg.sections}
 
 
 def test_tables_cli_missing_run_folder_exits_2(tmp_path):
@@ -71,31 +139,38 @@ def test_tables_cli_missing_run_folder_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_convergence_on_checkpoints_of_a_short_cpu_training_run(tmp_path):
-    corpus = tmp_path / "corpus"
+def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_split(tmp_path):
+    from train.main import run as train
+    from train_fixtures import aid_paths, tiny_overrides, write_kept
+
+    kept = write_kept(tmp_path / "prune", aid_paths(24))
+    test = tmp_path / "test"  # a test split of 4 classes x 6 real AID images, none of them trained on
+    trained = {Path(p).name for p in aid_paths(24)}
     for cls in ("Beach", "Forest", "Desert", "Farmland"):
-        (corpus / cls).mkdir(parents=True)
-        for f in sorted((DATA / "aid" / cls).iterdir())[:16]:
-            (corpus / cls / f.name).symlink_to(f)
+        (test / cls).mkdir(parents=True)
+        for f in [f for f in sorted((DATA / "aid" / cls).iterdir()) if f.name not in trained][:6]:
+            (test / cls / f.name).symlink_to(f)
     run_dir = tmp_path / "run"
-    train = subprocess.run([sys.executable, "train/main.py", "+experiment=cpu_small", "train.max_steps=4",
-                            "train.checkpoint_every=2", "train.batch_size=4", f"data.corpus=[{corpus}]",
-                            f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "train.sample_every=0",
-                            "data.holdout=16", "data.num_workers=0", "wandb.mode=disabled"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-2000:]
-    out = tmp_path / "results"
-    args = [f"runs=[{run_dir}]", "real=holdout", "n_real=24", "n_samples=8", "steps=4", "batch_size=8",
-            "resolution=64", "sheet_n=4", f"results_dir={out}", f"cache_dir={tmp_path / 'fid'}"]
+    train(compose("train", tiny_overrides(kept, run_dir, tmp_path / "cache", **{"train.sample_every": 0})))
+    with open(run_dir / "metrics.jsonl", "a") as f:  # as the engine logs it at a snapshot step
+        f.write(json.dumps({"step": 3, "heldout_loss": 0.25}) + "\n")
+    args = [f"runs=[{run_dir}]", f"test={test}", "n_samples=8", "steps=3", "batch_size=8", "resolution=64",
+            "sheet_n=4", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'fid'}", "warn_below=0"]
     res = convergence.run(compose("eval/convergence", args))
     csv = pd.read_csv(run_dir / "convergence.csv")
-    assert list(csv["step"]) == [2, 4] and (csv["fd"] > 0).all() and (csv["n_fake"] == 8).all()
-    assert (csv["n_real"] == 24).all()  # held-out corpus images, re-derived from the run's config
-    assert res["steps_to_target"]["run"] in (2, 4)
-    assert (out / "convergence.md").is_file() and (out / "convergence.png").is_file()
-    sheet = Image.open(out / "samples" / "run.png")
-    assert sheet.size[0] > 8 * 64  # 4 generated + 4 real tiles of 64 px, side by side
-    # rerun: every step is already scored under these settings, so nothing is regenerated
-    before = (run_dir / "convergence.csv").read_text()
+    assert list(csv["step"]) == [3, 6] and (csv["fd"] > 0).all() and (csv["n_fake"] == 8).all()
+    assert (csv["n_test"] == 24).all() and (csv["n_balanced"] == 24).all() and (csv["n_train"] == 24).all()
+    assert csv["memorisation"].between(0, 1).all() and (csv["kid_std"] > 0).all()
+    from rsprune.split import describe
+    assert (csv["test_sha256"] == describe(str(test))["sha256"]).all()
+    md = (tmp_path / "results" / "convergence.md").read_text()
+    assert "| 3 | 0.2500 (n=1) |" in md  # the held-out loss where logged
+    assert res["test_sha256"] == describe(str(test))["sha256"]
+    assert Image.open(tmp_path / "results" / "samples" / "run.png").size[0] > 8 * 32
+    before = (run_dir / "convergence.csv").read_text()  # rerun: every step already scored alike
     convergence.run(compose("eval/convergence", args + ["sheet_n=0"]))
     assert (run_dir / "convergence.csv").read_text() == before
+    # a run that recorded another test split when it trained is refused
+    (run_dir / "split.json").write_text(json.dumps({"test": [{"path": "x", "n": 1, "sha256": "f" * 64}]}))
+    with pytest.raises(UsageError, match="another test split"):
+        convergence.run(compose("eval/convergence", args + ["n_samples=9"]))

@@ -1,4 +1,4 @@
-"""Fréchet distance and KID (eval/fid.py, eval/features.py) on real AID images at 64 px features."""
+"""Fréchet distance and KID (eval/fid.py, rsprune/features.py, rsprune/frechet.py) on real AID images."""
 from __future__ import annotations
 
 import json
@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_fixtures import DATA
 
-from eval.features import build_extractor, extract_features, image_features, reference_stats
-from eval.fid import fd_kid, frechet_distance_from_images, run
-from eval.frechet import frechet_distance, frechet_distance_features, gaussian_stats
+from eval.fid import run
+from rsprune.features import (build_extractor, extract_features, frechet_distance_from_images, image_features,
+                              reference_stats)
+from rsprune.frechet import fd_kid, frechet_distance, frechet_distance_features, gaussian_stats
 from rsprune.cli import UsageError, compose
 from rsprune.imageio import load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 SMALL = {"resolution": 64}  # features at 64 px: 4x cheaper, same network and protocol
 
 
@@ -76,9 +77,17 @@ def test_image_api_matches_features_and_adapts_kid_subset(clean):
     g = image_features(fake, "efficientnet_lite2", overrides=SMALL)
     assert res["n_real"] == 120 and res["n_fake"] == 40 and res["metric"] == "FD (EfficientNet-Lite2)"
     assert abs(res["fd"] - frechet_distance_features(f, g)) / res["fd"] < 1e-4
-    assert res["kid_subset_size"] == 40 and res["kid"] > 0
+    assert res["kid_subset_size"] == 20 and res["kid"] > 0  # half the smaller set (40)
     same = fd_kid(f[0::2], f[1::2], kid=True)  # two draws of the same classes: KID near 0
     assert same["kid"] < res["kid"]
+
+
+def test_kid_std_is_a_spread_over_distinct_subsets(clean):
+    """Subsets as large as the smaller set are all that set: the std over them would be 0."""
+    _, f = clean
+    res = fd_kid(f[:60], f[60:], kid=True, kid_subset_size=1000)
+    assert res["kid_subset_size"] == 30
+    assert res["kid_std"] > 0.05 * abs(res["kid"]), res
 
 
 def test_reference_stats_are_cached_by_content(tmp_path, extractor):
@@ -120,8 +129,57 @@ def test_cli_prints_fd_last_writes_json_and_skips_unreadable(tmp_path):
     assert last.startswith("fd=") and "kid=" in p.stdout
     res = json.loads(out.read_text())
     assert float(last[3:]) == pytest.approx(res["fd"], rel=1e-5)
-    assert res["n_fake"] == 20 and res["unreadable_fake"] == 1 and res["kid_subset_size"] == 20
+    assert res["n_fake"] == 20 and res["unreadable_fake"] == 1 and res["kid_subset_size"] == 10
     assert "biased" in p.stderr and "1 unreadable" in p.stderr
+
+
+def test_sets_at_different_resolutions_are_compared_at_the_smaller_side(clean):
+    """The same 120 AID images at 128 px against themselves at 64 px: FD must be ~0 once both are
+    at 64 px; without matching, the resize gap alone scores far above two draws of one set."""
+    imgs, _ = clean
+    from rsprune.imageio import resize
+
+    hi = np.stack([resize(im, 128) for im in imgs])
+    lo = np.stack([resize(im, 64) for im in imgs])
+    matched = frechet_distance_from_images(hi, lo, overrides=SMALL)
+    raw = frechet_distance_from_images(hi, lo, overrides={"resolution": 128}, match_resolution=False)
+    assert matched["side"] == 64 and raw["side"] is None
+    assert matched["fd"] < 0.05 * raw["fd"], (matched["fd"], raw["fd"])
+
+
+def test_cli_matches_resolution_and_keys_the_cache_by_side(tmp_path):
+    real = link(tmp_path / "real", aid_paths(1)[:8])  # AID tiles are 600 px
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    from PIL import Image
+
+    from rsprune.imageio import resize
+    for p in aid_paths(1)[:8]:
+        Image.fromarray(resize(load_rgb(p), 64)).save(fake / f"{p.stem}.png")
+    base = [f"real={real}", f"fake={fake}", "resolution=64", f"cache_dir={tmp_path / 'c'}", "num_workers=0",
+            "kid=false", "warn_below=0"]
+    same = run(compose("eval/fid", base))
+    assert same["side"] == 64 and not same["real_stats_cached"]
+    assert run(compose("eval/fid", base))["real_stats_cached"]
+    off = run(compose("eval/fid", base + ["match_resolution=false"]))  # other real features: another key
+    assert off["side"] is None and not off["real_stats_cached"]
+    assert run(compose("eval/fid", base + ["match_resolution=32"]))["side"] == 32
+    with pytest.raises(UsageError, match="match_resolution"):
+        run(compose("eval/fid", base + ["match_resolution=big"]))
+
+
+def test_inception_without_weights_offline_is_a_one_line_error(tmp_path):
+    """No inception_weights and no network (a refused proxy, an empty torch hub): one line, exit 2."""
+    import os
+
+    real = link(tmp_path / "real", aid_paths(1)[:3])
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+    env |= {"https_proxy": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "torch")}
+    p = subprocess.run([sys.executable, "eval/fid.py", f"real={real}", f"fake={real}", "feature=inception"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "inception_weights=PATH" in p.stderr, p.stderr
+    assert not list((tmp_path / "torch").rglob("*.pth"))  # nothing half-written left behind
 
 
 def test_missing_inception_weights_is_a_one_line_error(tmp_path):
@@ -130,8 +188,10 @@ def test_missing_inception_weights_is_a_one_line_error(tmp_path):
     p = cli(f"real={real}", f"fake={real}", "feature=inception", f"inception_weights={missing}")
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and str(missing) in p.stderr, p.stderr
-    p = cli(f"real={real}", f"fake={real}", "feature=inception")  # no path at all
-    assert p.returncode == 2 and "inception_weights=None" in p.stderr, p.stderr
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a state dict")
+    p = cli(f"real={real}", f"fake={real}", "feature=inception", f"inception_weights={bad}")
+    assert p.returncode == 2 and "not a plain state dict" in p.stderr, p.stderr
 
 
 def test_too_few_images_and_unknown_feature_are_usage_errors(tmp_path):

@@ -84,7 +84,7 @@ class FDHook:
         self.cfg, self.real_fn, self.real, self.fn = cfg, real_fn, None, None
         if self.every > 0:
             try:
-                from eval.fid import frechet_distance_from_images  # lazy: the eval package is optional
+                from rsprune.features import frechet_distance_from_images  # lazy: loads the feature network
                 self.fn = frechet_distance_from_images
             except ImportError as e:
                 log.warning("FD hook off: eval.fid.frechet_distance_from_images unavailable (%s)", e)

@@ -1,7 +1,8 @@
 """Gaussian statistics of feature sets and the Fréchet distance between them, in float64 NumPy/SciPy.
 
-This is the reference implementation the torchmetrics path (eval/fid.py) is checked against,
-and the one the training-free subset-quality table uses on precomputed embeddings:
+The float64 NumPy/SciPy functions are the reference the torchmetrics path (`fd_kid`, what every
+reported FD/KID goes through: eval/fid.py, eval/convergence.py, train's FD hook, downstream) is
+checked against, and what the training-free subset-quality table uses on precomputed embeddings:
 
     FD = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
 
@@ -13,8 +14,14 @@ feature matrices with few samples, `frechet_distance_features` uses an exact sam
 """
 from __future__ import annotations
 
+import sys
+import warnings
+
 import numpy as np
+import torch
 from scipy import linalg
+
+from rsprune.errors import UsageError
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,3 +80,60 @@ def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
     diff = mu1 - mu2
     fd = float(diff @ diff + (a * a).sum() / c1 + (b * b).sum() / c2 - 2.0 * cross)
     return max(fd, 0.0)
+
+
+class PrecomputedFeatures(torch.nn.Module):
+    """The 'feature network' handed to torchmetrics when features are already extracted (and cached)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def check_count(n: int, what: str, warn_below: int = 300) -> None:
+    """FD needs a covariance: at least 2 images; under a few hundred the estimate is biased."""
+    if n < 2:
+        raise UsageError(f"{what}: {n} readable image(s); FD needs at least 2")
+    if n < warn_below:
+        print(f"warning: {what}: only {n} images; FD is biased upward at small N (compare FDs only at "
+              f"equal N, or use KID)", file=sys.stderr)
+
+
+def kid_subset(requested: int, n_real: int, n_fake: int) -> int:
+    """KID subset size: at most half the smaller set, so that the subsets differ from one another
+    and the std over them is a real spread (subsets of the whole set all coincide: std 0)."""
+    return int(max(1, min(int(requested), min(n_real, n_fake) // 2)))
+
+
+def fd_kid(real_feats: np.ndarray, fake_feats: np.ndarray, kid: bool = False, kid_subsets: int = 100,
+           kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """FD (and KID mean/std over `kid_subsets` random subsets, see kid_subset) between two
+    feature matrices, computed by torchmetrics in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    d = real_feats.shape[1]
+    real, fake = torch.as_tensor(real_feats, dtype=torch.float64), torch.as_tensor(fake_feats, dtype=torch.float64)
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(d))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    out = {"fd": max(float(metric.compute()), 0.0),  # rounding leaves -1e-4 for identical sets
+           "kid": None, "kid_std": None, "kid_subset_size": None}
+    if kid:
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        size = kid_subset(kid_subset_size, len(real), len(fake))
+        if size < 2:
+            raise UsageError(f"KID needs at least 4 images per set (subsets of half the smaller set); "
+                             f"have {len(real)} real, {len(fake)} fake")
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")  # bounded by N here
+        k = KernelInceptionDistance(feature=PrecomputedFeatures(d), subsets=int(kid_subsets), subset_size=size)
+        k.update(real, real=True)
+        k.update(fake, real=False)
+        with torch.random.fork_rng():  # KID draws its subsets from the global RNG: fix them
+            torch.manual_seed(seed)
+            mean, std = k.compute()
+        out |= {"kid": float(mean), "kid_std": float(std), "kid_subset_size": size}
+    return out

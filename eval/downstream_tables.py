@@ -1,10 +1,12 @@
-"""Tables of the downstream runs, rebuilt from their metrics.json (sections of eval/tables.py).
+"""Tables of the downstream runs, rebuilt from their saved metrics.json (sections of eval/tables.py).
 
     python eval/tables.py sr                   # -> results/sr.md
     python eval/tables.py semantic_synthesis   # -> results/semantic_synthesis.md
 
-Which runs: `report.runs` of configs/downstream/*.yaml (folders or glob patterns), overridable
-with `sections.<name>.set.report.runs=[...]`.
+They read run folders only (nothing of downstream/ is imported: eval sits below downstream).
+Which runs: `report.runs` of the section in configs/eval/tables.yaml (folders or glob
+patterns), overridable with `sections.<name>.set.report.runs=[...]`. No matching run with a
+metrics.json of the task is an error (exit 2), never an empty table over a committed one.
 """
 from __future__ import annotations
 

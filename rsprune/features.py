@@ -1,23 +1,30 @@
 """Feature extractors for Fréchet distance / KID, and cached statistics of reference sets.
 
+The ground floor of every FD/KID in the project: train's FD hook, eval/fid.py,
+eval/convergence.py and downstream/ all extract features here and score them with
+rsprune.frechet.fd_kid.
+
 Feature spaces (`feature=NAME`):
 - any encoder of the registry `configs/encoder/NAME.yaml` (offline default `efficientnet_lite2`;
   `efficientnet_lite0` is the pruning encoder, so it is a biased judge of pruned sets). The
   feature is the encoder's globally average-pooled last feature map, NOT L2-normalised (as
   Inception's pool3 for FID), cast to float64.
-- `inception`: the standard FID network (torchmetrics' Inception-v3 port, 2048-d pool3), from a
-  LOCAL weights file `inception_weights=PATH` (pt_inception-2015-12-05); nothing downloads. It
-  needs the `torch-fidelity` package. Only this space may be called "FID"; every other table
-  header says "FD (<space>)".
+- `inception`: the standard FID network (torch-fidelity's Inception-v3 port via torchmetrics,
+  2048-d pool3; `pip install rs-prune[fid]`). Its weights (pt_inception-2015-12-05) come from
+  `inception_weights=PATH`, or, when that is not given, are fetched once from torch-fidelity's
+  release URL into torch's hub cache (where torch-fidelity keeps them); offline and without a
+  path it fails in one line. The file is checked to load as plain tensors before the network
+  reads it. Only this space may be called "FID"; every other table header says "FD (<space>)".
 
 Resize protocol: every image, real or generated, is decoded by rsprune.imageio.load_rgb (band
-rule) and resized by rsprune.imageio.resize (antialiased bicubic, PIL) to the extractor's
-square input size (the encoder config's `resolution`, 299 for Inception) before the network
-sees it; images already at that size pass untouched.
+rule), optionally first brought to a common side `pre_size` (see common_side: two sets at
+different resolutions are compared at the smaller one), then resized by rsprune.imageio.resize
+(antialiased bicubic, PIL) to the extractor's square input size (the encoder config's
+`resolution`, 299 for Inception); images already at a size pass untouched.
 
 Reference statistics are cached under `cache_dir` keyed by a content hash of the files (relative
-path + bytes) and the extractor's key (name, resolution, weights): `<key>.npz` with features
-(float32, for KID), mu and sigma (float64), n and n_unreadable. Writes are atomic.
+path + bytes), the extractor's key (name, resolution, weights) and `pre_size`: `<key>.npz` with
+features (float32, for KID), mu and sigma (float64), n and n_unreadable. Writes are atomic.
 """
 from __future__ import annotations
 
@@ -30,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from rsprune.cache import atomic_path, stable_hash
 from rsprune.cli import CONFIG_DIR, UsageError
+from rsprune.frechet import check_count, fd_kid, gaussian_stats
 from rsprune.imageio import UnreadableImage, load_rgb, resize
-
-from eval.frechet import frechet_distance, gaussian_stats  # noqa: F401  (re-exported API)
 
 INCEPTION = "inception"
 LABELS = {"efficientnet_lite0": "EfficientNet-Lite0", "efficientnet_lite2": "EfficientNet-Lite2",
@@ -73,24 +80,61 @@ class EncoderFeatures(torch.nn.Module):
         return self._pool(self.model, x).double().cpu()
 
 
+# torch-fidelity's release of the TF FID Inception weights (its URL_INCEPTION_V3); the name carries
+# a sha256 prefix, checked on download as torch.hub does.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+
+
+def inception_weights_file(weights: str | None) -> str:
+    """A local Inception weights file: `weights` if given, else torch-fidelity's file fetched once
+    into torch's hub cache. UsageError (one line) when it is missing or cannot be fetched."""
+    if weights:
+        if not Path(weights).is_file():
+            raise UsageError(f"feature=inception: inception_weights={weights} not found "
+                             f"(pt_inception-2015-12-05 weights, {INCEPTION_URL})")
+        return str(weights)
+    name = INCEPTION_URL.rsplit("/", 1)[1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:  # writes a temporary file and renames it when the hash matches
+            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix="6726825d", progress=False)
+        except Exception as e:  # offline, proxy refused, hash mismatch: all say the same thing to a user
+            reason = " ".join(str(e).split())[:120]
+            raise UsageError(f"feature=inception: could not fetch the FID weights ({reason}); offline, "
+                             f"download {INCEPTION_URL} elsewhere and pass inception_weights=PATH") from None
+    return str(cached)
+
+
+def verified_state_dict_file(path: str) -> str:
+    """`path` after checking it unpickles as plain tensors (weights_only): torch-fidelity itself
+    loads it with the full unpickler, which must never see an arbitrary object."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"inception_weights={path}: not a plain state dict ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"inception_weights={path}: not a state dict of tensors")
+    return path
+
+
 class InceptionFeatures(torch.nn.Module):
     """uint8 NCHW batch at 299 px -> (N, 2048) float64 Inception-v3 pool3 features (FID)."""
 
     def __init__(self, weights: str | None):
         super().__init__()
-        if not weights or not Path(weights).is_file():
-            raise UsageError(f"feature=inception needs local Inception-v3 FID weights "
-                             f"(pt_inception-2015-12-05-*.pth): inception_weights={weights} not found")
+        path = verified_state_dict_file(inception_weights_file(weights))
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=str(weights))
+                                          feature_extractor_weights_path=path)
         except ModuleNotFoundError as e:
-            raise UsageError(f"feature=inception needs the torch-fidelity package ({e.name or e} missing); "
-                             f"or use an encoder feature such as feature=efficientnet_lite2") from None
+            raise UsageError(f"feature=inception needs the torch-fidelity package (pip install 'rs-prune[fid]'; "
+                             f"{' '.join(str(e).split())[:80]}); or use feature=efficientnet_lite2") from None
         self.name, self.resolution, self.num_features = INCEPTION, 299, 2048
-        self.key = {"feature": INCEPTION, "resolution": 299, "weights": _file_digest(weights)}
+        self.key = {"feature": INCEPTION, "resolution": 299, "weights": _file_digest(path)}
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +178,11 @@ def build_extractor(feature: str | torch.nn.Module = "efficientnet_lite2", incep
                   json.dumps(ov, sort_keys=True), device)
 
 
+def _to_side(rgb: np.ndarray, pre_size: int | None, size: int) -> np.ndarray:
+    """Resize to the common side `pre_size` (if any), then to the extractor's input `size`."""
+    return resize(resize(rgb, pre_size) if pre_size else rgb, size)
+
+
 class _Decoded(torch.utils.data.Dataset):
     """Paths -> resized uint8 HxWx3 tensors; unreadable files come back as None (skipped)."""
 
@@ -145,44 +194,48 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            rgb = load_rgb(self.paths[i])
-            if self.pre_size:  # e.g. real images brought to the generator's resolution first
-                rgb = resize(rgb, self.pre_size)
-            return torch.from_numpy(resize(rgb, self.size))
+            return torch.from_numpy(_to_side(load_rgb(self.paths[i]), self.pre_size, self.size))
         except UnreadableImage:
             return None
 
 
 def _collate(items):
     kept = [x for x in items if x is not None]
-    return (torch.stack(kept) if kept else None), len(items) - len(kept)
+    return (torch.stack(kept) if kept else None), np.array([x is not None for x in items], bool)
 
 
 def _batches(items, size: int, batch_size: int, num_workers: int, pre_size: int | None = None):
-    """Yield (uint8 NCHW batch or None, n_unreadable) for paths or a uint8 NHWC array / list of arrays."""
+    """Yield (uint8 NCHW batch or None, readable mask) for paths or a uint8 NHWC array / list of arrays."""
     if isinstance(items, np.ndarray) or (len(items) and isinstance(items[0], np.ndarray)):
         for i in range(0, len(items), batch_size):
-            chunk = [resize(np.asarray(a, np.uint8), size) for a in items[i:i + batch_size]]
-            yield torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2), 0
+            chunk = [_to_side(np.asarray(a, np.uint8), pre_size, size) for a in items[i:i + batch_size]]
+            yield torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2), np.ones(len(chunk), bool)
         return
     loader = torch.utils.data.DataLoader(_Decoded([str(p) for p in items], size, pre_size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate, shuffle=False)
-    for batch, bad in loader:
-        yield (None if batch is None else batch.permute(0, 3, 1, 2).contiguous()), bad
+    for batch, ok in loader:
+        yield (None if batch is None else batch.permute(0, 3, 1, 2).contiguous()), ok
 
 
 def extract_features(items, extractor: torch.nn.Module, batch_size: int = 64, num_workers: int = 0,
                      pre_size: int | None = None) -> tuple[np.ndarray, int]:
     """(features (N, d) float64 of the readable items in order, number of unreadable items skipped).
 
-    `pre_size`: image files are first resized to this side (then to the extractor's)."""
-    out, bad = [], 0
-    for batch, n_bad in _batches(items, extractor.resolution, batch_size, num_workers, pre_size):
-        bad += n_bad
+    `pre_size`: images are first resized to this side (then to the extractor's), see common_side."""
+    feats, ok = features_and_mask(items, extractor, batch_size, num_workers, pre_size)
+    return feats, int((~ok).sum())
+
+
+def features_and_mask(items, extractor: torch.nn.Module, batch_size: int = 64, num_workers: int = 0,
+                      pre_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features of the readable items in order, bool mask over `items` of which were readable)."""
+    out, masks = [], []
+    for batch, ok in _batches(items, extractor.resolution, batch_size, num_workers, pre_size):
+        masks.append(ok)
         if batch is not None:
             out.append(extractor(batch).numpy())
     feats = np.concatenate(out) if out else np.zeros((0, extractor.num_features), np.float64)
-    return feats, bad
+    return feats, (np.concatenate(masks) if masks else np.zeros(0, bool))
 
 
 def image_features(paths_or_arrays, feature: str | torch.nn.Module = "efficientnet_lite2", batch_size: int = 64,
@@ -190,6 +243,46 @@ def image_features(paths_or_arrays, feature: str | torch.nn.Module = "efficientn
     """(N, d) float64 features of image paths or uint8 HxWx3 arrays (unreadable files skipped)."""
     extractor = build_extractor(feature, **extractor_kw)
     return extract_features(paths_or_arrays, extractor, batch_size, num_workers)[0]
+
+
+def _side(item) -> int | None:
+    """Shorter side of one image (array, or file: header only when PIL can read it)."""
+    if isinstance(item, np.ndarray):
+        return int(min(item.shape[:2]))
+    try:
+        with Image.open(item) as im:
+            return int(min(im.size))
+    except Exception:  # multi-band TIFF and the like: decode by the band rule
+        try:
+            return int(min(load_rgb(item).shape[:2]))
+        except UnreadableImage:
+            return None  # counted as unreadable by the extraction itself
+
+
+def common_side(*sets) -> int | None:
+    """The side both sets are brought to before feature extraction: the smallest image side found
+    in any of them. Downsampling the sharper set removes the resolution gap (which FD would
+    otherwise measure instead of content); upsampling the smaller one cannot add detail back."""
+    sides = [s for items in sets for s in map(_side, items) if s is not None]
+    return min(sides) if sides else None
+
+
+def frechet_distance_from_images(real, fake, feature="efficientnet_lite2", kid=False, batch_size: int = 64,
+                                 inception_weights: str | None = None, overrides: dict | None = None,
+                                 match_resolution: bool = True, **kid_opts) -> dict:
+    """FD (and KID) between two uint8 NHWC arrays (or lists of HxWx3 arrays, or image paths),
+    both brought to their common side first (match_resolution).
+
+    Returns dict(fd, kid, kid_std, kid_subset_size, n_real, n_fake, feature, metric, side)."""
+    extractor = build_extractor(feature, inception_weights=inception_weights, overrides=overrides)
+    side = common_side(real, fake) if match_resolution else None
+    rf, _ = extract_features(real, extractor, batch_size, pre_size=side)
+    ff, _ = extract_features(fake, extractor, batch_size, pre_size=side)
+    check_count(len(rf), "real", 0)
+    check_count(len(ff), "fake", 0)
+    name = extractor.name
+    return fd_kid(rf, ff, kid=kid, **kid_opts) | {"n_real": len(rf), "n_fake": len(ff), "feature": name,
+                                                  "metric": metric_label(name), "side": side}
 
 
 def _file_digest(path) -> str:
@@ -216,16 +309,20 @@ def reference_stats(paths, extractor: torch.nn.Module, cache_dir: str | os.PathL
                     pre_size: int | None = None) -> dict:
     """Features and Gaussian statistics of a reference image set, cached by content hash.
 
-    Returns dict(features float32 (n, d), mu, sigma float64, n, n_unreadable, key, cached)."""
+    Returns dict(features float32 (n, d), mu, sigma float64, n, n_unreadable, readable (bool mask
+    over the sorted paths: which rows the features are), key, cached)."""
     paths = sorted(str(p) for p in paths)
     key = stable_hash(content_hash(paths, root), extractor.key, {"pre_size": pre_size})
     path = Path(cache_dir) / f"{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         with np.load(path) as z:
-            return {k: z[k] for k in ("features", "mu", "sigma")} | {
-                "n": int(z["n"]), "n_unreadable": int(z["n_unreadable"]), "key": key, "cached": True}
-    feats, bad = extract_features(paths, extractor, batch_size, num_workers, pre_size)
-    stats = {"features": feats.astype(np.float32), "n": len(feats), "n_unreadable": bad}
+            if "readable" in z or int(z["n_unreadable"]) == 0:  # older entries lack the mask
+                ok = z["readable"] if "readable" in z else np.ones(int(z["n"]), bool)
+                return {k: z[k] for k in ("features", "mu", "sigma")} | {
+                    "n": int(z["n"]), "n_unreadable": int(z["n_unreadable"]), "readable": ok, "key": key,
+                    "cached": True}
+    feats, ok = features_and_mask(paths, extractor, batch_size, num_workers, pre_size)
+    stats = {"features": feats.astype(np.float32), "n": len(feats), "n_unreadable": int((~ok).sum()), "readable": ok}
     if len(feats) >= 2:
         stats["mu"], stats["sigma"] = gaussian_stats(feats)
     if path is not None and len(feats) >= 2:

@@ -1,0 +1,150 @@
+"""The convergence report: per arm and step, mean, spread (std over runs) and number of runs of
+each metric; results/convergence.md and results/convergence.png (curves with +-1 std bands).
+
+A difference between arms means something only beyond the spread of runs within an arm: the
+table prints `mean ± std (n)`, and a single run prints its value with `(n=1)`, no spread.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rsprune.cache import atomic_path, write_text
+from rsprune.cli import UsageError
+
+# (column, table heading, format) of each reported metric, in the order of the tables and panels
+METRICS = [("fd", "{metric} against the whole test split", "{:.2f}"),
+           ("fd_balanced", "{metric} against the class-balanced test split", "{:.2f}"),
+           ("kid", "KID x 1000 against the whole test split (std over subsets in the CSV)", "{:.2f}"),
+           ("memorisation", "memorisation rate (share of samples nearer a training image than the {pct}th "
+                            "percentile of test-to-train distances)", "{:.3f}"),
+           ("heldout_loss", "held-out denoising loss on the test split (training log)", "{:.4f}")]
+SCALE = {"kid": 1000.0}
+
+
+def check_comparable(curves: dict[str, pd.DataFrame], settings: list[str]) -> None:
+    """UsageError unless every scored row of every run shares the same settings."""
+    seen = {}
+    for name, c in curves.items():
+        scored = c.dropna(subset=["fd"])
+        for key in {tuple(str(v) for v in r) for r in scored[settings].itertuples(index=False)}:
+            seen.setdefault(key, []).append(name)
+    if len(seen) > 1:
+        parts = [" ".join(f"{k}={str(v)[:12]}" for k, v in zip(settings, key)) + f" [{', '.join(sorted(set(names)))}]"
+                 for key, names in seen.items()]
+        raise UsageError("runs scored under different settings do not compare (rescore them alike): "
+                         + " | ".join(parts))
+
+
+def aggregate(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Long table: arm, step, metric column, mean, std (ddof 1; 0 for one run), n runs."""
+    long = pd.concat([c.assign(run=name) for name, c in curves.items()], ignore_index=True)
+    out = []
+    for col, _, _ in METRICS:
+        if col not in long:
+            continue
+        vals = long.dropna(subset=[col]).astype({col: float})
+        for (arm, step), g in vals.groupby(["arm", "step"], sort=True):
+            v = g[col].to_numpy() * SCALE.get(col, 1.0)
+            out.append({"arm": arm, "step": int(step), "metric": col, "mean": float(v.mean()),
+                        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))})
+    return pd.DataFrame(out, columns=["arm", "step", "metric", "mean", "std", "n"])
+
+
+def cell(g: pd.DataFrame, fmt: str) -> str:
+    if not len(g):
+        return "-"
+    r = g.iloc[0]
+    return f"{fmt.format(r['mean'])} ± {fmt.format(r['std'])} ({int(r['n'])})" if r["n"] > 1 else \
+        f"{fmt.format(r['mean'])} (n=1)"
+
+
+def steps_to_reach(agg: pd.DataFrame, arm: str, target: float) -> int | None:
+    """First step whose arm-mean FD is at or under `target` (None if never)."""
+    g = agg[(agg.arm == arm) & (agg.metric == "fd") & (agg["mean"] <= target)]
+    return int(g["step"].min()) if len(g) else None
+
+
+def default_target(agg: pd.DataFrame) -> float | None:
+    """The worst final arm-mean FD: a level every arm reaches, so the steps compare speed."""
+    fd = agg[agg.metric == "fd"].sort_values("step")
+    finals = [g["mean"].iloc[-1] for _, g in fd.groupby("arm")]
+    return float(max(finals)) if finals else None
+
+
+def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | None, cfg, info: dict) -> str:
+    lines = [f"# Convergence: {metric}, KID, memorisation and held-out loss per arm", "",
+             f"{info['n_fake']} EMA samples per step, {str(cfg.sampler).upper()} {cfg.steps} steps, seed {cfg.seed}, "
+             f"scored at {info['side']} px against the test split {info['test']} ({info['n_test']} images; "
+             f"class-balanced resample: {info['n_balanced']}). Cells: mean ± std over runs (n runs). Rebuilt by "
+             "`python eval/convergence.py` (or `python eval/tables.py convergence`).", ""]
+    for col, head, fmt in METRICS:
+        sub = agg[agg.metric == col]
+        if not len(sub):
+            continue
+        pct = cfg.get("memorisation_percentile", 5)
+        lines += [f"## {head.format(metric=metric, pct=pct)}", "", "| step | " + " | ".join(arms) + " |",
+                  "|---:|" + "---:|" * len(arms)]
+        for step in sorted(sub["step"].unique()):
+            cells = [cell(sub[(sub.step == step) & (sub.arm == a)], fmt) for a in arms]
+            lines.append(f"| {int(step)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if target is not None:
+        how = "given" if cfg.get("target_fd") is not None else "the worst final arm-mean FD"
+        lines += [f"Steps to reach arm-mean {metric} <= {target:.2f} ({how}):", "", "| arm | steps |", "|---|---:|"]
+        for a in arms:
+            reach = steps_to_reach(agg, a, target)
+            lines.append(f"| {a} | {reach if reach is not None else 'not reached'} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(c, h) for c, h, _ in METRICS if len(agg[agg.metric == c])]
+    cols = min(3, max(len(panels), 1))
+    rows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    titles = {"fd": metric, "fd_balanced": f"{metric}, balanced test", "kid": "KID x 1000",
+              "memorisation": "memorisation rate", "heldout_loss": "held-out loss"}
+    for ax, (col, _) in zip(axes.flat, panels):
+        for i, a in enumerate(arms):
+            g = agg[(agg.metric == col) & (agg.arm == a)].sort_values("step")
+            if not len(g):
+                continue
+            color = f"C{i}"
+            ax.plot(g["step"], g["mean"], marker="o", color=color, label=f"{a} (n={int(g['n'].max())})")
+            ax.fill_between(g["step"], g["mean"] - g["std"], g["mean"] + g["std"], color=color, alpha=0.2)
+        ax.set_title(titles[col], fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path) -> dict:
+    """Aggregate, write convergence.md and convergence.png; return the numbers."""
+    agg = aggregate(curves)
+    arms = list(dict.fromkeys(a for c in curves.values() for a in c["arm"]))
+    scored = pd.concat([c.dropna(subset=["fd"]) for c in curves.values()])
+    metric = str(scored["metric"].iloc[0]) if len(scored) else "FD"
+    first = scored.iloc[0] if len(scored) else {}
+    info = {k: (int(float(first[k])) if len(scored) else "?") for k in ("n_fake", "side", "n_test", "n_balanced")}
+    info["test"] = str(first.get("test_sha256", "?"))[:12]
+    target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(agg)
+    write_text(results_dir / "convergence.md", markdown(agg, arms, metric, target, cfg, info))
+    figure(agg, arms, metric, results_dir / "convergence.png")
+    print(f"wrote {results_dir / 'convergence.md'} and {results_dir / 'convergence.png'}")
+    return {"aggregate": agg.to_dict("records"), "target_fd": target,
+            "steps_to_target": {a: steps_to_reach(agg, a, target) if target is not None else None for a in arms},
+            "test_sha256": str(first.get("test_sha256")) if len(scored) else None}
