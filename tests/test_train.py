@@ -187,7 +187,6 @@ def test_accumulation_bf16_v_prediction(setup_dir):
 
 
 def test_fd_hook_logs_a_distance(setup_dir):
-    pytest.importorskip("eval.fid", reason="the eval package's FD function is not there yet")
     root, kept, cache = setup_dir
     run_dir = root / "fd"
     _run(tiny_overrides(kept, run_dir, cache, **{"train.max_steps": 2, "train.sample_every": 0,

@@ -21,8 +21,12 @@ from train.hooks import FDHook
 log = logging.getLogger("train")
 
 
-def run(cfg) -> dict:
-    """Train until train.max_steps; returns a summary (step, loss, images/s, checkpoint)."""
+def run(cfg, probes: engine.Probes | None = None) -> dict:
+    """Train until train.max_steps; returns a summary (step, loss, images/s, checkpoint).
+
+    `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
+    latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
+    """
     from accelerate.utils import set_seed
 
     engine.check_sizes(cfg)
@@ -44,7 +48,8 @@ def run(cfg) -> dict:
                               **_psnr(first_stage, hold_paths, res)},
         sample=lambda model: sample_latents(model, noise_scheduler, int(t.sample_n), int(t.sample_seed),
                                             int(t.sample_steps), "ddim"),
-        ema_hooks=[FDHook(cfg, lambda: tdata.load_images(hold_paths, res), noise_scheduler, first_stage)])
+        ema_hooks=[FDHook(cfg, lambda: tdata.load_images(hold_paths, res), noise_scheduler, first_stage)],
+        probes=probes or engine.NoProbes())
     summary, _ = engine.fit(acc, cfg, job, run_dir)
     acc.end_training()
     return summary
