@@ -41,9 +41,8 @@ def test_accelerate_launch_trains_checkpoints_and_resumes(tmp_path, num_processe
     first = _launch(num_processes, over)
     assert first.returncode == 0, first.stderr[-3000:]
     ck = run_dir / "checkpoints/step_0000002"
-    # every process saved its RNG state into the one checkpoint the main process published
-    assert sorted(p.name for p in ck.glob("random_states_*.pkl")) == [f"random_states_{i}.pkl"
-                                                                      for i in range(num_processes)]
+    # the main process published one state, safetensors + JSON only (no per-process RNG pickles)
+    assert {p.suffix for p in ck.rglob("*") if p.is_file()} == {".json", ".safetensors"}
     assert (ck / "unet_ema").is_dir() and (run_dir / "samples/step_0000002.png").is_file()
     meta = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert meta["epoch"] == pytest.approx(4 * num_processes / 16)  # global batch = 4 x processes
