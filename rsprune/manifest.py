@@ -48,16 +48,16 @@ def kept_file(spec: str | os.PathLike) -> Path:
 def read_kept(spec: str | os.PathLike) -> list[str]:
     """Selected paths of a prune run, absolute: `spec` is a kept.txt (or any list file) or a run folder.
 
-    The one reader of such lists: blank lines and '#' comments are skipped, and a relative line
-    is taken relative to the list's folder, so a run folder moved together with its images still
-    works. Existence is the caller's check (training skips missing files with a count).
+    The one reader of selections: rsprune.corpus.read_list's rules ('#' comments, a `# base:`
+    header, otherwise relative lines relative to the list's folder, so a run folder moved together
+    with its images still works). Existence is the caller's check (training counts missing files).
     """
+    from rsprune.corpus import read_list
+
     path = kept_file(spec)
     if not path.is_file():
         raise FileNotFoundError(f"no kept list at {path}")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    return [ln if os.path.isabs(ln) else os.path.normpath(os.path.join(path.parent.resolve(), ln))
-            for ln in lines if ln and not ln.startswith("#")]
+    return read_list(path)
 
 
 def prune_run_hash(spec: str | os.PathLike) -> dict:
