@@ -58,6 +58,9 @@ def test_run_folder_and_generate_api(setup_dir):
     if not (run_dir / "checkpoints").exists():
         _run(tiny_overrides(kept, run_dir, cache))
     assert (run_dir / "config.yaml").is_file()
+    split = json.loads((run_dir / "split.json").read_text())  # the data sets it was given, hashed
+    assert split["corpus"][0]["n"] == 10000 and len(split["test"][0]["sha256"]) == 64
+    assert "subset_hash" in (run_dir / "config.yaml").read_text()  # the prune run it trained on
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     # total limit 2 by default, both kept; a third step rotates the oldest out (tested below).
     assert [s for s, _ in list_checkpoints(run_dir)] == [3, 6]

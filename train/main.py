@@ -12,11 +12,14 @@ from pathlib import Path
 
 import torch
 
+from rsprune import layout
+from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
+from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
 from train.generate import sample_latents
-from train.hooks import FDHook
+from train.hooks import FDHook, check_config
 
 log = logging.getLogger("train")
 
@@ -35,6 +38,9 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     cfg, subset = _with_subset_hash(cfg)
     acc = engine.accelerator(cfg)
     run_dir = Path(str(cfg.run_dir))
+    check_config(run_dir, cfg, write=False)  # refuse another run's folder before encoding anything
+    if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
+        write_json(run_dir / layout.SPLIT, split_record(cfg.data))
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
     # Seeded here, after data preparation (whose DataLoader draws from the global RNG only when
     # the cache is cold): the initial weights are the same on every process and every run.
