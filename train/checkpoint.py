@@ -2,8 +2,9 @@
 
 A checkpoint `checkpoints/step_XXXXXXX/` (rsprune.layout) is written to a temporary folder by
 the main process and renamed when complete. It holds only safetensors and JSON, so resuming
-unpickles nothing (accelerate's save_state would write `custom_checkpoint_*.pkl` and
-`random_states_*.pkl`, which its load_state unpickles with weights_only=False):
+unpickles nothing. (accelerate 1.15's load_state unpickles registered objects'
+`custom_checkpoint_*.pkl` with weights_only=False, and reads `optimizer.bin`, `scheduler.bin` and
+`random_states_*.pkl` through torch.load's restricted unpickler: none of that is used here.)
 
     unet/ unet_ema/ scheduler/     diffusers save_pretrained folders (raw and EMA weights)
     first_stage.json               how to rebuild the autoencoder and the latent scale
