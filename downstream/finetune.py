@@ -87,7 +87,10 @@ def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255)
         out.append(fs.encode_raw(x).cpu().float().numpy())
-    z = np.concatenate(out)
+    # C order, as np.load gives it back: the encoder's output is channels-last, and a strided array
+    # made a cold run's latent scale and its UNet inputs (hence its weights) differ from a run
+    # reading the cache (~1e-5 after one step).
+    z = np.ascontiguousarray(np.concatenate(out))
     save_npy(path, z)
     return z
 
