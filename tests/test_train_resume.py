@@ -133,8 +133,8 @@ class _Recorder:
         assert not unet_ema.training
         return {"heldout_probe": float(step)}
 
-    def samples(self, step, latents):
-        self.sample_shapes.append((step, tuple(latents.shape)))
+    def samples(self, step, latents, images):
+        self.sample_shapes.append((step, tuple(latents.shape), images.shape, str(images.dtype)))
         return {"sample_std": float(latents.std())}
 
 
@@ -152,7 +152,8 @@ def test_snapshots_and_probe_hooks(base, tmp_path):
         "first_stage.json", "scheduler", "unet_ema"]
     assert [s for s, _ in list_snapshots(run_dir)] == [1, 2, 4]
     assert rec.heldout_steps == [1, 2, 4]  # snapshot and checkpoint steps
-    assert rec.sample_shapes == [(3, (4, 32, 4, 4)), (4, (4, 32, 4, 4))]  # sample_n latents at 32 px
+    grid = ((4, 32, 4, 4), (4, 32, 32, 3), "uint8")  # sample_n latents at 32 px and their decoded images
+    assert rec.sample_shapes == [(3, *grid), (4, *grid)]
     records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert records[2]["heldout_probe"] == 2.0 and "loss" in records[2]  # merged into the step's one record
     assert "sample_std" in records[3] and "heldout_probe" not in records[3]

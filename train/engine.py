@@ -13,8 +13,9 @@ so a rerun of the same command continues bit-identically from the newest complet
 The caller gives the model, the number of training items, and `batch(indices, generator) ->
 (x0, condition or None)` (scaled latents; a condition is concatenated to the UNet input).
 `probes` (train/probes.py) is called on the main process: `heldout(step, unet_ema)` at every
-snapshot and checkpoint step and `samples(step, latents)` at every sample step; what they return
-is merged into that step's metrics.jsonl record.
+snapshot and checkpoint step and `samples(step, latents, images)` (the grid's scaled latents and
+decoded uint8 images) at every sample step; what they return is merged into that step's
+metrics.jsonl record.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ log = logging.getLogger("train")
 class Probes(Protocol):
     def heldout(self, step: int, unet_ema) -> dict: ...
 
-    def samples(self, step: int, latents: torch.Tensor) -> dict: ...
+    def samples(self, step: int, latents: torch.Tensor, images: np.ndarray | None = None) -> dict: ...
 
 
 class NoProbes:
@@ -48,7 +49,7 @@ class NoProbes:
     def heldout(self, step: int, unet_ema) -> dict:
         return {}
 
-    def samples(self, step: int, latents: torch.Tensor) -> dict:
+    def samples(self, step: int, latents: torch.Tensor, images: np.ndarray | None = None) -> dict:
         return {}
 
 
@@ -236,8 +237,8 @@ class _Loop:
         with ckpt.ema_weights(model, self.ema), torch.no_grad():
             if sample_due:
                 latents = job.sample(model)
-                out |= job.probes.samples(step, latents)
-                save_sample_grid(self.run_dir, step, latents, job.first_stage)
+                images = save_sample_grid(self.run_dir, step, latents, job.first_stage)
+                out |= job.probes.samples(step, latents, images)
             for h in hooks:
                 out |= h(model)
             if heldout_due:

@@ -123,17 +123,17 @@ def _start_wandb(run_dir, cfg):
         return None
 
 
-def save_sample_grid(run_dir, step: int, latents: torch.Tensor, first_stage, batch_size: int = 32) -> Path:
-    """Decode scaled sample latents into samples/step_XXXXXXX.png (one grid)."""
+def save_sample_grid(run_dir, step: int, latents: torch.Tensor, first_stage, batch_size: int = 32) -> np.ndarray:
+    """Decode scaled sample latents into samples/step_XXXXXXX.png (one grid); the uint8 NHWC images."""
     from PIL import Image
 
-    imgs = [(first_stage.decode(latents[i:i + batch_size]).cpu() * 255).round().clamp(0, 255)
-            .to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, len(latents), batch_size)]
+    imgs = np.concatenate([(first_stage.decode(latents[i:i + batch_size]).cpu() * 255).round().clamp(0, 255)
+                           .to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, len(latents), batch_size)])
     out = layout.sample_path(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        Image.fromarray(image_grid(np.concatenate(imgs))).save(tmp, format="PNG")
-    return out
+        Image.fromarray(image_grid(imgs)).save(tmp, format="PNG")
+    return imgs
 
 
 def decode_samples(unet, noise_scheduler, first_stage, n: int, seed: int, steps: int, batch_size: int = 32):
