@@ -33,16 +33,14 @@ def widen_conv_in(unet, extra: int):
 
 
 def condition_channels(task_cfg, first_stage) -> int:
-    """How many channels the condition adds, from the task config."""
+    """How many channels the SR condition adds (semantic synthesis adds one per class, its own count)."""
     kind = task_cfg.condition
     if kind == "latent":
         return int(first_stage.latent_channels)
     if kind == "pixels":
         f = int(first_stage.downscale) // int(task_cfg.get("scale", 4))
         return 3 * f * f
-    if kind == "mask":
-        return int(task_cfg.num_classes)
-    raise UsageError(f"unknown condition {kind!r}; expected latent | pixels (sr) or mask (semantic synthesis)")
+    raise UsageError(f"unknown condition {kind!r}; expected latent | pixels")
 
 
 def pixels_condition(lr01: torch.Tensor, latent_size: int) -> torch.Tensor:

@@ -1,27 +1,22 @@
 """Conditional latent-diffusion fine-tuning shared by both downstream tasks.
 
-The start point is either a foundation checkpoint (`backbone=RUN_DIR`, loaded through
-train.generate.load_backbone) or the same architecture from random weights (`backbone=none`);
-either way the condition enters through zero-initialised extra input channels
-(downstream.conditioning.widen_conv_in). Training follows the house idiom: accelerate for the
-device, AdamW with warm-up, an EMA copy for evaluation, checkpoints in
-`run_dir/checkpoints/step_XXXXXXX/` (same layout as train/), and resume by rerunning the same
-command; the batch order, noise and timesteps of step k depend only on (seed, k).
+The task glue around train.engine: the start point is either a foundation checkpoint
+(`backbone=RUN_DIR`, loaded through train.generate.load_backbone) or the same architecture from
+random weights (`backbone=none`); either way the condition enters through zero-initialised extra
+input channels (downstream.conditioning.widen_conv_in). The loop, checkpoints, EMA, metrics.jsonl
+and resume are train.engine's, so a fine-tune run folder has train/'s layout (rsprune.layout).
+Here: latent caching, the latent scale of scratch runs, conditional sampling and decoding.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from rsprune.cache import read_json, save_npy, stable_hash, write_json
+from rsprune import layout
+from rsprune.cache import read_json, save_npy, stable_hash
 from rsprune.cli import UsageError
 
 log = logging.getLogger(__name__)
@@ -83,7 +78,7 @@ def start_name(cfg) -> str:
 def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32) -> np.ndarray:
     """Raw (unscaled) latents of uint8 NHWC images, cached under a key of (first stage, images)."""
     key = stable_hash({k: v for k, v in fs.describe().items() if k not in ("scale", "shift")}, ident, n=20)
-    path = Path(cache_dir) / "downstream" / f"latents-{key}.npy"
+    path = layout.cache_path(cache_dir, layout.CACHE_DOWNSTREAM, f"latents-{key}.npy")
     if path.is_file():
         z = np.load(path)
         if len(z) == len(images):
@@ -92,7 +87,10 @@ def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255)
         out.append(fs.encode_raw(x).cpu().float().numpy())
-    z = np.concatenate(out)
+    # C order, as np.load gives it back: the encoder's output is channels-last, and a strided array
+    # made a cold run's latent scale and its UNet inputs (hence its weights) differ from a run
+    # reading the cache (~1e-5 after one step).
+    z = np.ascontiguousarray(np.concatenate(out))
     save_npy(path, z)
     return z
 
@@ -107,135 +105,32 @@ def scaled(fs, raw: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(raw) - fs.shift) * fs.scale
 
 
-# --- training ---------------------------------------------------------------------------------
-
-def lr_lambda(optim_cfg, max_steps: int):
-    """Linear warm-up, then constant or cosine down to min_lr_ratio at max_steps."""
-    warm = int(optim_cfg.get("warmup_steps", 0))
-    kind = optim_cfg.get("schedule", "constant")
-    floor = float(optim_cfg.get("min_lr_ratio", 0.0))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if kind == "cosine":
-            p = min(1.0, (step - warm) / max(1, max_steps - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-        return 1.0
-    return f
-
-
-def diffusion_target(scheduler, z0, noise, t):
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(z0, noise, t)
-    if kind == "sample":
-        return z0
-    raise UsageError(f"unsupported prediction_type {kind!r}")
-
-
-def latest_state(run_dir) -> tuple[int, Path | None]:
-    from train.generate import list_checkpoints
-
-    ckpts = [(s, p) for s, p in list_checkpoints(run_dir) if (p / "state.pt").is_file()]
-    return ckpts[-1] if ckpts else (0, None)
-
+# --- training (through train.engine, the project's one training loop) ----------------------
 
 def train(unet, scheduler, fs, z: torch.Tensor, c: torch.Tensor, cfg, run_dir) -> torch.nn.Module:
-    """Fine-tune `unet` (already widened) on latents z with conditions c; returns the EMA network.
+    """Fine-tune `unet` (already widened) on scaled latents z with conditions c; the EMA network.
 
-    Reruns resume from the latest checkpoint in run_dir; a run already at max_steps trains no more.
+    train.engine runs the loop, checkpoints and resume: a rerun continues from the newest complete
+    checkpoint in run_dir, and a run already at train.max_steps trains no more.
     """
-    from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
+    from train import engine
 
-    tc, run_dir = cfg.train, Path(run_dir)
-    acc = Accelerator(mixed_precision=str(tc.mixed_precision), cpu=not torch.cuda.is_available())
-    opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas),
-                            weight_decay=float(cfg.optim.weight_decay), eps=float(cfg.optim.eps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, int(cfg.optim.get("decay_steps") or tc.max_steps)))
-    ema = EMAModel(unet.parameters(), decay=float(tc.ema.decay), use_ema_warmup=bool(tc.ema.use_warmup),
-                   inv_gamma=float(tc.ema.inv_gamma), power=float(tc.ema.power))
-    step, path = latest_state(run_dir)
-    if path is not None:
-        from diffusers import UNet2DModel
+    acc = engine.accelerator(cfg)
+    job = engine.Job(unet, scheduler, fs, len(z), batch=_pairs(z, c, bool(cfg.train.get("flip", True))))
+    _, net = engine.fit(acc, cfg, job, run_dir)
+    return net
 
-        unet.load_state_dict(UNet2DModel.from_pretrained(path / "unet").state_dict())
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
-        ema.load_state_dict(state["ema"])
-        log.info("resumed from %s", path)
-    unet, opt = acc.prepare(unet, opt)
-    ema.to(acc.device)
-    n, bs = len(z), min(int(tc.batch_size), len(z))
-    T = int(scheduler.config.num_train_timesteps)
-    while step < int(tc.max_steps):
-        g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step)
-        idx = torch.randint(n, (bs,), generator=g)
+
+def _pairs(z: torch.Tensor, c: torch.Tensor, flip: bool):
+    """batch(indices, generator): latents with their conditions, flipped together when `flip`."""
+    def batch(idx, gen):
+        idx = torch.from_numpy(idx)
         z0, cond = z[idx], c[idx]
-        if tc.get("flip", True):  # latents of a flipped image ~ flipped latents (convolutional encoder)
-            flip = torch.rand(bs, generator=g) < 0.5
-            z0, cond = torch.where(flip[:, None, None, None], z0.flip(-1), z0), \
-                torch.where(flip[:, None, None, None], cond.flip(-1), cond)
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, T, (bs,), generator=g)
-        z0, cond, noise, t = (x.to(acc.device) for x in (z0, cond, noise, t))
-        zt = scheduler.add_noise(z0, noise, t)
-        with acc.autocast():
-            pred = unet(torch.cat([zt, cond], 1), t).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(scheduler, z0, noise, t).float())
-        acc.backward(loss)
-        if float(tc.max_grad_norm) > 0:
-            acc.clip_grad_norm_(unet.parameters(), float(tc.max_grad_norm))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-        step += 1
-        if step % int(tc.log_every) == 0 or step == 1:
-            _log(run_dir, {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
-        if step % int(tc.checkpoint_every) == 0 or step == int(tc.max_steps):
-            save_checkpoint(run_dir, step, acc.unwrap_model(unet), ema, opt, sched, scheduler, fs,
-                            int(tc.checkpoints_total_limit))
-    net = acc.unwrap_model(unet)
-    ema.copy_to(net.parameters())
-    return net.eval().requires_grad_(False)
-
-
-def _log(run_dir: Path, row: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "stats.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    log.info("step %(step)d loss %(loss).4f", row)
-
-
-def save_checkpoint(run_dir: Path, step: int, unet, ema, opt, sched, scheduler, fs, limit: int) -> None:
-    """Write checkpoints/step_XXXXXXX/ atomically (temp folder + rename); keep the newest `limit`."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        unet.save_pretrained(tmp / "unet")
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-        unet.save_pretrained(tmp / "unet_ema")
-        ema.restore(unet.parameters())
-        scheduler.save_pretrained(tmp / "scheduler")
-        write_json(tmp / "first_stage.json", fs.describe())
-        torch.save({"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                    "ema": ema.state_dict(), "step": step}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    old = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in old[:-max(1, limit)]:
-        shutil.rmtree(p, ignore_errors=True)
+        if flip:  # latents of a flipped image ~ flipped latents (convolutional encoder)
+            f = (torch.rand(len(idx), generator=gen) < 0.5)[:, None, None, None]
+            z0, cond = torch.where(f, z0.flip(-1), z0), torch.where(f, cond.flip(-1), cond)
+        return z0, cond
+    return batch
 
 
 # --- sampling ---------------------------------------------------------------------------------

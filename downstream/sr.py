@@ -23,6 +23,7 @@ from downstream.metrics import FDScorer, psnr_ssim, sample_sheet, summary, to01
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
+from rsprune.manifest import read_kept
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def image_list(src: str, limit: int | None) -> list[str]:
     if p.is_dir():
         paths = [str(p / r) for r in list_images(p)]
     elif p.is_file():
-        paths = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        paths = read_kept(p)  # a list file: the one reader of kept lists (relative lines, comments)
     else:
         raise UsageError(f"SR images not found: {src} (a folder or a list file)")
     if not paths:

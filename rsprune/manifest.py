@@ -35,9 +35,37 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def read_kept(path: str | os.PathLike) -> list[str]:
-    """Selected paths of a run: a kept.txt file or a run folder holding one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "kept.txt"
-    return [line for line in path.read_text().splitlines() if line.strip()]
+KEPT = "kept.txt"        # a prune run's selection, one path a line
+SUMMARY = "summary.json"  # a prune run's summary: its sha256 identifies the run downstream
+
+
+def kept_file(spec: str | os.PathLike) -> Path:
+    """The kept list of `spec`: a list file, or a prune run folder holding kept.txt."""
+    path = Path(spec)
+    return path / KEPT if path.is_dir() else path
+
+
+def read_kept(spec: str | os.PathLike) -> list[str]:
+    """Selected paths of a prune run, absolute: `spec` is a kept.txt (or any list file) or a run folder.
+
+    The one reader of selections: rsprune.corpus.read_list's rules ('#' comments, a `# base:`
+    header, otherwise relative lines relative to the list's folder, so a run folder moved together
+    with its images still works). Existence is the caller's check (training counts missing files).
+    """
+    from rsprune.corpus import read_list
+
+    path = kept_file(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"no kept list at {path}")
+    return read_list(path)
+
+
+def prune_run_hash(spec: str | os.PathLike) -> dict:
+    """What identifies the subset a training run used: sha256 of the kept list and, when the list
+    sits in a prune run folder, of that run's summary.json (None otherwise)."""
+    import hashlib
+
+    path = kept_file(spec)
+    summary = path.parent / SUMMARY
+    return {"kept": str(path.resolve()), "kept_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "summary_sha256": hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None}

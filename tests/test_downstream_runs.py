@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from downstream import semantic_synthesis, sr
@@ -39,8 +40,8 @@ def test_sr_from_backbone_trains_evaluates_and_resumes(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["config_key"] == m["config_key"]
     # Resume: a longer run continues from step 2 (the log gains steps 3 and 4 only).
     m4 = sr.run(small_cfg("downstream/sr", tmp_path, f"backbone={bb}", *SR_DATA, "train.max_steps=4"))
-    steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4] and m4["train_steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4] and m4["train_steps"] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     out = report.sr_section(OmegaConf.create({"report": {"runs": [str(run)], "results_dir": str(tmp_path / "res")}}))
     text = Path(out["path"]).read_text()
@@ -92,30 +93,38 @@ def test_cli_bad_backbone_and_too_large_crop_exit_2(tmp_path):
         assert last.startswith("error:") and msg in last
 
 
-def test_resumed_training_equals_uninterrupted(tmp_path):
-    """2 steps + rerun to 4 gives the same weights as 4 steps at once (batches, noise, optimizer, EMA)."""
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+def _tiles_once(tmp_path: Path) -> Path:
+    root = tmp_path / "dubai"
+    return root if root.is_dir() else _link_tiles(root, ["Tile_2", "Tile_3"])
 
-    from downstream import finetune as ft
-    from downstream.conditioning import widen_conv_in
-    from downstream_fixtures import tiny_unet
-    from rsprune.autoencoders import build_first_stage
 
-    cfg = small_cfg("downstream/sr", tmp_path, "train.cpu_threads=1")
-    fs = build_first_stage(cfg.autoencoder)
-    g = torch.Generator().manual_seed(0)
-    z, c = torch.randn(10, 32, 8, 8, generator=g), torch.randn(10, 32, 8, 8, generator=g)
-    sched = DDPMScheduler(num_train_timesteps=1000)
+COMMANDS = {  # command -> (run function, its shrunk options)
+    "sr": (sr.run, lambda tmp: ["backbone=none", "sr.max_train=12", "sr.max_test=2"]),
+    "semantic_synthesis": (semantic_synthesis.run, lambda tmp: [
+        "backbone=none", f"dubai.root={_tiles_once(tmp)}", "dubai.crop=128", "dubai.stride=128",
+        "dubai.test_tiles=[Tile_2]", "eval.max_test=2", "segnet.steps=1", "segnet.batch_size=2"]),
+}
 
-    def train(run_dir, steps):
-        cfg.train.max_steps = steps
-        return ft.train(widen_conv_in(tiny_unet(), 32), sched, fs, z, c, cfg, run_dir)
 
-    train(tmp_path / "a", 2)
-    resumed = train(tmp_path / "a", 4)
-    straight = train(tmp_path / "b", 4)
-    for (k, v), w in zip(resumed.state_dict().items(), straight.state_dict().values()):
-        assert torch.equal(v, w), k
-    raw = UNet2DModel.from_pretrained(tmp_path / "a" / "checkpoints" / "step_0000004" / "unet").state_dict()
-    assert not all(torch.equal(raw[k], v) for k, v in resumed.state_dict().items())  # EMA != raw weights
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_resumed_fine_tune_equals_uninterrupted(tmp_path, command):
+    """2 steps + the same command rerun to 4 gives bit for bit the weights of 4 steps at once
+    (batches, flips, noise, optimizer, EMA all resume: train.engine, as in train/'s test)."""
+    from safetensors.torch import load_file
+
+    run, opts = COMMANDS[command]
+    name = f"downstream/{command}"
+    # decay_steps fixed: by default the cosine follows max_steps, which a longer rerun stretches.
+    base = [*opts(tmp_path), "train.cpu_threads=1", "train.checkpoint_every=2", "eval.steps=1", "optim.decay_steps=4"]
+    # The first run encodes the latents, the others read them from the cache: the same weights too.
+    run(small_cfg(name, tmp_path, *base, f"run_dir={tmp_path / 'a'}", "train.max_steps=2"))
+    run(small_cfg(name, tmp_path, *base, f"run_dir={tmp_path / 'a'}", "train.max_steps=4"))
+    run(small_cfg(name, tmp_path, *base, f"run_dir={tmp_path / 'b'}", "train.max_steps=4"))
+    ck = [tmp_path / r / "checkpoints" / "step_0000004" for r in ("a", "b")]
+    for sub in ("unet", "unet_ema"):
+        a, b = (load_file(str(c / sub / "diffusion_pytorch_model.safetensors")) for c in ck)
+        assert all(torch.equal(a[k], b[k]) for k in b), f"{command}: {sub} differs after resume"
+    a, b = (load_file(str(ck[0] / s / "diffusion_pytorch_model.safetensors")) for s in ("unet", "unet_ema"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # EMA != raw weights, so the EMA check means something
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]

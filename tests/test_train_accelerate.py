@@ -41,9 +41,8 @@ def test_accelerate_launch_trains_checkpoints_and_resumes(tmp_path, num_processe
     first = _launch(num_processes, over)
     assert first.returncode == 0, first.stderr[-3000:]
     ck = run_dir / "checkpoints/step_0000002"
-    # every process saved its RNG state into the one checkpoint the main process published
-    assert sorted(p.name for p in ck.glob("random_states_*.pkl")) == [f"random_states_{i}.pkl"
-                                                                      for i in range(num_processes)]
+    # the main process published one state, safetensors + JSON only (no per-process RNG pickles)
+    assert {p.suffix for p in ck.rglob("*") if p.is_file()} == {".json", ".safetensors"}
     assert (ck / "unet_ema").is_dir() and (run_dir / "samples/step_0000002.png").is_file()
     meta = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert meta["epoch"] == pytest.approx(4 * num_processes / 16)  # global batch = 4 x processes
@@ -62,3 +61,22 @@ def test_usage_error_exits_2_with_one_line(tmp_path):
                        timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: subset file")
+
+
+def test_rerun_in_a_run_dir_of_another_config_exits_2(tmp_path):
+    """The command line refuses a run folder holding another run, in one line, before any work."""
+    from omegaconf import OmegaConf
+
+    from rsprune.cli import compose
+
+    kept = write_kept(tmp_path / "prune", aid_paths(8))
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(kept, run_dir, tmp_path / "cache")
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(compose("train", over + ["train.batch_size=2"])))
+    r = subprocess.run([sys.executable, "train/main.py", *over], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "train.batch_size: 2 -> 4" in last
+    assert not (tmp_path / "cache").exists()  # refused before encoding anything

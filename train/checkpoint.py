@@ -1,76 +1,172 @@
-"""Checkpoints that a kill cannot corrupt: written to a temporary folder, then renamed.
+"""Run-folder state that a kill cannot corrupt and a planted file cannot exploit.
 
-A checkpoint is `checkpoints/step_XXXXXXX/` with accelerate's full training state (model,
-optimizer, LR scheduler, EMA, RNG states) and, for use without the training code, `unet/`,
-`unet_ema/`, `scheduler/`, `first_stage.json` and `trainer_state.json`.
+A checkpoint `checkpoints/step_XXXXXXX/` (rsprune.layout) is written to a temporary folder by
+the main process and renamed when complete. It holds only safetensors and JSON, so resuming
+unpickles nothing. (accelerate 1.15's load_state unpickles registered objects'
+`custom_checkpoint_*.pkl` with weights_only=False, and reads `optimizer.bin`, `scheduler.bin` and
+`random_states_*.pkl` through torch.load's restricted unpickler: none of that is used here.)
+
+    unet/ unet_ema/ scheduler/     diffusers save_pretrained folders (raw and EMA weights)
+    first_stage.json               how to rebuild the autoencoder and the latent scale
+    optimizer.safetensors          the optimizer's per-parameter tensors (AdamW moments, steps)
+    trainer_state.json             step, LR schedule, EMA counters, optimizer groups, AMP scaler
+
+No RNG state is stored: batches, noise and timesteps derive from (seed, step) (train.engine),
+so a resumed run is bit-identical without one. A snapshot `snapshots/step_XXXXXXX/` is the light
+EMA-only subset (unet_ema/, scheduler/, first_stage.json) that train.generate can load.
 """
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
+import torch
+
+from rsprune import layout
 from rsprune.cache import read_json, write_json
-from train.generate import list_checkpoints
 
-TMP_PREFIX = ".tmp-"
+log = logging.getLogger(__name__)
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' weight file name in a save_pretrained folder
+OPTIMIZER = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+FIRST_STAGE = "first_stage.json"
+# What resume reads: a checkpoint missing any of these (a copy cut short, a disk filled) is skipped.
+RESUME_FILES = ("unet/config.json", f"unet/{WEIGHTS}", "unet_ema/config.json", f"unet_ema/{WEIGHTS}",
+                "scheduler/scheduler_config.json", FIRST_STAGE, OPTIMIZER, TRAINER_STATE)
+SNAPSHOT_FILES = ("unet_ema/config.json", f"unet_ema/{WEIGHTS}", "scheduler/scheduler_config.json", FIRST_STAGE)
 
 
-def ckpt_name(step: int) -> str:
-    return f"step_{step:07d}"
+def is_complete(path: Path, files=RESUME_FILES) -> bool:
+    return all((path / f).is_file() for f in files)
+
+
+def resumable(run_dir) -> list[tuple[int, Path]]:
+    """Checkpoints holding every file resume reads, oldest first."""
+    return [(s, p) for s, p in layout.step_folders(Path(run_dir) / layout.CHECKPOINTS) if is_complete(p)]
 
 
 def clean_partial(run_dir) -> None:
     """Remove folders left by a save that was killed (main process only)."""
-    root = Path(run_dir) / "checkpoints"
-    if root.is_dir():
-        for p in root.glob(TMP_PREFIX + "*"):
-            shutil.rmtree(p, ignore_errors=True)
+    for kind in (layout.CHECKPOINTS, layout.SNAPSHOTS):
+        root = Path(run_dir) / kind
+        if root.is_dir():
+            for p in root.glob(layout.TMP_PREFIX + "*"):
+                shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, run_dir, step: int, unet, ema, noise_scheduler, first_stage_desc: dict,
-                    total_limit: int, extra_state: dict) -> Path:
-    """Save on every process (accelerate writes per-process RNG states); publish on the main one."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / ckpt_name(step)
-    tmp = root / (TMP_PREFIX + ckpt_name(step))
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        model.save_pretrained(tmp / "unet")
-        with ema_weights(model, ema):
-            model.save_pretrained(tmp / "unet_ema")
-        noise_scheduler.save_pretrained(tmp / "scheduler")
-        write_json(tmp / "first_stage.json", first_stage_desc)
-        write_json(tmp / "trainer_state.json", {"step": step, **extra_state})
-        if final.exists():  # same step saved again (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        rotate(run_dir, total_limit)
-    accelerator.wait_for_everyone()
+def _publish(tmp: Path, final: Path) -> None:
+    if final.exists():  # same step saved again (e.g. a rerun that stops where it was)
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _tmp_for(final: Path) -> Path:
+    tmp = final.parent / (layout.TMP_PREFIX + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _save_light(tmp: Path, model, ema, noise_scheduler, first_stage_desc: dict) -> None:
+    with ema_weights(model, ema):
+        model.save_pretrained(tmp / "unet_ema")
+    noise_scheduler.save_pretrained(tmp / "scheduler")
+    write_json(tmp / FIRST_STAGE, first_stage_desc)
+
+
+def save_snapshot(run_dir, step: int, model, ema, noise_scheduler, first_stage_desc: dict) -> Path:
+    """EMA weights only, never rotated: the points a convergence curve scores (main process)."""
+    final = layout.snapshot_dir(run_dir, step)
+    tmp = _tmp_for(final)
+    _save_light(tmp, model, ema, noise_scheduler, first_stage_desc)
+    _publish(tmp, final)
+    return final
+
+
+def save_checkpoint(run_dir, step: int, model, ema, optimizer, lr_scheduler, noise_scheduler,
+                    first_stage_desc: dict, extra_state: dict, scaler=None) -> Path:
+    """A full resumable state of the unwrapped `model` (main process; the caller rotates)."""
+    final = layout.checkpoint_dir(run_dir, step)
+    tmp = _tmp_for(final)
+    model.save_pretrained(tmp / "unet")
+    _save_light(tmp, model, ema, noise_scheduler, first_stage_desc)
+    tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp / OPTIMIZER))
+    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    state = {"step": step, **extra_state, "lr_scheduler": lr_scheduler.state_dict(), "ema": ema_meta,
+             "optimizer": opt_meta, "scaler": scaler.state_dict() if scaler is not None else None}
+    write_json(tmp / TRAINER_STATE, state)  # written last: the folder is complete once it is there
+    _publish(tmp, final)
     return final
 
 
 def rotate(run_dir, total_limit: int) -> None:
-    """Keep the newest `total_limit` checkpoints (0 or less: keep all)."""
+    """Keep the newest `total_limit` checkpoints (0 or less: keep all); snapshots are never rotated."""
     if total_limit <= 0:
         return
-    for _, p in list_checkpoints(run_dir)[:-total_limit]:
+    for _, p in layout.step_folders(Path(run_dir) / layout.CHECKPOINTS)[:-total_limit]:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def resume(accelerator, run_dir) -> int:
-    """Load the latest complete checkpoint into the prepared objects; return its step (0 if none)."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        return 0
-    step, path = ckpts[-1]
-    accelerator.load_state(str(path))
-    return int(read_json(path / "trainer_state.json")["step"])
+def resume(run_dir, model, ema, optimizer, lr_scheduler, scaler=None) -> int:
+    """Load the newest complete checkpoint into the (unwrapped) objects; its step, 0 if none.
+
+    A newest folder that is incomplete or fails to load is passed over with a warning for the
+    one before it: every tensor of every object is overwritten by a successful load.
+    """
+    for step, path in reversed(layout.step_folders(Path(run_dir) / layout.CHECKPOINTS)):
+        if not is_complete(path):
+            missing = [f for f in RESUME_FILES if not (path / f).is_file()]
+            log.warning("checkpoint %s is incomplete (missing %s); trying an older one", path, ", ".join(missing))
+            continue
+        try:
+            return _load(path, model, ema, optimizer, lr_scheduler, scaler)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # safetensors/JSON damage
+            log.warning("checkpoint %s does not load (%s); trying an older one", path, " ".join(str(e).split())[:200])
+    return 0
+
+
+def _load(path: Path, model, ema, optimizer, lr_scheduler, scaler) -> int:
+    from safetensors.torch import load_file
+
+    state = read_json(path / TRAINER_STATE)
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(path / "unet" / WEIGHTS), device=str(device)))
+    ema_sd = load_file(str(path / "unet_ema" / WEIGHTS))
+    ema.load_state_dict({**state["ema"], "shadow_params": [ema_sd[n] for n, _ in model.named_parameters()]})
+    ema.to(device)
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER)), state["optimizer"]))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
+    """torch optimizer state -> ({"<param>.<name>": tensor}, JSON-able groups and scalars)."""
+    tensors, scalars = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{i}.{k}"] = v
+    json.dumps(sd["param_groups"])  # fail at save time, not at resume time, if a group is not JSON
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 class ema_weights:

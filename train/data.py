@@ -16,6 +16,7 @@ import torch
 from rsprune.cache import read_json, save_npy, stable_hash, write_json
 from rsprune.cli import UsageError
 from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.manifest import kept_file, read_kept
 from rsprune.split import paths as split_paths
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,13 @@ def resolve_subset(data_cfg, seed: int) -> tuple[list[str], list[str]]:
 
 
 def read_subset(spec: str) -> list[str]:
-    """Existing paths of a kept list; missing ones are counted and the first few named."""
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "kept.txt"
+    """Existing paths of a kept list (rsprune.manifest.read_kept); missing ones are counted and named."""
+    path = kept_file(spec)
     if not path.is_file():
         raise UsageError(f"subset file {path} does not exist (data.subset=RUN_DIR/kept.txt | RUN_DIR | full)")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    if not lines:
+    paths = read_kept(path)
+    if not paths:
         raise UsageError(f"subset file {path} is empty")
-    # Relative lines are taken relative to the list's folder, so a moved run folder still works.
-    paths = [ln if os.path.isabs(ln) else str((path.parent / ln).resolve()) for ln in lines]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         log.warning("%d of %d paths in %s no longer exist and are skipped; first: %s",

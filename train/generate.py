@@ -6,7 +6,7 @@
 
 A checkpoint folder `run_dir/checkpoints/step_XXXXXXX/` holds `unet/`, `unet_ema/` and
 `scheduler/` (diffusers `save_pretrained` folders), `first_stage.json` (how to rebuild the
-autoencoder and the latent scale), `trainer_state.json` and accelerate's full training state.
+autoencoder and the latent scale), `optimizer.safetensors` and `trainer_state.json` (train/checkpoint.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Main-process side effects of training: metrics (jsonl + wandb), sample grids, the FD hook."""
+"""Main-process side effects of training: metrics (jsonl + wandb), the config check, sample grids, the FD hook."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from rsprune.cache import atomic_path, stable_hash
+from rsprune import layout
+from rsprune.cache import atomic_path, stable_hash, write_text
+from rsprune.cli import UsageError
 from train.generate import generate, image_grid
 
 log = logging.getLogger(__name__)
@@ -18,21 +21,32 @@ class MetricsLog:
     """Appends one JSON line per record to metrics.jsonl and mirrors it to wandb if it started."""
 
     def __init__(self, run_dir, cfg, resume_step: int):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / layout.METRICS
         self._truncate_after(resume_step)
         self.wandb = _start_wandb(run_dir, cfg)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines a killed run logged after its last checkpoint: they are about to be redone."""
+        """Keep the records up to the resumed step: later ones are about to be redone, and a line
+        torn by a kill mid-write ends the log (nothing after it is trusted). A fresh run (step 0)
+        starts an empty log."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = []
+        for line in self.path.read_text().splitlines() if step > 0 else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: dropped a torn line and everything after it", self.path)
+                break
+            if not isinstance(record, dict) or int(record.get("step", 0)) > step:
+                break
+            keep.append(line)
         with atomic_path(self.path) as tmp:
             Path(tmp).write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record) + "\n")  # one write call: a kill leaves at most one torn line
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
@@ -41,7 +55,58 @@ class MetricsLog:
             self.wandb.finish()
 
 
+# Config keys a rerun in the same run_dir may change: none alters the training trajectory up to the
+# resumed step (max_steps may grow, which is how a run is extended; a cosine decay_steps that
+# follows it stretches the schedule from the resumed step on). A prefix ending in "." covers a section.
+MAY_DIFFER = ("train.max_steps", "optim.decay_steps", "train.log_every", "train.cpu_threads",
+              "train.checkpoint_every", "train.checkpoints_total_limit", "train.snapshot_steps",
+              "train.sample_every", "train.sample_n", "train.sample_steps", "train.sample_seed",
+              "data.num_workers", "data.encode_batch_size", "cache_dir", "run_dir",
+              "wandb.", "eval.", "report.", "segnet.", "sr.test", "sr.max_test")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _may_differ(key: str) -> bool:
+    return any(key.startswith(m) if m.endswith(".") else key == m for m in MAY_DIFFER)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs and may not (MAY_DIFFER)."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and not _may_differ(k))
+
+
+def check_config(run_dir, cfg, write: bool) -> None:
+    """Refuse (UsageError, exit 2) a run_dir that holds a run of another config; then (if `write`)
+    store this config as config.yaml."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / layout.CONFIG
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if path.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        bad = config_changes(old, new)
+        if bad:
+            fa, fb = _flat(old), _flat(new)
+            shown = "; ".join(f"{k}: {fa.get(k, '<absent>')} -> {fb.get(k, '<absent>')}" for k in bad[:6])
+            raise UsageError(f"{run_dir} holds a run with another config ({shown}{' ...' if len(bad) > 6 else ''}); "
+                             "rerun with its values or choose another run_dir")
+    if write:
+        write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def _start_wandb(run_dir, cfg):
+    if cfg.get("wandb") is None:  # downstream configs have no wandb section
+        return None
     mode = os.environ.get("WANDB_MODE", str(cfg.wandb.mode))
     if mode == "disabled":
         return None
@@ -58,17 +123,17 @@ def _start_wandb(run_dir, cfg):
         return None
 
 
-def save_sample_grid(run_dir, step: int, unet, noise_scheduler, first_stage, cfg) -> Path:
-    """Decode `train.sample_n` EMA samples with a fixed seed into samples/step_XXXXXXX.png."""
+def save_sample_grid(run_dir, step: int, latents: torch.Tensor, first_stage, batch_size: int = 32) -> np.ndarray:
+    """Decode scaled sample latents into samples/step_XXXXXXX.png (one grid); the uint8 NHWC images."""
     from PIL import Image
 
-    imgs = decode_samples(unet, noise_scheduler, first_stage, int(cfg.train.sample_n), int(cfg.train.sample_seed),
-                          int(cfg.train.sample_steps))
-    out = Path(run_dir) / "samples" / f"step_{step:07d}.png"
+    imgs = np.concatenate([(first_stage.decode(latents[i:i + batch_size]).cpu() * 255).round().clamp(0, 255)
+                           .to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, len(latents), batch_size)])
+    out = layout.sample_path(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Image.fromarray(image_grid(imgs)).save(tmp, format="PNG")
-    return out
+    return imgs
 
 
 def decode_samples(unet, noise_scheduler, first_stage, n: int, seed: int, steps: int, batch_size: int = 32):
@@ -77,27 +142,24 @@ def decode_samples(unet, noise_scheduler, first_stage, n: int, seed: int, steps:
 
 
 class FDHook:
-    """Fréchet distance of generated samples to held-out real images, if eval.fid is available."""
+    """Fréchet distance of generated samples to held-out real images every eval.fd_every steps
+    (a smoke check at these sample counts, not a result)."""
 
-    def __init__(self, cfg, real_fn):
+    def __init__(self, cfg, real_fn, noise_scheduler, first_stage):
         self.every = int(cfg.eval.fd_every)
-        self.cfg, self.real_fn, self.real, self.fn = cfg, real_fn, None, None
-        if self.every > 0:
-            try:
-                from rsprune.features import frechet_distance_from_images  # lazy: loads the feature network
-                self.fn = frechet_distance_from_images
-            except ImportError as e:
-                log.warning("FD hook off: eval.fid.frechet_distance_from_images unavailable (%s)", e)
-                self.every = 0
+        self.cfg, self.real_fn, self.real = cfg, real_fn, None
+        self.noise_scheduler, self.first_stage = noise_scheduler, first_stage
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def __call__(self, unet, noise_scheduler, first_stage) -> dict:
+    def __call__(self, unet) -> dict:
+        from rsprune.features import frechet_distance_from_images  # lazy: loads the feature network
+
         if self.real is None:
             self.real = self.real_fn()
         c = self.cfg.eval
-        fake = decode_samples(unet, noise_scheduler, first_stage, int(c.fd_samples), 0, int(c.fd_steps))
-        r = self.fn(self.real, fake, feature=str(c.fd_feature))
+        fake = decode_samples(unet, self.noise_scheduler, self.first_stage, int(c.fd_samples), 0, int(c.fd_steps))
+        r = frechet_distance_from_images(self.real, fake, feature=str(c.fd_feature))
         return {"fd": float(r["fd"]), "fd_feature": r.get("feature", str(c.fd_feature)),
                 "fd_n_real": int(r.get("n_real", len(self.real))), "fd_n_fake": int(r.get("n_fake", len(fake)))}

@@ -8,87 +8,85 @@ Rerun the same command to resume from the latest checkpoint in run_dir.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from rsprune.cache import write_text
+from rsprune import layout
+from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
-from train import checkpoint as ckpt
+from rsprune.split import record as split_record
 from train import data as tdata
-from train import setup
-from train.hooks import FDHook, MetricsLog, save_sample_grid
+from train import engine, setup
+from train.generate import sample_latents
+from train.hooks import FDHook, check_config
 
 log = logging.getLogger("train")
 
 
-def run(cfg) -> dict:
-    """Train until train.max_steps; returns a summary (step, loss, images/s, checkpoint)."""
-    from accelerate import Accelerator
+def run(cfg, probes: engine.Probes | None = None) -> dict:
+    """Train until train.max_steps; returns a summary (step, loss, images/s, checkpoint).
+
+    `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
+    latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
+    """
     from accelerate.utils import set_seed
 
-    from accelerate.state import AcceleratorState
-
-    _check(cfg)
-    # A second run() in one process (tests, notebooks) may change mixed precision: forget the old
-    # settings (the process group, if any, is kept).
-    AcceleratorState._reset_state()
-    acc = Accelerator(gradient_accumulation_steps=int(cfg.train.grad_accum),
-                      mixed_precision=str(cfg.train.mixed_precision))
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")  # no-op if the caller configured logging
-    for name in ("train", "rsprune"):  # progress from the main process only; warnings from all
-        logging.getLogger(name).setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
-    for name in ("accelerate", "diffusers"):  # their per-file save/load lines drown the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if cfg.train.get("cpu_threads"):  # on a shared CPU, fewer threads than cores avoids spin-wait contention
-        torch.set_num_threads(int(cfg.train.cpu_threads))
-    if torch.cuda.is_available() and cfg.train.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    engine.check_sizes(cfg)
+    if int(cfg.data.resolution) % 8:
+        raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
+    cfg, subset = _with_subset_hash(cfg)
+    acc = engine.accelerator(cfg)
     run_dir = Path(str(cfg.run_dir))
+    check_config(run_dir, cfg, write=False)  # refuse another run's folder before encoding anything
+    if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
+        write_json(run_dir / layout.SPLIT, split_record(cfg.data))
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
-    n = len(latents)
     # Seeded here, after data preparation (whose DataLoader draws from the global RNG only when
     # the cache is cold): the initial weights are the same on every process and every run.
     set_seed(int(cfg.seed))
     unet = setup.build_unet(cfg.unet, first_stage.latent_channels, latents.shape[-1])
     noise_scheduler = setup.build_noise_scheduler(cfg.scheduler)
-    ema = setup.build_ema(unet, cfg.train.ema)
-    optimizer = setup.build_optimizer(unet.parameters(), cfg.optim)
-    lr_scheduler = setup.build_lr_scheduler(optimizer, cfg.optim)
-    unet, optimizer = acc.prepare(unet, optimizer)
-    ema.to(acc.device)
-    acc.register_for_checkpointing(ema, lr_scheduler)
-
-    if acc.is_main_process:
-        ckpt.clean_partial(run_dir)
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    acc.wait_for_everyone()
-    step = ckpt.resume(acc, run_dir)
-    if step:
-        log.info("resumed from step %d", step)
-    metrics = MetricsLog(run_dir, cfg, step) if acc.is_main_process else None
-    if metrics is not None and step == 0:
-        metrics.write({"step": 0, "params": setup.count_params(unet), "train_images": n,
-                       "first_stage": first_stage.describe(),
-                       **_psnr(first_stage, hold_paths, int(cfg.data.resolution))})
-    fd = FDHook(cfg, lambda: tdata.load_images(hold_paths, int(cfg.data.resolution)))
-    summary = _loop(cfg, acc, unet, ema, optimizer, lr_scheduler, noise_scheduler, first_stage, latents,
-                    step, metrics, fd, run_dir)
-    if metrics is not None:
-        metrics.close()
+    res, t = int(cfg.data.resolution), cfg.train
+    job = engine.Job(
+        unet, noise_scheduler, first_stage, len(latents), batch=_latent_batches(latents, first_stage),
+        first_record=lambda: {"first_stage": first_stage.describe(), "subset": subset,
+                              **_psnr(first_stage, hold_paths, res)},
+        sample=lambda model: sample_latents(model, noise_scheduler, int(t.sample_n), int(t.sample_seed),
+                                            int(t.sample_steps), "ddim"),
+        ema_hooks=[FDHook(cfg, lambda: tdata.load_images(hold_paths, res), noise_scheduler, first_stage)],
+        probes=probes or engine.NoProbes())
+    summary, _ = engine.fit(acc, cfg, job, run_dir)
     acc.end_training()
     return summary
 
 
-def _check(cfg) -> None:
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every"):
-        if int(t[key]) < (0 if key == "max_steps" else 1):
-            raise UsageError(f"train.{key}={t[key]} must be positive")
-    if int(cfg.data.resolution) % 8:
-        raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
+def _with_subset_hash(cfg) -> tuple:
+    """cfg with data.subset_hash: the kept list's and its prune run's sha256 (None for the full corpus),
+    recorded in config.yaml, so a rerun on a re-pruned subset is refused instead of mixed in."""
+    from omegaconf import open_dict
+
+    from rsprune.manifest import kept_file, prune_run_hash
+
+    cfg = cfg.copy()
+    spec = str(cfg.data.subset)
+    info = None
+    if spec != "full":
+        if not kept_file(spec).is_file():
+            raise UsageError(f"subset file {kept_file(spec)} does not exist (data.subset=RUN_DIR/kept.txt | RUN_DIR | full)")
+        info = prune_run_hash(spec)
+    with open_dict(cfg):
+        cfg.data.subset_hash = info
+    return cfg, info
+
+
+def _latent_batches(latents, first_stage):
+    """batch(indices, generator) for the engine: cached latents, shifted and scaled to unit std."""
+    scale, shift = first_stage.scale, first_stage.shift
+
+    def batch(idx, gen):
+        return (torch.from_numpy(latents[idx].astype("float32")) - shift) * scale, None
+    return batch
 
 
 def _prepare_data(cfg, acc, run_dir: Path):
@@ -97,7 +95,7 @@ def _prepare_data(cfg, acc, run_dir: Path):
 
     res = int(cfg.data.resolution)
     train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed))
-    _check_batch(cfg, len(train_paths), acc.num_processes)
+    engine.check_sizes(cfg, len(train_paths), acc.num_processes)
     # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
     with acc.local_main_process_first():
         fit_paths = _fit_sample(train_paths, int(cfg.autoencoder.get("fit_images", 2048)), int(cfg.seed))
@@ -108,7 +106,7 @@ def _prepare_data(cfg, acc, run_dir: Path):
     if meta["unreadable"]:
         log.warning("latent cache: %d unreadable images skipped; first: %s", meta["unreadable"],
                     ", ".join(meta["unreadable_first"][:3]))
-    _check_batch(cfg, len(latents), acc.num_processes)
+    engine.check_sizes(cfg, len(latents), acc.num_processes)
     fs.scale, fs.shift = 1.0 / max(meta["std"], 1e-6), meta["mean"]
     log.info("%d training latents %s, std %.3f; %d held-out images", len(latents), meta["shape"],
              meta["std"], len(hold_paths))
@@ -124,13 +122,6 @@ def _fit_sample(paths: list[str], n: int, seed: int) -> list[str]:
     return [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), n, replace=False))]
 
 
-def _check_batch(cfg, n: int, world: int) -> None:
-    need = int(cfg.train.batch_size) * world
-    if need > n:
-        raise UsageError(f"train.batch_size={cfg.train.batch_size} x {world} processes = {need} "
-                         f"exceeds the {n} training images; lower train.batch_size")
-
-
 def _psnr(first_stage, hold_paths, res: int) -> dict:
     """First-stage reconstruction PSNR on the held-out images (logged once, at step 0)."""
     from rsprune.autoencoders import reconstruction_psnr
@@ -139,81 +130,6 @@ def _psnr(first_stage, hold_paths, res: int) -> dict:
     log.info("first stage PSNR on %d held-out images at %d px: %.2f dB mean, %.2f worst",
              r["n"], res, r["psnr_mean"], r["psnr_min"])
     return {f"first_stage_{k}": v for k, v in r.items()}
-
-
-def _loop(cfg, acc, unet, ema, optimizer, lr_scheduler, noise_scheduler, first_stage, latents, step, metrics,
-          fd, run_dir) -> dict:
-    """Optimizer steps from `step` to train.max_steps, with logging, samples, FD and checkpoints."""
-    from tqdm import tqdm
-
-    t = cfg.train
-    max_steps, accum, bs = int(t.max_steps), int(t.grad_accum), int(t.batch_size)
-    seed, rank, world = int(cfg.seed), acc.process_index, acc.num_processes
-    scale, shift = first_stage.scale, first_stage.shift
-    bar = tqdm(total=max_steps, initial=step, desc="train", disable=not acc.is_main_process, unit="step")
-    loss_sum, loss_n, t_log, hook_s, last_loss = 0.0, 0, time.perf_counter(), 0.0, float("nan")
-    steps_timed, time_timed, start_step = 0, 0.0, step
-    unet.train()
-    while step < max_steps:
-        for k in range(accum):
-            micro = step * accum + k
-            idx = tdata.batch_indices(len(latents), micro, bs, rank, world, seed)
-            x0 = (torch.from_numpy(latents[idx].astype("float32")).to(acc.device) - shift) * scale
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + micro * world + rank)
-            with acc.accumulate(unet):
-                loss = setup.diffusion_loss(unet, noise_scheduler, x0, gen)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(unet.parameters(), float(t.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float().item()
-            loss_n += 1
-        lr_scheduler.step()
-        ema.step(unet.parameters())
-        step += 1
-        bar.update(1)
-        if step % int(t.log_every) == 0 or step == max_steps:
-            last_loss = _gather_mean(acc, loss_sum / max(loss_n, 1))
-            dt = time.perf_counter() - t_log - hook_s
-            ips = (step - start_step) * bs * world * accum / max(dt, 1e-9)
-            steps_timed, time_timed = steps_timed + step - start_step, time_timed + dt
-            if metrics is not None:
-                metrics.write({"step": step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                               "images_per_s": ips, "epoch": step * bs * world * accum / len(latents)})
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}")
-            loss_sum, loss_n, t_log, hook_s, start_step = 0.0, 0, time.perf_counter(), 0.0, step
-        h0 = time.perf_counter()
-        _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd, run_dir, max_steps)
-        hook_s += time.perf_counter() - h0
-    bar.close()
-    last = ckpt.list_checkpoints(run_dir)
-    return {"run_dir": str(run_dir), "step": step, "loss": last_loss,
-            "images_per_s": steps_timed * bs * world * accum / time_timed if time_timed else float("nan"),
-            "checkpoint": str(last[-1][1]) if last else None}
-
-
-def _gather_mean(acc, value: float) -> float:
-    v = torch.tensor([value], device=acc.device)
-    return float(acc.gather(v).mean())
-
-
-def _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd, run_dir, max_steps) -> None:
-    """Samples and FD (main process, EMA weights), then checkpoints (every process)."""
-    t = cfg.train
-    sample_due = int(t.sample_every) > 0 and (step % int(t.sample_every) == 0 or step == max_steps)
-    if (sample_due or fd.due(step)) and acc.is_main_process:
-        model = acc.unwrap_model(unet)
-        model.eval()
-        with ckpt.ema_weights(model, ema):
-            if sample_due:
-                save_sample_grid(run_dir, step, model, noise_scheduler, first_stage, cfg)
-            if fd.due(step):
-                metrics.write({"step": step, **fd(model, noise_scheduler, first_stage)})
-        model.train()
-    if step % int(t.checkpoint_every) == 0 or step == max_steps:
-        ckpt.save_checkpoint(acc, run_dir, step, unet, ema, noise_scheduler, first_stage.describe(),
-                             int(t.checkpoints_total_limit), {"max_steps": max_steps})
 
 
 if __name__ == "__main__":
