@@ -40,9 +40,10 @@ def load_start(cfg, resolution: int | None):
     `resolution` None means the backbone's training resolution. For `backbone=none` the first stage comes unscaled; `fit_latent_scale` sets its scale from
     the training latents, as train/ does.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     from rsprune.autoencoders import build_first_stage
+    from train.setup import build_noise_scheduler
 
     if cfg.train.get("cpu_threads"):  # fewer threads than cores avoids spin-wait contention on a shared CPU
         torch.set_num_threads(int(cfg.train.cpu_threads))
@@ -67,7 +68,7 @@ def load_start(cfg, resolution: int | None):
     torch.manual_seed(int(cfg.seed))
     unet = UNet2DModel(sample_size=resolution // fs.downscale, in_channels=fs.latent_channels,
                        out_channels=fs.latent_channels, **arch)
-    scheduler = DDPMScheduler(**OmegaConf.to_container(cfg.scheduler, resolve=True))
+    scheduler = build_noise_scheduler(cfg.scheduler)  # the training builder: same defaults and checks
     return unet, scheduler, fs, {"backbone": "none", "step": 0, "image_size": resolution,
                                  "first_stage": fs.describe()}
 

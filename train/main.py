@@ -89,6 +89,7 @@ def _check(cfg) -> None:
             raise UsageError(f"train.{key}={t[key]} must be positive")
     if int(cfg.data.resolution) % 8:
         raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
+    setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
 
 
 def _prepare_data(cfg, acc, run_dir: Path):
