@@ -32,7 +32,8 @@ class OracleDenoiser(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device and dtype
 
     def forward(self, xt, t):
-        a = self.alpha_bar[int(t)].double()
+        t = torch.as_tensor(t).reshape(-1).cpu()
+        a = self.alpha_bar[t].double().reshape(-1, 1, 1, 1)
         eps = (xt.double() - a.sqrt() * self.x0) / (1 - a).sqrt()
         out = eps if self.pred == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.x0
         return SimpleNamespace(sample=out.float())
@@ -78,3 +79,61 @@ def test_epsilon_on_a_schedule_reaching_zero_alpha_bar_is_refused_or_warned(capl
     assert s.config.prediction_type == "epsilon" and "samples may diverge" in caplog.text
     z = _scheduler("scheduler.rescale_betas_zero_snr=true")  # v-prediction takes exactly zero terminal SNR
     assert float(z.alphas_cumprod[-1]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def real_latents():
+    """TAEF2 and the scaled latents of 16 real AID images at 32 px (unit std over them)."""
+    from train_fixtures import TAEF2_DIR, aid_paths
+
+    from omegaconf import OmegaConf
+
+    from rsprune.autoencoders import build_first_stage
+    from rsprune.imageio import load_rgb, resize
+
+    fs = build_first_stage(OmegaConf.create({"kind": "taef2", "path": str(TAEF2_DIR)}))
+    images = np.stack([resize(load_rgb(p), 32) for p in aid_paths(16, offset=3)])
+    raw = fs.encode_raw(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    fs.scale, fs.shift = 1 / float(raw.std()), float(raw.mean())
+    return fs, (raw - fs.shift) * fs.scale, images
+
+
+def test_heldout_loss_is_fixed_paired_and_zero_for_a_perfect_model(real_latents):
+    from train.probes import Probes
+    from train.setup import build_unet
+
+    fs, z, images = real_latents
+    sched = _scheduler()
+    probes = Probes(sched, fs, z, images, n_timesteps=8, seed=0)
+    assert probes.timesteps == [62, 187, 312, 437, 562, 687, 812, 937]
+    unets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        unets.append(build_unet(compose("train", ["unet=tiny"]).unet, z.shape[1], z.shape[-1]))
+    a, again, b = probes.heldout(10, unets[0]), probes.heldout(20, unets[0]), probes.heldout(10, unets[1])
+    assert a["heldout_loss_t"] == again["heldout_loss_t"]  # same noise, same timesteps: identical
+    assert a["heldout_loss"] != b["heldout_loss"] and len(a["heldout_loss_t"]) == 8 and a["heldout_n"] == 16
+    assert a["heldout_loss"] == pytest.approx(np.mean(list(a["heldout_loss_t"].values())))
+    # The oracle knows each latent: its v (and epsilon) predictions are exact, so the loss is ~0.
+    for pred in ("v_prediction", "epsilon"):
+        s = _scheduler(f"scheduler.prediction_type={pred}", "scheduler.allow_epsilon_low_snr=true")
+        loss = Probes(s, fs, z, images).heldout(0, OracleDenoiser(z.double(), s))["heldout_loss"]
+        assert loss < 1e-6, pred
+
+
+def test_sample_statistics_flag_latents_off_the_data_scale(real_latents, caplog):
+    from train.probes import Probes
+
+    fs, z, images = real_latents
+    probes = Probes(_scheduler(), fs, z, images, drift=1.5)
+    with caplog.at_level(logging.WARNING):
+        same = probes.samples(5, z.clone())
+    assert same["sample_latent_std"] == pytest.approx(same["data_latent_std"]) and "drifts" not in caplog.text
+    assert same["data_latent_std"] == pytest.approx(1.0, rel=1e-3)
+    assert same["data_latent_channel_std_min"] < 1 < same["data_latent_channel_std_max"]
+    # Real images decoded from their own latents saturate no more than the images themselves (+1 pt).
+    assert same["sample_saturated"] <= same["data_saturated"] + 0.01
+    with caplog.at_level(logging.WARNING):
+        far = probes.samples(6, z * 8)  # what the epsilon sampler produced in issue 11
+    assert far["sample_std_ratio"] == pytest.approx(8, rel=1e-3) and "drifts off the data's scale" in caplog.text
+    assert far["sample_saturated"] > same["sample_saturated"] + 0.05
