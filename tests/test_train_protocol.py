@@ -137,3 +137,23 @@ def test_sample_statistics_flag_latents_off_the_data_scale(real_latents, caplog)
         far = probes.samples(6, z * 8)  # what the epsilon sampler produced in issue 11
     assert far["sample_std_ratio"] == pytest.approx(8, rel=1e-3) and "drifts off the data's scale" in caplog.text
     assert far["sample_saturated"] > same["sample_saturated"] + 0.05
+
+
+@pytest.mark.parametrize("config, experiment, channels", [
+    ("configs/experiment/paper_gpu.yaml", "paper_gpu", 4), ("configs/unet/paper.yaml", "paper_gpu", 4),
+    ("configs/experiment/cpu_small.yaml", "cpu_small", 32), ("configs/unet/small.yaml", "cpu_small", 32)])
+def test_stated_parameter_counts_are_counted(config, experiment, channels):
+    """The 'N M parameter' a config's header states is what instantiating it counts (within 3%)."""
+    import re
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+
+    from train.setup import build_unet, count_params
+
+    header = (Path(__file__).resolve().parents[1] / config).read_text().split("\n", 3)[:3]
+    stated = [float(m) for m in re.findall(r"(\d+(?:\.\d+)?) M param", " ".join(header))]
+    cfg = compose("train", [f"+experiment={experiment}"])
+    with init_empty_weights():
+        n = count_params(build_unet(cfg.unet, channels, cfg.data.resolution // 8))
+    assert stated and stated[0] * 1e6 == pytest.approx(n, rel=0.03), f"{config} states {stated} M, counted {n:,}"
