@@ -176,11 +176,7 @@ def train(unet, scheduler, fs, z: torch.Tensor, c: torch.Tensor, cfg, run_dir) -
     while step < int(tc.max_steps):
         g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step)
         idx = torch.randint(n, (bs,), generator=g)
-        z0, cond = z[idx], c[idx]
-        if tc.get("flip", True):  # latents of a flipped image ~ flipped latents (convolutional encoder)
-            flip = torch.rand(bs, generator=g) < 0.5
-            z0, cond = torch.where(flip[:, None, None, None], z0.flip(-1), z0), \
-                torch.where(flip[:, None, None, None], cond.flip(-1), cond)
+        z0, cond = z[idx], c[idx]  # no latent flips: train.flip adds flipped images before encoding
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, T, (bs,), generator=g)
         z0, cond, noise, t = (x.to(acc.device) for x in (z0, cond, noise, t))
