@@ -18,7 +18,8 @@ from tqdm import tqdm
 from prune.entropy import entropies
 from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
-from rsprune.imageio import UnreadableImage, list_images, load_grey
+from rsprune.corpus import list_files
+from rsprune.imageio import UnreadableImage, load_grey
 
 # Part of every index cache key: bump when scan_file's output changes, so no cached shard
 # from an older scorer mixes into a resumed index (2: JPEG luma decode, one-bincount entropies).
@@ -28,26 +29,21 @@ COLUMNS = ["id", "path", "root", "relpath", "size", "content_hash", "width", "he
 
 
 def walk(roots: list[str]) -> pd.DataFrame:
-    """Every image file under the corpus roots: id, path, root, relpath, size, mtime."""
+    """Every image file named by the corpus entries (folders or list files, rsprune/corpus.py):
+    id, path, root, relpath, size, mtime."""
     rows = []
-    for root in roots:
-        root = os.path.abspath(root)
-        if not os.path.isdir(root):
-            raise UsageError(f"corpus folder not found: {root}")
-        name = os.path.basename(root.rstrip(os.sep))
-        for rel in list_images(root):
-            path = os.path.join(root, rel)
-            try:
-                st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1
-            # The id hashes the path relative to its root (with the root's name), so moving
-            # the corpus keeps ids.
-            rows.append((hashlib.sha1(f"{name}/{rel}".encode()).hexdigest()[:16], path, name, rel, size, mtime))
+    for root, path, rel in list_files(roots).itertuples(index=False):
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        # The id hashes the path relative to its root (with the root's name), so moving
+        # the corpus keeps ids.
+        rows.append((hashlib.sha1(f"{root}/{rel}".encode()).hexdigest()[:16], path, root, rel, size, mtime))
     df = pd.DataFrame(rows, columns=["id", "path", "root", "relpath", "size", "mtime"])
     if df.empty:
-        raise UsageError(f"no images (jpg, jpeg, png, tif, tiff, webp) found under {', '.join(roots)}")
+        raise UsageError(f"no images (jpg, jpeg, png, tif, tiff, webp) found under {', '.join(map(str, roots))}")
     if df.id.duplicated().any():
         raise UsageError("two corpus roots share a folder name and a relative path; rename one root")
     return df

@@ -26,6 +26,7 @@ from prune.scenes import UNMATCHED, assign_scenes, reference_labels
 from rsprune import knn
 from rsprune.cache import cached_table, stable_hash, write_json, write_text
 from rsprune.cli import UsageError, main
+from rsprune.corpus import is_list
 from rsprune.manifest import write_manifest
 
 SCENE_CHUNK = 65536  # corpus rows per scene-assignment chunk
@@ -50,8 +51,8 @@ def validate(cfg: DictConfig):
     ref_files, classes = None, None
     if "scenes" in method.NEEDS:
         ref = str(cfg.data.reference)
-        if not os.path.isdir(ref):
-            raise UsageError(f"reference folder not found: {ref}")
+        if not (os.path.isdir(ref) or is_list(ref)):
+            raise UsageError(f"reference folder (or .txt list) not found: {ref}")
         ref_files = walk([ref])
         _, classes = reference_labels(ref_files.relpath.tolist())
     if str(cfg.entropy.score) not in ("local", "global"):

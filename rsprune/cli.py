@@ -13,11 +13,9 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rsprune.errors import UsageError  # noqa: F401  (re-exported: commands import it from here)
+
 CONFIG_DIR = Path(os.environ.get("RSPRUNE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
-
-
-class UsageError(Exception):
-    """Bad configuration or input that the user must fix: reported in one line, exit code 2."""
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -26,6 +24,9 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from rsprune.split import register_resolver
+
+    register_resolver()  # ${split:NAME} in configs/data/default.yaml
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

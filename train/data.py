@@ -15,20 +15,15 @@ import torch
 
 from rsprune.cache import read_json, save_npy, stable_hash, write_json
 from rsprune.cli import UsageError
-from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
+from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.split import paths as split_paths
 
 log = logging.getLogger(__name__)
 
 
 def corpus_paths(data_cfg) -> list[str]:
-    """Absolute paths of every image under the corpus folders, sorted."""
-    out = []
-    for root in data_cfg.corpus:
-        root = os.path.abspath(str(root))
-        if not os.path.isdir(root):
-            raise UsageError(f"corpus folder {root} does not exist (set data.root= or RSPRUNE_DATA)")
-        out += [os.path.join(root, p) for p in list_images(root)]
-    return sorted(out)
+    """Absolute paths of every image named by data.corpus (folders or list files), sorted."""
+    return split_paths(data_cfg.corpus)
 
 
 def resolve_subset(data_cfg, seed: int) -> tuple[list[str], list[str]]:
