@@ -2,7 +2,6 @@
 outside every pretraining set."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch

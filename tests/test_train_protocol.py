@@ -157,3 +157,43 @@ def test_stated_parameter_counts_are_counted(config, experiment, channels):
     with init_empty_weights():
         n = count_params(build_unet(cfg.unet, channels, cfg.data.resolution // 8))
     assert stated and stated[0] * 1e6 == pytest.approx(n, rel=0.03), f"{config} states {stated} M, counted {n:,}"
+
+
+def _tiny_run(root, name, kept_paths, **extra):
+    from train_fixtures import tiny_overrides, write_kept
+
+    from train.main import run
+
+    kept = write_kept(root / f"prune-{name}", kept_paths)
+    over = {"train.max_steps": 1, "train.sample_every": 0, "train.checkpoint_every": 1, **extra}
+    run(compose("train", tiny_overrides(kept, root / name, root / "cache", **over)))
+    return root / name
+
+
+def test_subsets_of_one_corpus_share_its_latent_scale_and_the_test_split(tmp_path):
+    """Two subsets train on the corpus's latent scale (not each its own std), recorded in
+    first_stage.json; both record the same split.json and hold out test-split images only."""
+    import json
+
+    from train_fixtures import aid_paths
+
+    a = _tiny_run(tmp_path, "a", aid_paths(12))
+    b = _tiny_run(tmp_path, "b", aid_paths(12, offset=2)[::-1][:6])
+    fs = [json.loads((r / "checkpoints/step_0000001/first_stage.json").read_text()) for r in (a, b)]
+    assert fs[0]["scale"] == fs[1]["scale"] and fs[0]["shift"] == fs[1]["shift"]
+    assert fs[0]["scale_from"]["from"] == "corpus" and fs[0]["scale_from"]["n"] == 32
+    step0 = json.loads((a / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["latent_scale"] == fs[0]["scale"]
+    splits = [json.loads((r / "split.json").read_text()) for r in (a, b)]
+    assert splits[0]["test"][0]["sha256"] == splits[1]["test"][0]["sha256"] and splits[0]["test"][0]["n"] == 8
+
+
+def test_training_on_test_split_images_is_refused(tmp_path):
+    from train_fixtures import aid_paths, tiny_overrides, write_kept
+
+    from train.main import run
+
+    kept = write_kept(tmp_path / "prune", aid_paths(12))
+    over = tiny_overrides(kept, tmp_path / "run", tmp_path / "cache", **{"data.test": str(kept)})
+    with pytest.raises(UsageError, match="12 training images are in the test split"):
+        run(compose("train", over))

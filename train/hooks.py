@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rsprune import layout
 from rsprune.cache import atomic_path, stable_hash
 from train.generate import generate, image_grid
 
@@ -58,17 +59,24 @@ def _start_wandb(run_dir, cfg):
         return None
 
 
-def save_sample_grid(run_dir, step: int, unet, noise_scheduler, first_stage, cfg) -> Path:
-    """Decode `train.sample_n` EMA samples with a fixed seed into samples/step_XXXXXXX.png."""
+def save_sample_grid(run_dir, step: int, unet, noise_scheduler, first_stage, cfg):
+    """Decode `train.sample_n` EMA samples with a fixed seed into samples/step_XXXXXXX.png.
+
+    Returns (png path, the sampled latents, the decoded uint8 images) for the sample probes.
+    """
     from PIL import Image
 
-    imgs = decode_samples(unet, noise_scheduler, first_stage, int(cfg.train.sample_n), int(cfg.train.sample_seed),
-                          int(cfg.train.sample_steps))
-    out = Path(run_dir) / "samples" / f"step_{step:07d}.png"
+    from train.generate import sample_latents
+    from train.probes import to_uint8
+
+    z = sample_latents(unet, noise_scheduler, int(cfg.train.sample_n), int(cfg.train.sample_seed),
+                       int(cfg.train.sample_steps))
+    imgs = np.concatenate([to_uint8(first_stage.decode(z[i:i + 32])) for i in range(0, len(z), 32)])
+    out = layout.sample_path(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Image.fromarray(image_grid(imgs)).save(tmp, format="PNG")
-    return out
+    return out, z, imgs
 
 
 def decode_samples(unet, noise_scheduler, first_stage, n: int, seed: int, steps: int, batch_size: int = 32):
@@ -77,7 +85,7 @@ def decode_samples(unet, noise_scheduler, first_stage, n: int, seed: int, steps:
 
 
 class FDHook:
-    """Fréchet distance of generated samples to held-out real images, if eval.fid is available."""
+    """A smoke-check Fréchet distance (`fd_smoke`) of a few generated samples to held-out real images."""
 
     def __init__(self, cfg, real_fn):
         self.every = int(cfg.eval.fd_every)
@@ -98,6 +106,9 @@ class FDHook:
             self.real = self.real_fn()
         c = self.cfg.eval
         fake = decode_samples(unet, noise_scheduler, first_stage, int(c.fd_samples), 0, int(c.fd_steps))
-        r = self.fn(self.real, fake, feature=str(c.fd_feature))
-        return {"fd": float(r["fd"]), "fd_feature": r.get("feature", str(c.fd_feature)),
+        res = c.get("fd_resolution")  # features at the images' own resolution (paper_gpu: 256)
+        r = self.fn(self.real, fake, feature=str(c.fd_feature), overrides={"resolution": int(res)} if res else None)
+        # A smoke check, not a result: FD of tens of samples is dominated by its small-N bias.
+        # Results come from eval/convergence.py (>= 1,000 samples against the whole test split).
+        return {"fd_smoke": float(r["fd"]), "fd_feature": r.get("feature", str(c.fd_feature)),
                 "fd_n_real": int(r.get("n_real", len(self.real))), "fd_n_fake": int(r.get("n_fake", len(fake)))}

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rsprune.cache import write_text
+from rsprune import layout
+from rsprune.cache import write_json, write_text
+from rsprune.split import record as record_split
 from rsprune.cli import UsageError, main
 from train import checkpoint as ckpt
 from train import data as tdata
@@ -48,6 +50,7 @@ def run(cfg) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     run_dir = Path(str(cfg.run_dir))
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
+    probes = _build_probes(cfg, first_stage) if acc.is_main_process else None
     n = len(latents)
     # Seeded here, after data preparation (whose DataLoader draws from the global RNG only when
     # the cache is cold): the initial weights are the same on every process and every run.
@@ -64,6 +67,7 @@ def run(cfg) -> dict:
     if acc.is_main_process:
         ckpt.clean_partial(run_dir)
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_json(run_dir / layout.SPLIT, record_split(cfg.data))  # the test split this run is scored on
     acc.wait_for_everyone()
     step = ckpt.resume(acc, run_dir)
     if step:
@@ -71,11 +75,12 @@ def run(cfg) -> dict:
     metrics = MetricsLog(run_dir, cfg, step) if acc.is_main_process else None
     if metrics is not None and step == 0:
         metrics.write({"step": 0, "params": setup.count_params(unet), "train_images": n,
-                       "first_stage": first_stage.describe(),
+                       "first_stage": first_stage.describe(), "latent_scale": first_stage.scale,
+                       "latent_shift": first_stage.shift,
                        **_psnr(first_stage, hold_paths, int(cfg.data.resolution))})
     fd = FDHook(cfg, lambda: tdata.load_images(hold_paths, int(cfg.data.resolution)))
     summary = _loop(cfg, acc, unet, ema, optimizer, lr_scheduler, noise_scheduler, first_stage, latents,
-                    step, metrics, fd, run_dir)
+                    step, metrics, fd, run_dir, probes)
     if metrics is not None:
         metrics.close()
     acc.end_training()
@@ -93,7 +98,7 @@ def _check(cfg) -> None:
 
 
 def _prepare_data(cfg, acc, run_dir: Path):
-    """First stage (scaled by the latent std) and the cached latents, computed by the main process first."""
+    """First stage (scaled by the corpus's latent std) and the cached latents, computed by the main process first."""
     from rsprune.autoencoders import build_first_stage
 
     res = int(cfg.data.resolution)
@@ -106,14 +111,27 @@ def _prepare_data(cfg, acc, run_dir: Path):
                                cfg.cache_dir, key_parts=(fit_paths, res)).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
                                              int(cfg.data.num_workers), acc.is_local_main_process)
+        norm = tdata.corpus_scale(fs, cfg.data, cfg.cache_dir, int(cfg.data.encode_batch_size),
+                                  int(cfg.data.num_workers), acc.is_local_main_process)
     if meta["unreadable"]:
         log.warning("latent cache: %d unreadable images skipped; first: %s", meta["unreadable"],
                     ", ".join(meta["unreadable_first"][:3]))
     _check_batch(cfg, len(latents), acc.num_processes)
-    fs.scale, fs.shift = 1.0 / max(meta["std"], 1e-6), meta["mean"]
-    log.info("%d training latents %s, std %.3f; %d held-out images", len(latents), meta["shape"],
-             meta["std"], len(hold_paths))
+    fs.scale, fs.shift, fs.scale_from = norm["scale"], norm["shift"], norm["scale_from"]
+    log.info("%d training latents %s, std %.3f (corpus scale: std %.3f over %d images); %d held-out images",
+             len(latents), meta["shape"], meta["std"], 1 / fs.scale, norm["scale_from"]["n"], len(hold_paths))
     return fs, latents, hold_paths
+
+
+def _build_probes(cfg, first_stage):
+    """train.probes on a fixed sample of `eval.heldout_n` test-split images (main process)."""
+    from train.probes import Probes
+
+    paths = tdata.seeded_sample(tdata.test_paths(cfg.data), int(cfg.eval.heldout_n))
+    z, images = tdata.probe_set(first_stage, paths, int(cfg.data.resolution), cfg.cache_dir,
+                                int(cfg.data.encode_batch_size), int(cfg.data.num_workers))
+    return Probes(setup.build_noise_scheduler(cfg.scheduler), first_stage, z, images,
+                  int(cfg.eval.heldout_timesteps), int(cfg.eval.heldout_seed), float(cfg.eval.sample_drift))
 
 
 def _fit_sample(paths: list[str], n: int, seed: int) -> list[str]:
@@ -143,7 +161,7 @@ def _psnr(first_stage, hold_paths, res: int) -> dict:
 
 
 def _loop(cfg, acc, unet, ema, optimizer, lr_scheduler, noise_scheduler, first_stage, latents, step, metrics,
-          fd, run_dir) -> dict:
+          fd, run_dir, probes=None) -> dict:
     """Optimizer steps from `step` to train.max_steps, with logging, samples, FD and checkpoints."""
     from tqdm import tqdm
 
@@ -185,7 +203,7 @@ def _loop(cfg, acc, unet, ema, optimizer, lr_scheduler, noise_scheduler, first_s
             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}")
             loss_sum, loss_n, t_log, hook_s, start_step = 0.0, 0, time.perf_counter(), 0.0, step
         h0 = time.perf_counter()
-        _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd, run_dir, max_steps)
+        _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd, run_dir, max_steps, probes)
         hook_s += time.perf_counter() - h0
     bar.close()
     last = ckpt.list_checkpoints(run_dir)
@@ -199,20 +217,25 @@ def _gather_mean(acc, value: float) -> float:
     return float(acc.gather(v).mean())
 
 
-def _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd, run_dir, max_steps) -> None:
+def _hooks(cfg, acc, unet, ema, noise_scheduler, first_stage, step, metrics, fd, run_dir, max_steps,
+           probes=None) -> None:
     """Samples and FD (main process, EMA weights), then checkpoints (every process)."""
     t = cfg.train
     sample_due = int(t.sample_every) > 0 and (step % int(t.sample_every) == 0 or step == max_steps)
-    if (sample_due or fd.due(step)) and acc.is_main_process:
+    ckpt_due = step % int(t.checkpoint_every) == 0 or step == max_steps
+    if (sample_due or fd.due(step) or ckpt_due) and acc.is_main_process:
         model = acc.unwrap_model(unet)
         model.eval()
         with ckpt.ema_weights(model, ema):
             if sample_due:
-                save_sample_grid(run_dir, step, model, noise_scheduler, first_stage, cfg)
+                _, z, imgs = save_sample_grid(run_dir, step, model, noise_scheduler, first_stage, cfg)
+                metrics.write({"step": step, **probes.samples(step, z, imgs)})
+            if ckpt_due:
+                metrics.write({"step": step, **probes.heldout(step, model)})
             if fd.due(step):
                 metrics.write({"step": step, **fd(model, noise_scheduler, first_stage)})
         model.train()
-    if step % int(t.checkpoint_every) == 0 or step == max_steps:
+    if ckpt_due:
         ckpt.save_checkpoint(acc, run_dir, step, unet, ema, noise_scheduler, first_stage.describe(),
                              int(t.checkpoints_total_limit), {"max_steps": max_steps})
 
