@@ -2,12 +2,14 @@
 outside every pretraining set."""
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import torch
 
 from downstream import sr
 from downstream_fixtures import DATA, small_cfg
+from rsprune.cli import compose
 
 
 def test_sr_trains_on_latents_of_flipped_pixels_not_flipped_latents(tmp_path):
@@ -47,3 +49,28 @@ def test_dubai_mirrors_flip_image_and_mask_together(tmp_path):
     assert len(m) == 2 * n and m.source[n].endswith(":flip")
     np.testing.assert_array_equal(m.images[n:], train.images[:, :, ::-1])
     np.testing.assert_array_equal(m.labels[n:], train.labels[:, :, ::-1])
+
+
+def test_downstream_test_sets_are_outside_every_default_pretraining_set(tmp_path):
+    """As the configs compose: SR test images, the generative test split, the scene reference and
+    every command's default corpus are pairwise disjoint; Dubai test tiles share nothing with training tiles."""
+    from downstream import dubai
+    from rsprune.split import paths
+
+    over = [f"data.root={DATA}", f"data.split.dir={tmp_path}"]
+    train_data = compose("train", over).data
+    sr_cfg = compose("downstream/sr", over)
+    sets = {"corpus": paths(train_data.corpus), "reference": paths(train_data.reference),
+            "test": paths(train_data.test), "sr_test": sr.image_list(sr_cfg.sr.test, None)}
+    for name in ("prune", "downstream/sr", "downstream/semantic_synthesis"):  # every default corpus is that one
+        assert paths(compose(name, over).data.corpus) == sets["corpus"], name
+    real = {k: {os.path.realpath(p) for p in v} for k, v in sets.items()}
+    for a in real:
+        for b in real:
+            assert a == b or not real[a] & real[b], f"{a} and {b} share images"
+    assert len(real["sr_test"]) == 1800 and len(real["test"]) >= 1500
+    ss = compose("downstream/semantic_synthesis", over).dubai
+    pairs = dubai.find_pairs(ss.root)
+    held = {str(img) for t, img, _ in pairs if t in ss.test_tiles}
+    trained = {str(img) for t, img, _ in pairs if t not in ss.test_tiles}
+    assert held and trained and not held & trained
