@@ -72,16 +72,19 @@ def test_tables_cli_missing_run_folder_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_convergence_on_checkpoints_of_a_short_cpu_training_run(tmp_path):
-    corpus = tmp_path / "corpus"
+    corpus, test = tmp_path / "corpus", tmp_path / "test"
     for cls in ("Beach", "Forest", "Desert", "Farmland"):
-        (corpus / cls).mkdir(parents=True)
-        for f in sorted((DATA / "aid" / cls).iterdir())[:16]:
-            (corpus / cls / f.name).symlink_to(f)
+        files = sorted((DATA / "aid" / cls).iterdir())
+        for root, part in ((corpus, files[:16]), (test, files[16:24])):  # disjoint training and test images
+            (root / cls).mkdir(parents=True)
+            for f in part:
+                (root / cls / f.name).symlink_to(f)
     run_dir = tmp_path / "run"
     train = subprocess.run([sys.executable, "train/main.py", "+experiment=cpu_small", "train.max_steps=4",
                             "train.checkpoint_every=2", "train.batch_size=4", f"data.corpus=[{corpus}]",
                             f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "train.sample_every=0",
-                            "data.holdout=16", "data.num_workers=0", "wandb.mode=disabled"],
+                            "data.holdout=16", "data.num_workers=0", "wandb.mode=disabled", f"data.test={test}",
+                            "eval.heldout_n=16", "data.scale_images=64"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
     out = tmp_path / "results"
