@@ -99,6 +99,14 @@ class CropReport:
                 "crops_dropped_unlabeled": self.dropped_unlabeled}
 
 
+def with_mirrors(crops: Crops) -> Crops:
+    """The crops followed by their horizontal mirrors (image and mask flipped together, in pixels)."""
+    from downstream.conditioning import with_flips
+
+    images, labels = with_flips(crops.images, crops.labels)
+    return Crops(images, labels, list(crops.source) + [f"{s}:flip" for s in crops.source])
+
+
 def grid_origins(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners of every full crop on a regular grid (the remainder at the edges is left)."""
     return [(y, x) for y in range(0, h - crop + 1, stride) for x in range(0, w - crop + 1, stride)]

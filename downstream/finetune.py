@@ -35,9 +35,10 @@ def load_start(cfg, resolution: int | None):
     `resolution` None means the backbone's training resolution. For `backbone=none` the first stage comes unscaled; `fit_latent_scale` sets its scale from
     the training latents, as train/ does.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     from rsprune.autoencoders import build_first_stage
+    from train.setup import build_noise_scheduler
 
     if cfg.train.get("cpu_threads"):  # fewer threads than cores avoids spin-wait contention on a shared CPU
         torch.set_num_threads(int(cfg.train.cpu_threads))
@@ -62,7 +63,7 @@ def load_start(cfg, resolution: int | None):
     torch.manual_seed(int(cfg.seed))
     unet = UNet2DModel(sample_size=resolution // fs.downscale, in_channels=fs.latent_channels,
                        out_channels=fs.latent_channels, **arch)
-    scheduler = DDPMScheduler(**OmegaConf.to_container(cfg.scheduler, resolve=True))
+    scheduler = build_noise_scheduler(cfg.scheduler)  # the training builder: same defaults and checks
     return unet, scheduler, fs, {"backbone": "none", "step": 0, "image_size": resolution,
                                  "first_stage": fs.describe()}
 
@@ -116,20 +117,17 @@ def train(unet, scheduler, fs, z: torch.Tensor, c: torch.Tensor, cfg, run_dir) -
     from train import engine
 
     acc = engine.accelerator(cfg)
-    job = engine.Job(unet, scheduler, fs, len(z), batch=_pairs(z, c, bool(cfg.train.get("flip", True))))
+    job = engine.Job(unet, scheduler, fs, len(z), batch=_pairs(z, c))
     _, net = engine.fit(acc, cfg, job, run_dir)
     return net
 
 
-def _pairs(z: torch.Tensor, c: torch.Tensor, flip: bool):
-    """batch(indices, generator): latents with their conditions, flipped together when `flip`."""
+def _pairs(z: torch.Tensor, c: torch.Tensor):
+    """batch(indices, generator): latents with their conditions (no latent flips: train.flip adds
+    flipped images before encoding)."""
     def batch(idx, gen):
         idx = torch.from_numpy(idx)
-        z0, cond = z[idx], c[idx]
-        if flip:  # latents of a flipped image ~ flipped latents (convolutional encoder)
-            f = (torch.rand(len(idx), generator=gen) < 0.5)[:, None, None, None]
-            z0, cond = torch.where(f, z0.flip(-1), z0), torch.where(f, cond.flip(-1), cond)
-        return z0, cond
+        return z[idx], c[idx]
     return batch
 
 

@@ -61,12 +61,13 @@ def run(cfg: DictConfig) -> dict:
     res = int(info["image_size"])
     fs.to(ft.device())
     train, test, data_info = load_crops(cfg, res)
-    ident = ["dubai", train.source, res, int(cfg.dubai.crop)]
-    raw = ft.encode_cached(fs, train.images, ident, cfg.cache_dir)
+    fit = dubai.with_mirrors(train) if cfg.train.flip else train  # flips in pixels, before encoding
+    ident = ["dubai", fit.source, res, int(cfg.dubai.crop)]
+    raw = ft.encode_cached(fs, fit.images, ident, cfg.cache_dir)
     if info["backbone"] == "none":
         ft.fit_latent_scale(fs, raw)
     size = res // fs.downscale
-    z, c = ft.scaled(fs, raw), conditions(train.labels, size)
+    z, c = ft.scaled(fs, raw), conditions(fit.labels, size)
     net = widen_conv_in(unet, len(dubai.CLASSES))
     net = ft.train(net, scheduler, fs, z, c, cfg, run_dir)
     metrics = evaluate(cfg, net, scheduler, fs, train, test, size, stable_hash(ident))

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from downstream import finetune as ft
-from downstream.conditioning import condition_channels, pixels_condition, widen_conv_in
+from downstream.conditioning import condition_channels, pixels_condition, widen_conv_in, with_flips
 from downstream.metrics import FDScorer, psnr_ssim, sample_sheet, summary, to01
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
@@ -99,7 +99,10 @@ def run(cfg: DictConfig) -> dict:
     train_paths = image_list(cfg.sr.train, cfg.sr.max_train)
     test_paths = image_list(cfg.sr.test, cfg.sr.max_test)
     hr, lr, bic, bad = load_hr_lr(train_paths, res, scale)
-    ident = [train_paths, res, scale]
+    n_train = len(hr)
+    if cfg.train.flip:  # both orientations encoded from pixels: latents do not commute with flips
+        hr, lr, bic = with_flips(hr, lr, bic)
+    ident = [train_paths, res, scale] + (["flip"] if cfg.train.flip else [])
     raw = ft.encode_cached(fs, hr, ["sr-hr", ident], cfg.cache_dir)
     if info["backbone"] == "none":
         ft.fit_latent_scale(fs, raw)
@@ -109,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = evaluate(cfg, net, scheduler, fs, test_paths, res, scale)
     metrics |= {"task": "sr", "backbone": info["backbone"], "backbone_step": info["step"],
                 "resolution": res, "scale": scale, "condition": cfg.sr.condition,
-                "train_steps": int(cfg.train.max_steps), "n_train": len(hr), "unreadable_train": bad,
+                "train_steps": int(cfg.train.max_steps), "n_train": n_train, "unreadable_train": bad,
                 "config_key": key, "seconds": round(time.time() - t0, 1)}
     write_json(run_dir / "metrics.json", metrics)
     log.info("SR %s: %s", run_dir, {k: metrics["rows"][k] for k in metrics["rows"]})

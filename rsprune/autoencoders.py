@@ -68,8 +68,11 @@ class FirstStage(nn.Module):
         return self.decode_raw(z / self.scale + self.shift)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "source": self.source, "latent_channels": self.latent_channels,
-                "downscale": self.downscale, "scale": self.scale, "shift": self.shift}
+        out = {"kind": self.kind, "source": self.source, "latent_channels": self.latent_channels,
+               "downscale": self.downscale, "scale": self.scale, "shift": self.shift}
+        if getattr(self, "scale_from", None):  # where scale/shift came from (train: the corpus sample)
+            out["scale_from"] = self.scale_from
+        return out
 
 
 def from_description(d: dict, device: str | torch.device = "cpu") -> FirstStage:

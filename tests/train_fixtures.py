@@ -23,11 +23,21 @@ def write_kept(folder: Path, paths: list[str]) -> Path:
     return kept
 
 
+def test_list(kept: Path, n: int = 8) -> Path:
+    """A list file of n real AID images outside `kept`: the run's test split (held-out set, probes)."""
+    listed = kept / "kept.txt" if kept.is_dir() else kept
+    taken = set(listed.read_text().split()) if listed.is_file() else set()
+    path = Path(str(kept).rstrip("/") + "-test.txt")  # beside it: also for a kept.txt that does not exist
+    path.write_text("".join(p + "\n" for p in [p for p in aid_paths(2 * n, offset=7) if p not in taken][:n]))
+    return path
+
+
 def tiny_overrides(kept: Path, run_dir: Path, cache: Path, **extra) -> list[str]:
     """cpu_small with a tiny UNet, 32 px images, a few steps; everything written under tmp."""
     over = {
         "data.subset": str(kept), "run_dir": str(run_dir), "cache_dir": str(cache),
         "data.resolution": 32, "data.holdout": 4, "data.num_workers": 0, "unet": "tiny",
+        "data.test": str(test_list(kept)), "data.scale_images": 32, "eval.heldout_n": 8,
         "train.batch_size": 4, "train.max_steps": 6, "train.checkpoint_every": 3, "train.log_every": 1,
         "train.sample_every": 3, "train.sample_n": 4, "train.sample_steps": 3, "wandb.mode": "disabled",
         "optim.warmup_steps": 2, "train.cpu_threads": 1, "optim.decay_steps": 6,

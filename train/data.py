@@ -1,4 +1,7 @@
-"""Training data: the subset's image paths, a disjoint held-out set, and cached latents.
+"""Training data: the subset's image paths, the test split's held-out images, and cached latents.
+
+Held-out images come from the test split (data.test) and the latent scale from the corpus
+(data.corpus), both by a fixed seed: every run of a comparison shares them.
 
 Latents are computed once per (subset, first stage, resolution) and stored as a float16 .npy
 under `cache_dir/latents/<key>/`, read memory-mapped so that a large subset does not have to fit
@@ -22,34 +25,49 @@ from rsprune.split import paths as split_paths
 log = logging.getLogger(__name__)
 
 
+# Every run of a comparison draws its held-out images, probe latents and latent-scale sample with
+# this seed, not the training seed: seeds 0, 1, 2 of an arm are scored on the very same images.
+SAMPLE_SEED = 0
+
+
 def corpus_paths(data_cfg) -> list[str]:
     """Absolute paths of every image named by data.corpus (folders or list files), sorted."""
     return split_paths(data_cfg.corpus)
 
 
-def resolve_subset(data_cfg, seed: int) -> tuple[list[str], list[str]]:
+def test_paths(data_cfg) -> list[str]:
+    """The test split (`data.test`): the one set every held-out loss, PSNR and FD is scored against."""
+    return split_paths(data_cfg.test)
+
+
+def seeded_sample(paths: list[str], n: int, seed: int = SAMPLE_SEED) -> list[str]:
+    """A fixed sample of at most n paths (all of them if fewer), sorted."""
+    if n >= len(paths):
+        return list(paths)
+    idx = np.random.default_rng(seed).choice(len(paths), int(n), replace=False)
+    return [paths[i] for i in sorted(idx)]
+
+
+def resolve_subset(data_cfg, seed: int = SAMPLE_SEED) -> tuple[list[str], list[str]]:
     """(training paths, held-out paths) for `data.subset` = kept.txt | prune run folder | full.
 
-    Held-out images are a seeded sample of corpus images outside the training set (compared
-    by real path, so symlinked corpora count too): the FD hook and PSNR never see a training image.
+    Held-out images are a fixed sample of `data.holdout` test-split images (the same for every
+    run and seed); a training set that shares an image with the test split is refused.
     """
     spec = str(data_cfg.subset)
-    corpus = corpus_paths(data_cfg)
-    n_hold = int(data_cfg.holdout)
-    order = np.random.default_rng(seed).permutation(len(corpus))
-    if spec == "full":
-        hold_idx = set(order[:min(n_hold, len(corpus) // 2)].tolist())
-        train = [p for i, p in enumerate(corpus) if i not in hold_idx]
-        return train, [corpus[i] for i in sorted(hold_idx)]
-    train = read_subset(spec)
-    chosen = {os.path.realpath(p) for p in train}
-    hold = []
-    for i in order:  # realpath only for the candidates looked at, not the whole corpus
-        if len(hold) == n_hold:
-            break
-        if os.path.realpath(corpus[i]) not in chosen:
-            hold.append(corpus[i])
-    return train, sorted(hold)
+    train = corpus_paths(data_cfg) if spec == "full" else read_subset(spec)
+    test = test_paths(data_cfg)
+    check_disjoint(train, test)
+    return train, seeded_sample(test, int(data_cfg.holdout))
+
+
+def check_disjoint(train: list[str], test: list[str]) -> None:
+    """UsageError if a training image is also a test image (compared by real path: symlinks count)."""
+    held = {os.path.realpath(p) for p in test}
+    both = [p for p in train if os.path.realpath(p) in held]
+    if both:
+        raise UsageError(f"{len(both)} training images are in the test split (data.test), first: {both[0]}; "
+                         "train on the split's corpus (data.corpus) or a subset pruned from it")
 
 
 def read_subset(spec: str) -> list[str]:
@@ -165,3 +183,31 @@ def batch_indices(n: int, micro_step: int, batch_size: int, rank: int, world: in
         sel = epochs == e
         out[sel] = perm[pos[sel] % n]
     return out
+
+
+def corpus_scale(first_stage, data_cfg, cache_dir, batch_size: int, num_workers: int,
+                 show_progress: bool = True) -> dict:
+    """{shift, scale, scale_from}: the latent normalisation of every run on this corpus.
+
+    Mean and std of the raw latents of a fixed sample of `data.scale_images` corpus images, so
+    that a 15% subset and the full set are trained (and their samples decoded) on one scale, not
+    each on its own std.
+    """
+    corpus = corpus_paths(data_cfg)
+    sample = seeded_sample(corpus, int(data_cfg.scale_images))
+    _, meta = cached_latents(first_stage, sample, int(data_cfg.resolution), cache_dir, batch_size, num_workers,
+                             show_progress)
+    source = {"from": "corpus", "corpus_n": len(corpus), "n": meta["n"], "seed": SAMPLE_SEED,
+              "corpus_key": stable_hash(corpus)}
+    return {"shift": meta["mean"], "scale": 1.0 / max(meta["std"], 1e-6), "scale_from": source}
+
+
+def probe_set(first_stage, paths: list[str], resolution: int, cache_dir, batch_size: int,
+              num_workers: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(scaled latents, uint8 images) of test images for train.probes (the images give the data's saturation)."""
+    raw, meta = cached_latents(first_stage, paths, resolution, cache_dir, batch_size, num_workers, False)
+    images = load_images(paths, resolution, batch_size, num_workers)
+    if len(images) != meta["n"]:
+        raise RuntimeError(f"probe set: {len(images)} images decoded but {meta['n']} latents cached")
+    z = (torch.from_numpy(np.asarray(raw, np.float32)) - first_stage.shift) * first_stage.scale
+    return z, images

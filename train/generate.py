@@ -64,7 +64,12 @@ def load_backbone(run_dir, step: int | None = None, ema: bool = True, device: st
     s, path = _pick(run_dir, step)
     sub = "unet_ema" if ema and (path / "unet_ema").is_dir() else "unet"
     unet = UNet2DModel.from_pretrained(path / sub).to(device).eval().requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+    # clip_sample=False whatever the saved config says: clipping scaled latents to +-1 cuts ~30% of
+    # their values (older runs saved diffusers' default, True).
+    scheduler = DDPMScheduler.from_pretrained(path / "scheduler", clip_sample=False)
+    from train.setup import check_conditioning
+
+    check_conditioning(scheduler, allow=True)  # an old epsilon run still loads, with a warning
     desc = read_json(path / "first_stage.json")
     first_stage = from_description(desc, device)
     size = int(unet.config.sample_size)
@@ -75,13 +80,18 @@ def load_backbone(run_dir, step: int | None = None, ema: bool = True, device: st
 
 
 def make_sampler(scheduler, sampler: str):
-    """A sampling scheduler sharing the training scheduler's betas and prediction type."""
+    """A sampling scheduler sharing the training scheduler's betas and prediction type.
+
+    Never clips or thresholds (latents at unit std have ~30% of values beyond +-1), and its
+    timesteps are "trailing": the first step is t = T-1, where the sampler starts from pure noise.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
     if sampler not in classes:
         raise UsageError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    return classes[sampler].from_config(scheduler.config)
+    return classes[sampler].from_config(scheduler.config, clip_sample=False, thresholding=False,
+                                        timestep_spacing="trailing")
 
 
 @torch.no_grad()

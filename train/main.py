@@ -35,6 +35,7 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     engine.check_sizes(cfg)
     if int(cfg.data.resolution) % 8:
         raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
+    setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
     cfg, subset = _with_subset_hash(cfg)
     acc = engine.accelerator(cfg)
     run_dir = Path(str(cfg.run_dir))
@@ -42,6 +43,8 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
         write_json(run_dir / layout.SPLIT, split_record(cfg.data))
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
+    if probes is None:  # protocol's held-out loss and sample statistics on the test split (main process)
+        probes = _build_probes(cfg, first_stage) if acc.is_main_process else engine.NoProbes()
     # Seeded here, after data preparation (whose DataLoader draws from the global RNG only when
     # the cache is cold): the initial weights are the same on every process and every run.
     set_seed(int(cfg.seed))
@@ -51,11 +54,12 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     job = engine.Job(
         unet, noise_scheduler, first_stage, len(latents), batch=_latent_batches(latents, first_stage),
         first_record=lambda: {"first_stage": first_stage.describe(), "subset": subset,
+                              "latent_scale": first_stage.scale, "latent_shift": first_stage.shift,
                               **_psnr(first_stage, hold_paths, res)},
         sample=lambda model: sample_latents(model, noise_scheduler, int(t.sample_n), int(t.sample_seed),
                                             int(t.sample_steps), "ddim"),
         ema_hooks=[FDHook(cfg, lambda: tdata.load_images(hold_paths, res), noise_scheduler, first_stage)],
-        probes=probes or engine.NoProbes())
+        probes=probes)
     summary, _ = engine.fit(acc, cfg, job, run_dir)
     acc.end_training()
     return summary
@@ -90,7 +94,7 @@ def _latent_batches(latents, first_stage):
 
 
 def _prepare_data(cfg, acc, run_dir: Path):
-    """First stage (scaled by the latent std) and the cached latents, computed by the main process first."""
+    """First stage (scaled by the corpus's latent std) and the cached latents, computed by the main process first."""
     from rsprune.autoencoders import build_first_stage
 
     res = int(cfg.data.resolution)
@@ -103,14 +107,27 @@ def _prepare_data(cfg, acc, run_dir: Path):
                                cfg.cache_dir, key_parts=(fit_paths, res)).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
                                              int(cfg.data.num_workers), acc.is_local_main_process)
+        norm = tdata.corpus_scale(fs, cfg.data, cfg.cache_dir, int(cfg.data.encode_batch_size),
+                                  int(cfg.data.num_workers), acc.is_local_main_process)
     if meta["unreadable"]:
         log.warning("latent cache: %d unreadable images skipped; first: %s", meta["unreadable"],
                     ", ".join(meta["unreadable_first"][:3]))
     engine.check_sizes(cfg, len(latents), acc.num_processes)
-    fs.scale, fs.shift = 1.0 / max(meta["std"], 1e-6), meta["mean"]
-    log.info("%d training latents %s, std %.3f; %d held-out images", len(latents), meta["shape"],
-             meta["std"], len(hold_paths))
+    fs.scale, fs.shift, fs.scale_from = norm["scale"], norm["shift"], norm["scale_from"]
+    log.info("%d training latents %s, std %.3f (corpus scale: std %.3f over %d images); %d held-out images",
+             len(latents), meta["shape"], meta["std"], 1 / fs.scale, norm["scale_from"]["n"], len(hold_paths))
     return fs, latents, hold_paths
+
+
+def _build_probes(cfg, first_stage):
+    """train.probes on a fixed sample of `eval.heldout_n` test-split images (main process)."""
+    from train.probes import Probes
+
+    paths = tdata.seeded_sample(tdata.test_paths(cfg.data), int(cfg.eval.heldout_n))
+    z, images = tdata.probe_set(first_stage, paths, int(cfg.data.resolution), cfg.cache_dir,
+                                int(cfg.data.encode_batch_size), int(cfg.data.num_workers))
+    return Probes(setup.build_noise_scheduler(cfg.scheduler), first_stage, z, images,
+                  int(cfg.eval.heldout_timesteps), int(cfg.eval.heldout_seed), float(cfg.eval.sample_drift))
 
 
 def _fit_sample(paths: list[str], n: int, seed: int) -> list[str]:
