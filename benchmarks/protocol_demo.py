@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 
-def sample(run_dir, n: int, clip: bool, spacing: str, steps: int = 50, seed: int = 1234):
+def sample(run_dir, n: int, clip: bool, spacing: str, step: int | None = None, steps: int = 50, seed: int = 1234):
     """(scaled latents, uint8 images) of a run's latest EMA weights; clip=True, leading = as main sampled."""
     from diffusers import DDIMScheduler
 
     from train.generate import load_backbone
     from train.probes import to_uint8
 
-    unet, sched, fs, info = load_backbone(run_dir)
+    unet, sched, fs, info = load_backbone(run_dir, step=step)
     ddim = DDIMScheduler.from_config(sched.config, clip_sample=clip, timestep_spacing=spacing)
     ddim.set_timesteps(steps)
     x = torch.randn(n, *info["latent_shape"], generator=torch.Generator().manual_seed(seed))
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/protocol_samples.png")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--n_stats", type=int, default=256)
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of both runs (default: latest)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     real = real_images(a.after, a.n_stats)
@@ -78,7 +79,7 @@ def main() -> None:
             "after": (a.after, False, "trailing")}
     stats, imgs = {"real": {"saturated": saturated_share(real), "n": len(real)}}, {}
     for name, (run, clip, spacing) in arms.items():
-        z, im, _ = sample(run, a.n_stats, clip, spacing)
+        z, im, _ = sample(run, a.n_stats, clip, spacing, a.step)
         imgs[name] = im
         stats[name] = {k.replace("s_latent", "latent"): v for k, v in latent_stats(z, "s").items()}
         stats[name]["saturated"] = saturated_share(im)

@@ -12,6 +12,15 @@ import torch
 from rsprune.cli import UsageError, compose
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine it is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _scheduler(*overrides):
     from train.setup import build_noise_scheduler
 
@@ -197,3 +206,16 @@ def test_training_on_test_split_images_is_refused(tmp_path):
     over = tiny_overrides(kept, tmp_path / "run", tmp_path / "cache", **{"data.test": str(kept)})
     with pytest.raises(UsageError, match="12 training images are in the test split"):
         run(compose("train", over))
+
+
+def test_an_old_checkpoint_saved_with_clipping_loads_unclipped(tmp_path, caplog):
+    """Runs saved before this fix carry diffusers' clip_sample=True (and epsilon): they load unclipped, with a warning."""
+    from downstream_fixtures import backbone_run
+
+    from train.generate import load_backbone
+
+    bb = backbone_run(tmp_path / "bb")
+    assert '"clip_sample": true' in next((bb / "checkpoints").glob("step_*/scheduler/scheduler_config.json")).read_text()
+    with caplog.at_level(logging.WARNING):
+        _, sched, _, _ = load_backbone(bb)
+    assert sched.config.clip_sample is False and "samples may diverge" in caplog.text
