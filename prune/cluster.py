@@ -8,14 +8,21 @@ assignment pass each: at 10^6 synthetic points one step took the k-means objecti
 sample fit from 1.03x to 1.00x that of a fit on every member (benchmarks/kmeans_sample.py).
 The number of clusters follows the stratum size: `k_rule=size` gives round(n / cluster_size),
 `k_rule=sqrt` gives round(sqrt_scale * sqrt(n)); both clipped to [1, max_k].
+
+`cluster_stage` is the cached wrapper the pipeline calls, keyed by the embedding store, the
+strata, the pool's content, the `clustering` config and the seed.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
 
+from rsprune.cache import cached_table, stable_hash
 from rsprune.knn import kmeans, search
+from rsprune.layout import CACHE_CLUSTERS, cache_path
 
 
 def n_clusters(n: int, rule: str, cluster_size: float, sqrt_scale: float, max_k: int) -> int:
@@ -73,3 +80,16 @@ def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, pro
         info += [(offset + c, int(s), int(sizes[c])) for c in range(k)]
         offset += k
     return cluster, dist, info
+
+
+def cluster_stage(emb: np.ndarray, strata: np.ndarray, ids, hashes: list[str], embed_key: str, clustering_cfg,
+                  seed: int, cache_dir: str, progress: bool = False) -> tuple[pd.DataFrame, bool]:
+    """(table id -> cluster, centroid_distance in pool order; was cached) for the pool rows
+    with embeddings `emb`, stratum labels `strata`, ids and content hashes."""
+    key = stable_hash("clusters", embed_key, strata.tolist(), hashes, OmegaConf.to_container(clustering_cfg), seed)
+
+    def compute():
+        c, d, _ = stratified_clusters(emb, strata, clustering_cfg, seed, progress)
+        return pd.DataFrame({"id": ids, "cluster": c, "centroid_distance": d})
+
+    return cached_table(cache_path(cache_dir, CACHE_CLUSTERS, f"{key}.parquet"), key, compute)

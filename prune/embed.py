@@ -21,23 +21,37 @@ follows finds every shard done.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from rsprune.cache import save_npy, stable_hash
+from prune.index import index_inputs
+from prune.validate import validate
+from rsprune.cache import CHECKSUM_SUFFIX, save_npy, stable_hash, verified
+from rsprune.errors import UsageError
 from rsprune.encoders import build_encoder, embed_paths
+from rsprune.layout import CACHE_EMBED, cache_path
 
 
-def encoder_key(enc_cfg) -> str:
+DTYPES = ("float16", "float32")  # storage of the embeddings
+
+
+def encoder_key(enc_cfg, dtype: str = "float16") -> str:
+    """The store's key: every encoder value that changes the numbers, and the storage dtype."""
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(enc_cfg, resolve=True)
     for k in ("batch_size", "num_workers", "threads", "channels_last", "backend", "device"):  # speed knobs
         c.pop(k, None)
-    return stable_hash("encoder", c)
+    return stable_hash("encoder", c, dtype)
+
+
+def shard_done(store: Path, key: str) -> bool:
+    """Both files of a shard are there and match their checksums (a bad one is removed)."""
+    return verified(store / f"{key}.ids.npy") & verified(store / f"{key}.npy")
 
 
 def shard_plan(hashes: list[str], shard_size: int, ekey: str) -> list[tuple[str, list[str]]]:
@@ -51,7 +65,7 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
                progress: bool = True) -> int:
     """Compute this process's missing shards; returns how many it computed."""
     mine = [(k, h) for i, (k, h) in enumerate(plan) if i % world == rank]
-    todo = [(k, h) for k, h in mine if not (store / f"{k}.npy").exists()]
+    todo = [(k, h) for k, h in mine if not shard_done(store, k)]
     if not todo:
         return 0
     if enc_cfg.get("threads"):
@@ -64,8 +78,8 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
         for k, h in todo:
             e = embed_paths(encoder, [path_of[x] for x in h], int(enc_cfg.batch_size),
                             int(enc_cfg.num_workers), progress=False)
-            save_npy(store / f"{k}.ids.npy", np.asarray(h))
-            save_npy(store / f"{k}.npy", e.astype(dtype))  # written last: its presence marks done
+            save_npy(store / f"{k}.ids.npy", np.asarray(h), checksum=True)
+            save_npy(store / f"{k}.npy", e.astype(dtype), checksum=True)  # its checksum, written last, marks done
             bar.update(len(h))
     return len(todo)
 
@@ -98,21 +112,47 @@ def gather(plan, store: Path, hashes) -> np.ndarray:
 
 
 def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=None):
-    """Embed content hashes -> path `items`; returns (plan, store) once every shard exists.
+    """Embed content hashes -> path `items`; returns (plan, store folder, encoder key) once
+    every shard exists. `cfg` needs the `encoder` and `embed` groups.
 
     `state` is an accelerate PartialState when launched on several processes.
     """
-    ekey = encoder_key(cfg.encoder)
-    store = Path(cache_dir) / "embed" / ekey
+    dtype = str(cfg.embed.dtype)
+    if dtype not in DTYPES:  # prune/validate.py refuses it first; other callers land here
+        raise UsageError(f"embed.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    ekey = encoder_key(cfg.encoder, dtype)
+    store = cache_path(cache_dir, CACHE_EMBED, ekey)
     plan = shard_plan(list(items), int(cfg.embed.shard_size), ekey)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    run_shards(plan, items, cfg.encoder, store, str(cfg.embed.dtype), rank, world, progress)
+    run_shards(plan, items, cfg.encoder, store, dtype, rank, world, progress)
     if state is not None:
         state.wait_for_everyone()
-    missing = [k for k, _ in plan if not (store / f"{k}.npy").exists()]
+    # Each process verified its own shards; here presence of both checksums is enough.
+    missing = [k for k, _ in plan if not all((store / f"{k}{ext}{CHECKSUM_SUFFIX}").exists()
+                                             for ext in (".npy", ".ids.npy"))]
     if missing:
         raise RuntimeError(f"{len(missing)} embedding shards missing after the pass in {store}")
     return plan, store, ekey
+
+
+@dataclass
+class Store:
+    """A finished embedding pass: its shard plan, folder and encoder key."""
+    plan: list
+    path: Path
+    key: str
+    images: int
+
+    def gather(self, hashes) -> np.ndarray:
+        return gather(self.plan, self.path, hashes)
+
+
+def embed_inputs(inputs, cfg, cache_dir: str, progress: bool = True, state=None) -> Store:
+    """Stage 2 over the index tables (prune/index.py:Inputs): every readable unique corpus
+    image, and the readable reference images."""
+    items = collect_items(inputs.corpus, inputs.reference)
+    plan, path, key = embed_stage(items, cfg, cache_dir, progress, state)
+    return Store(plan, path, key, len(items))
 
 
 def collect_items(idx, ref_idx) -> dict:
@@ -150,22 +190,14 @@ def dist_state():
 def run(cfg, progress: bool = True) -> dict:
     """Index the corpus (and the reference when the method needs scenes), then embed; returns
     {images, shards, store, encoder_key} on the main process, {} on the others."""
-    from prune.index import build_index
-    from prune.run import validate
-
-    corpus, method, files, _ = validate(cfg)
+    plan = validate(cfg)
     state = dist_state()
-    is_main = state is None or state.is_main_process
-    cache = str(cfg.cache_dir)
-    idx, _ = build_index(corpus, cfg, cache, progress, files, state)  # shards split over processes
-    ref_idx = build_index([str(cfg.data.reference)], cfg, cache, progress, state=state)[0] \
-        if "scenes" in method.NEEDS else None
-    items = collect_items(idx, ref_idx)
-    plan, store, ekey = embed_stage(items, cfg, cache, progress, state)
-    if not is_main:
+    inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
+    store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
+    if state is not None and not state.is_main_process:
         return {}
-    out = dict(images=len(items), shards=len(plan), store=str(store), encoder_key=ekey)
-    print(f"[embed] {len(items)} distinct images in {len(plan)} shards -> {store}", flush=True)
+    out = dict(images=store.images, shards=len(store.plan), store=str(store.path), encoder_key=store.key)
+    print(f"[embed] {store.images} distinct images in {len(store.plan)} shards -> {store.path}", flush=True)
     return out
 
 

@@ -87,3 +87,20 @@ def entropy_filter(scores: np.ndarray, eligible: np.ndarray, floor: float, perce
     """Keep mask and threshold: eligible rows whose score reaches the cut."""
     cut = entropy_cut(scores[eligible], floor, percentile)
     return eligible & (scores >= cut), cut
+
+
+def stage1_pool(score: np.ndarray, usable: np.ndarray, ids: np.ndarray, floor: float, percentile: float,
+                filtered: bool, budget: int):
+    """Stage 1 for a method: (kept mask, cut, pool rows, top-up rows).
+
+    The pool is the stage-1 survivors when the method filters (`filtered`), else every usable
+    row. When the cut leaves fewer than `budget`, the highest-entropy dropped rows return as a
+    top-up (ties by id), so the budget is still met.
+    """
+    kept, cut = entropy_filter(score, usable, floor, percentile)
+    pool_rows = np.flatnonzero(kept if filtered else usable)
+    extra = np.zeros(0, np.int64)
+    if len(pool_rows) < budget:
+        extra = np.flatnonzero(usable & ~(kept if filtered else usable))
+        extra = extra[np.lexsort((ids[extra], -score[extra]))][:budget - len(pool_rows)]
+    return kept, cut, pool_rows, extra

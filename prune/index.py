@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,23 @@ from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
 from rsprune.corpus import list_files
 from rsprune.imageio import UnreadableImage, load_grey
+from rsprune.layout import CACHE_INDEX, cache_path
 
 # Part of every index cache key: bump when scan_file's output changes, so no cached shard
-# from an older scorer mixes into a resumed index (2: JPEG luma decode, one-bincount entropies).
-SCAN_VERSION = 2
+# from an older scorer mixes into a resumed index (2: JPEG luma decode, one-bincount entropies;
+# 3: large TIFFs decimated, line-break names and memory errors recorded, stable reasons).
+SCAN_VERSION = 3
+# What str.splitlines() splits on: a path holding one of these cannot sit on one line of a list.
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 COLUMNS = ["id", "path", "root", "relpath", "size", "content_hash", "width", "height", "bands",
            "readable", "error", "entropy_global", "entropy_local", "duplicate_of"]
 
 
-def walk(roots: list[str]) -> pd.DataFrame:
-    """Every image file named by the corpus entries (folders or list files, rsprune/corpus.py):
-    id, path, root, relpath, size, mtime."""
+def walk(roots: list[str], exclude=()) -> pd.DataFrame:
+    """Every image file named by the corpus entries (folders or list files, rsprune/corpus.py),
+    nothing under the `exclude` folders: id, path, root, relpath, size, mtime."""
     rows = []
-    for root, path, rel in list_files(roots).itertuples(index=False):
+    for root, path, rel in list_files(roots, exclude).itertuples(index=False):
         try:
             st = os.stat(path)
             size, mtime = st.st_size, st.st_mtime_ns
@@ -50,9 +55,13 @@ def walk(roots: list[str]) -> pd.DataFrame:
 
 
 def scan_file(path: str, grid: int, max_side: int) -> dict:
-    """Bytes, hash, decode and entropy of one file; unreadable files get their error."""
+    """Bytes, hash, decode and entropy of one file; unreadable files get their error, any
+    failure of this one file (memory included) being its error, never the run's."""
     row = dict(content_hash="", width=-1, height=-1, bands=-1, readable=False, error="",
                entropy_global=np.nan, entropy_local=np.nan)
+    if any(c in path for c in LINE_BREAKS):  # kept.txt and list files hold one path a line
+        row["error"] = "file name contains a line break: it cannot be listed one path a line"
+        return row
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -64,11 +73,15 @@ def scan_file(path: str, grid: int, max_side: int) -> dict:
         return row
     try:
         g, bands, (height, width) = load_grey(path, data, max_side)  # huge tiles scored on a shrunk copy
+        scores = entropies(g, grid)
     except UnreadableImage as e:
         row["error"] = str(e)
         return row
+    except MemoryError:
+        row["error"] = "MemoryError: not enough memory to decode and score this file"
+        return row
     row.update(height=height, width=width, bands=bands, readable=True)
-    row["entropy_global"], row["entropy_local"] = entropies(g, grid)
+    row["entropy_global"], row["entropy_local"] = scores
     return row
 
 
@@ -113,28 +126,36 @@ def mark_duplicates(df: pd.DataFrame) -> pd.Series:
     return dup
 
 
-def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
+def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progress: bool = True,
                 files: pd.DataFrame | None = None, state=None) -> tuple[pd.DataFrame, str]:
     """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done.
+    `index_cfg` is the `index` config (shards, workers), `entropy_cfg` the `entropy` one (the
+    scores' grid and max_side).
 
     `state` (an accelerate PartialState) splits the shards round-robin over the processes, as
     the embedding does; the main process then assembles the table and the others read it.
     """
     files = walk(roots) if files is None else files
-    params = dict(grid=int(cfg.entropy.grid), max_side=int(cfg.entropy.max_side), version=SCAN_VERSION)
+    params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION)
     key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
-    final = Path(cache_dir) / "index" / f"{key}.parquet"
-    df = load_table(final, key)
-    if df is not None:
-        return df, key
+    final = cache_path(cache_dir, CACHE_INDEX, f"{key}.parquet")
+    df = load_table(final, key, verify=True)
+    if df is None:
+        df = _scan_shards(files, params, key, final, index_cfg, cache_dir, progress, state)
+    return recheck_unreadable(df, params, final, key, save=state is None or state.is_main_process), key
+
+
+def _scan_shards(files, params: dict, key: str, final: Path, index_cfg, cache_dir: str, progress: bool,
+                 state) -> pd.DataFrame:
+    """Scan the missing shards (this process's share), then assemble and save the table."""
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    shard_size = int(cfg.index.shard_size)
+    shard_size = int(index_cfg.shard_size)
     chunks = [files.iloc[s:s + shard_size] for s in range(0, len(files), shard_size)]
 
     def cached(chunk):
         skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
-        spath = Path(cache_dir) / "index" / "shards" / f"{skey}.parquet"
-        return skey, spath, load_table(spath, skey)
+        spath = cache_path(cache_dir, CACHE_INDEX, "shards", f"{skey}.parquet")
+        return skey, spath, load_table(spath, skey, verify=True)
 
     parts = {}
     mine = range(rank, len(chunks), world)  # shards dealt round-robin, as the embedding's
@@ -144,26 +165,65 @@ def build_index(roots: list[str], cfg, cache_dir: str, progress: bool = True,
             skey, spath, parts[i] = cached(chunks[i])
             if parts[i] is None:
                 parts[i] = scan(chunks[i].path.tolist(), params["grid"], params["max_side"],
-                                int(cfg.index.num_workers), bar)
-                save_table(spath, parts[i], {"key": skey})
+                                int(index_cfg.num_workers), bar)
+                save_table(spath, parts[i], {"key": skey}, checksum=True)
             else:
                 bar.update(len(chunks[i]))
     if world > 1:
         state.wait_for_everyone()  # every shard is cached now
         if not state.is_main_process:
             state.wait_for_everyone()  # until the main process has written the table
-            df = load_table(final, key)
+            df = load_table(final, key, verify=True)
             if df is None:
                 raise RuntimeError(f"the main process wrote no index table {final}")
-            return df, key
+            return df
         parts |= {i: cached(chunks[i])[2] for i in range(len(chunks)) if i not in parts}
         if any(p is None for p in parts.values()):
-            raise RuntimeError(f"index shards missing after the split pass in {Path(cache_dir) / 'index'}")
+            raise RuntimeError(f"index shards missing after the split pass in {cache_path(cache_dir, CACHE_INDEX)}")
     scanned = pd.concat([parts[i] for i in range(len(chunks))], ignore_index=True)
     df = pd.concat([files.drop(columns="mtime").reset_index(drop=True), scanned], axis=1)
     df["duplicate_of"] = mark_duplicates(df)
     df = df[COLUMNS]
-    save_table(final, df, {"key": key})
+    save_table(final, df, {"key": key}, checksum=True)
     if world > 1:
         state.wait_for_everyone()
-    return df, key
+    return df
+
+
+def recheck_unreadable(df: pd.DataFrame, params: dict, path: Path, key: str, save: bool) -> pd.DataFrame:
+    """Scan the rows recorded unreadable again: the key (path, size, mtime) does not change when
+    a file's permissions are fixed, so a cached "unreadable" must not outlive its cause."""
+    bad = np.flatnonzero(~df.readable.to_numpy(bool))
+    if not len(bad):
+        return df
+    fresh = pd.DataFrame([scan_file(p, params["grid"], params["max_side"]) for p in df.path.iloc[bad]])
+    same = ["readable", "error", "content_hash"]
+    if fresh[same].equals(df.iloc[bad][same].reset_index(drop=True)):
+        return df
+    df = df.copy()
+    for col in fresh.columns:
+        vals = df[col].to_numpy().copy()
+        vals[bad] = fresh[col].to_numpy()
+        df[col] = vals
+    df["duplicate_of"] = mark_duplicates(df)
+    if save:
+        save_table(path, df, {"key": key}, checksum=True)
+    return df
+
+
+@dataclass
+class Inputs:
+    """The index tables a run reads: the corpus's, and the reference's when scenes are needed."""
+    corpus: pd.DataFrame
+    corpus_key: str
+    reference: pd.DataFrame | None = None
+    reference_key: str = ""
+
+
+def index_inputs(plan, cfg, cache_dir: str, progress: bool = True, state=None) -> Inputs:
+    """Stage 0 for a validated `plan` (prune/validate.py): the corpus, then the reference."""
+    idx, ikey = build_index(plan.corpus, cfg.index, cfg.entropy, cache_dir, progress, plan.files, state)
+    if plan.reference is None:
+        return Inputs(idx, ikey)
+    ref, rkey = build_index([plan.reference], cfg.index, cfg.entropy, cache_dir, progress, state=state)
+    return Inputs(idx, ikey, ref, rkey)

@@ -4,17 +4,26 @@ Each reference class gets prototypes (its mean embedding, or k-means prototypes 
 class); a corpus image goes to the scene of its most similar prototype (cosine). Images whose
 best similarity is under `threshold` form the "unmatched" stratum (scene -1), clustered like
 any other. Alternative (`assign=knn`): a vote of the k most similar reference images.
+
+`scene_stage` is the cached wrapper the pipeline calls: its table (content hash -> scene,
+similarity) is keyed by the embedding store, the reference index, the corpus hashes, the
+`scenes` config and the seed.
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
 
-from rsprune.cli import UsageError
+from rsprune.cache import cached_table, stable_hash
+from rsprune.errors import UsageError, warn
 from rsprune.knn import kmeans, normalize, search
+from rsprune.layout import CACHE_SCENES, cache_path
 
 UNMATCHED = -1
+CHUNK = 65536  # corpus rows per assignment chunk
 
 
 def reference_labels(relpaths: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -61,3 +70,30 @@ def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: st
         raise UsageError(f"unknown scenes.assign {mode!r}; choose prototype or knn")
     scene = np.where(score >= threshold, scene, UNMATCHED)
     return scene.astype(np.int64), score.astype(np.float32)
+
+
+def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scenes_cfg, seed: int,
+                cache_dir: str) -> tuple[pd.DataFrame, list[str], bool]:
+    """(table content_hash -> scene, scene_similarity; class names; was cached) for the sorted
+    corpus content `hashes`, against the readable images of the reference index `ref`.
+    `store` is the embedding store (prune/embed.py:Store)."""
+    ok = ref[ref.readable]
+    labels, classes = reference_labels(ok.relpath.tolist())  # names and labels from the same files
+    empty = sorted(set(reference_labels(ref.relpath.tolist())[1]) - set(classes))
+    if empty:
+        warn(f"reference class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
+             "with no readable image dropped from the scenes")
+    c = scenes_cfg
+    key = stable_hash("scenes", store.key, ref_key, hashes, OmegaConf.to_container(c), seed)
+
+    def compute():
+        # In chunks: a second full N x d copy of the corpus would break the memory bound at 1e6.
+        emb_ref = store.gather(ok.content_hash.tolist())
+        parts = [assign_scenes(store.gather(hashes[i:i + CHUNK]), emb_ref, labels, str(c.assign),
+                               int(c.per_class), int(c.knn), float(c.threshold), seed)
+                 for i in range(0, len(hashes), CHUNK)]
+        s, sim = (np.concatenate(p) for p in zip(*parts))
+        return pd.DataFrame({"content_hash": hashes, "scene": s, "scene_similarity": sim})
+
+    table, cached = cached_table(cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet"), key, compute)
+    return table, classes, cached

@@ -3,6 +3,11 @@
 A stage's output is keyed by a hash of (its config, the keys of its inputs). It is written to
 a temporary name in the same folder and renamed, so a killed run never leaves a file that a
 later run would take for a finished one.
+
+A cache entry is verified before it is trusted: `<file>.sha256` (the SHA-256 of its bytes) is
+written after the file; on read, an entry whose bytes do not match (damaged, truncated) or that
+has no checksum (unverifiable: an older cache, or a run killed between the two writes) is
+deleted with a one-line warning naming it, and the stage computes it again.
 """
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from rsprune.errors import warn
+
+CHECKSUM_SUFFIX = ".sha256"
 
 
 def stable_hash(*parts: Any, n: int = 16) -> str:
@@ -64,14 +73,51 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def save_npy(path: str | os.PathLike, a: np.ndarray) -> None:
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checksum_path(path) -> Path:
+    return Path(str(path) + CHECKSUM_SUFFIX)
+
+
+def write_checksum(path: str | os.PathLike) -> None:
+    """Record the SHA-256 of a finished cache file beside it (written after the file)."""
+    write_text(_checksum_path(path), file_sha256(path) + "\n")
+
+
+def verified(path: str | os.PathLike) -> bool:
+    """True if the cache entry exists and matches its checksum. A damaged or unverifiable entry
+    is removed with a warning (the caller recomputes it); False then, and when it is absent."""
+    path = Path(path)
+    if not path.exists():
+        _checksum_path(path).unlink(missing_ok=True)
+        return False
+    try:
+        want = _checksum_path(path).read_text().strip()
+    except OSError:
+        want = None
+    if want == file_sha256(path):
+        return True
+    why = "has no checksum (unverifiable)" if want is None else "does not match its checksum (damaged)"
+    warn(f"cache entry {path} {why}: recomputing it")
+    path.unlink(missing_ok=True)
+    _checksum_path(path).unlink(missing_ok=True)
+    return False
+
+
+def save_npy(path: str | os.PathLike, a: np.ndarray, checksum: bool = False) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, a)
+    if checksum:
+        write_checksum(path)
 
 
-def save_table(path: str | os.PathLike, df, meta: dict | None = None) -> None:
-    """Write a pandas table as parquet, with `meta` (config key, schema) in its metadata."""
+def save_table(path: str | os.PathLike, df, meta: dict | None = None, checksum: bool = False) -> None:
+    """Write a pandas table as parquet, with `meta` (config key, schema) in its metadata; a
+    cache entry (`checksum`) gets its checksum file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,6 +128,8 @@ def save_table(path: str | os.PathLike, df, meta: dict | None = None) -> None:
         table = table.replace_schema_metadata(md)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+    if checksum:
+        write_checksum(path)
 
 
 def table_meta(path: str | os.PathLike) -> dict:
@@ -92,12 +140,14 @@ def table_meta(path: str | os.PathLike) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def load_table(path: str | os.PathLike, key: str | None = None, columns: list[str] | None = None):
-    """Read a table written by save_table; None if absent or written under another key."""
+def load_table(path: str | os.PathLike, key: str | None = None, columns: list[str] | None = None,
+               verify: bool = False):
+    """Read a table written by save_table; None if absent or written under another key, and
+    (`verify`: a cache entry) if it fails its checksum."""
     import pandas as pd
 
     path = Path(path)
-    if not path.exists():
+    if not (verified(path) if verify else path.exists()):
         return None
     if key is not None and table_meta(path).get("key") != key:
         return None
@@ -111,9 +161,9 @@ def load_table(path: str | os.PathLike, key: str | None = None, columns: list[st
 
 def cached_table(path: str | os.PathLike, key: str, compute) -> tuple[Any, bool]:
     """(table, was_cached): the table at `path` if written under `key`, else compute and save."""
-    df = load_table(path, key)
+    df = load_table(path, key, verify=True)
     if df is not None:
         return df, True
     df = compute()
-    save_table(path, df, {"key": key})
+    save_table(path, df, {"key": key}, checksum=True)
     return df, False

@@ -63,4 +63,23 @@ def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "") -> 
         run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        tell_launcher(f"error: {e}")
         sys.exit(2)
+
+
+def tell_launcher(line: str) -> None:
+    """Under `accelerate launch` (torchrun), hand the one line to the launcher's error file, so
+    its closing report names it as the root cause instead of "To enable traceback see ...".
+    The launcher itself still exits 1 with its own traceback: that exit code is torchrun's."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    # The layout torch.distributed.elastic reads (ErrorHandler.record_exception writes the same).
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:  # the line is on stderr already; the report is a convenience
+        pass

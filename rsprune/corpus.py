@@ -71,21 +71,24 @@ def _list_rows(path: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-def list_files(entries) -> pd.DataFrame:
+def list_files(entries, exclude=()) -> pd.DataFrame:
     """Every image named by `entries` (folders and list files): columns root, path, relpath.
 
-    A folder contributes its images sorted by relative path, under its own name as root; a
-    list file contributes its lines in order. A missing entry is a UsageError.
+    A folder contributes its images sorted by relative path, under its own name as root
+    (folder symlinks followed, each real folder once); a list file contributes its lines in
+    order. Nothing under a folder of `exclude` is listed (a run's output or cache folder inside
+    the corpus must not become corpus images). A missing entry is a UsageError.
     """
     entries = [entries] if isinstance(entries, (str, os.PathLike)) else list(entries or [])
     rows = []
     for entry in map(str, entries):
         if is_list(entry):
-            rows += _list_rows(entry)
+            skip = [os.path.realpath(e) + os.sep for e in exclude]
+            rows += [r for r in _list_rows(entry) if not any(os.path.realpath(r[1]).startswith(d) for d in skip)]
         elif os.path.isdir(entry):
             root = os.path.abspath(entry)
             name = os.path.basename(root.rstrip(os.sep))
-            rows += [(name, os.path.join(root, rel), rel) for rel in list_images(root)]
+            rows += [(name, os.path.join(root, rel), rel) for rel in list_images(root, exclude)]
         else:
             raise UsageError(f"not a folder or a {LIST_SUFFIX} list of images: {entry} "
                              "(set data.root= or RSPRUNE_DATA)")

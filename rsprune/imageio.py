@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +20,44 @@ from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 STRETCH_PCT = (0.5, 99.5)
+LARGE_RASTER = 64 << 20  # bytes: a TIFF larger than this is read decimated for the entropy score
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f..>"
 
 
 class UnreadableImage(Exception):
     """An image file that cannot be decoded; the message is the reason recorded."""
 
 
-def list_images(root: str | os.PathLike) -> list[str]:
-    """All image files under `root`, recursively, as sorted paths relative to `root`."""
+def list_images(root: str | os.PathLike, exclude=()) -> list[str]:
+    """All image files under `root`, recursively, as sorted paths relative to `root`.
+
+    Folder symlinks are followed (RS corpora are often assembled from links), each real folder
+    once: a link back to a folder already walked (a loop, or a second link to it) is skipped.
+    Folders in `exclude` (a run's output or cache folder inside the corpus) are never entered.
+    """
     root = Path(root)
+    skip = {os.path.realpath(e) for e in exclude}
+    seen = set()
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if _enter(os.path.join(dirpath, d), seen, skip))
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
                 found.append(os.path.relpath(os.path.join(dirpath, name), root))
     return sorted(found)
+
+
+def _enter(path: str, seen: set, skip: set) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling link: nothing to walk
+        return False
+    if (st.st_dev, st.st_ino) in seen or os.path.realpath(path) in skip:
+        return False
+    seen.add((st.st_dev, st.st_ino))
+    return True
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:
@@ -68,14 +91,46 @@ def bands_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.require(to_uint8(a), requirements=["C", "W"])
 
 
-def _read_tiff(src) -> np.ndarray:
+def _read_tiff(src, max_side: int | None = None):
+    """A TIFF's array. When only a grey copy of at most `max_side` is wanted (load_grey), one
+    larger than LARGE_RASTER bytes is read strip by strip (or tile by tile) and decimated on the
+    fly, so memory stays bounded by one segment plus the small result (a 6000 x 6000 4-band
+    16-bit GeoTIFF costs gigabytes in the float stretch otherwise); that case returns what
+    _pil_grey does: (grey, bands, full (height, width))."""
     import tifffile
 
-    a = tifffile.imread(src)
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages.first
+        if max_side and page.nbytes > LARGE_RASTER:
+            h, w = page.imagelength, page.imagewidth
+            a = _decimated(page, max(1, max(h, w) // max_side))
+            return _shrink(grey(bands_to_rgb(a)), max_side), page.samplesperpixel, (h, w)
+        a = tif.asarray()
     # Planar storage (C, H, W) with few bands: move bands last.
     if a.ndim == 3 and a.shape[0] <= 16 and a.shape[2] > 16:
         a = np.moveaxis(a, 0, 2)
     return a
+
+
+def _decimated(page, step: int) -> np.ndarray:
+    """Every `step`-th row and column of a TIFF page, bands last, decoded one segment at a time."""
+    h, w, bands = page.imagelength, page.imagewidth, page.samplesperpixel
+    seg_bytes = int(np.prod(page.chunks)) * page.dtype.itemsize
+    if seg_bytes > LARGE_RASTER:
+        raise UnreadableImage(f"raster stored in {seg_bytes >> 20} MB strips or tiles: too large to decode "
+                              f"in bounded memory (limit {LARGE_RASTER >> 20} MB)")
+    out = np.zeros((-(-h // step), -(-w // step), bands), page.dtype)
+    for seg, (sample, _, y, x, _), _ in page.segments(maxworkers=1):
+        if seg is None:  # a segment the file does not store: left at 0
+            continue
+        r0, c0 = (-y) % step, (-x) % step  # first row/column of the segment on the step grid
+        part = seg[0, r0:max(0, h - y):step, c0:max(0, w - x):step]
+        oy, ox = (y + r0) // step, (x + c0) // step
+        if page.planarconfig == 2:  # separate planes: one band per segment
+            out[oy:oy + part.shape[0], ox:ox + part.shape[1], sample] = part[..., 0]
+        else:
+            out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
+    return out[..., 0] if bands == 1 else out
 
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
@@ -89,7 +144,7 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def _decode(path: str, data: bytes | None, from_pil):
+def _decode(path: str, data: bytes | None, from_pil, max_side: int | None = None):
     """Decode a file (or its bytes, already read): a TIFF tifffile reads comes back as its
     array, anything else as from_pil(the opened PIL image), which decodes it. Any failure,
     conversion included, becomes UnreadableImage with the reason."""
@@ -97,13 +152,17 @@ def _decode(path: str, data: bytes | None, from_pil):
     try:
         if path.lower().endswith((".tif", ".tiff")):
             try:
-                return _read_tiff(src)
+                return _read_tiff(src, max_side)
+            except UnreadableImage:
+                raise
             except Exception:  # not every .tif is a TIFF tifffile reads; let PIL try
                 if data is not None:
                     src.seek(0)
         with Image.open(src) as im:
             return from_pil(im)
-    except Exception as e:  # any decoder failure is a per-file problem, never a crash
+    except UnreadableImage:
+        raise
+    except Exception as e:  # any decoder failure (memory included) is a per-file problem, never a crash
         raise UnreadableImage(_reason(e)) from None
 
 
@@ -152,7 +211,7 @@ def load_grey(path: str | os.PathLike, data: bytes | None = None,
     RGB clips); other 8-bit RGB/L files give exactly grey(load_rgb(path)); everything else goes
     by the band rule.
     """
-    out = _decode(str(path), data, lambda im: _pil_grey(im, max_side))
+    out = _decode(str(path), data, lambda im: _pil_grey(im, max_side), max_side)
     if isinstance(out, tuple):
         return _checked(out[0]), out[1], out[2]
     a = _checked(out)
@@ -165,7 +224,9 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
 
 
 def _reason(e: Exception) -> str:
-    msg = str(e).splitlines()[0] if str(e) else ""
+    """`Type: first line of the message`, the same from run to run: object addresses (PIL
+    names the BytesIO it was given) become the object's type name."""
+    msg = _ADDRESS.sub(r"<\1>", str(e).splitlines()[0] if str(e) else "")
     return f"{type(e).__name__}: {msg}"[:200]
 
 

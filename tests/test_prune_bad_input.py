@@ -77,7 +77,7 @@ def cli(*args, cwd=ROOT):
 
 @pytest.mark.parametrize("case", ["ratio_high", "ratio_zero", "ratio_text", "missing_corpus", "empty_corpus",
                                   "unknown_method", "unknown_encoder", "one_class_reference", "no_corpus",
-                                  "faiss_gpu_missing", "faiss_threads_zero"])
+                                  "faiss_gpu_missing", "faiss_threads_zero", "embed_dtype_int8", "budget_zero"])
 def test_usage_errors_exit_2_with_one_line_and_write_nothing(case, small_corpus, small_reference, tmp_path):
     if case == "faiss_gpu_missing" and knn.gpu_available():
         pytest.skip("faiss-gpu sees a GPU here: faiss.gpu=true is valid")
@@ -90,7 +90,8 @@ def test_usage_errors_exit_2_with_one_line_and_write_nothing(case, small_corpus,
     over = {"ratio_high": ["ratio=1.0"], "ratio_zero": ["ratio=0"], "ratio_text": ["ratio=abc"],
             "missing_corpus": [], "empty_corpus": [], "unknown_method": ["method=magic"],
             "unknown_encoder": ["encoder=resnet9000"], "one_class_reference": [], "no_corpus": [],
-            "faiss_gpu_missing": ["faiss.gpu=true"], "faiss_threads_zero": ["faiss.threads=0"]}[case]
+            "faiss_gpu_missing": ["faiss.gpu=true"], "faiss_threads_zero": ["faiss.threads=0"],
+            "embed_dtype_int8": ["embed.dtype=int8"], "budget_zero": ["ratio=0.999"]}[case]
     if case == "missing_corpus":
         base["corpus"] = f"[{tmp_path / 'nope'}]"
     if case == "empty_corpus":

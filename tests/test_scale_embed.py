@@ -103,13 +103,14 @@ def test_rerun_recomputes_only_a_missing_shard(corpus, single, tmp_path):
     cfg = compose("prune", overrides(corpus, tmp_path / "cache"))
     store = tmp_path / "cache" / "embed" / single["encoder_key"]
     stamp = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
-    lost = sorted(n for n in stamp if not n.endswith(".ids.npy"))[0]
+    lost = sorted(n for n in stamp if n.endswith(".npy") and not n.endswith(".ids.npy"))[0]
     (store / lost).unlink()  # the array is the shard's done-marker (written last)
     embed.run(cfg, progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     assert after.keys() == stamp.keys()
     changed = sorted(n for n in after if after[n] != stamp[n])
-    assert changed == sorted([lost, lost[:-4] + ".ids.npy"])
+    # The shard's two files and their checksums (prune/embed.py verifies a shard by them).
+    assert changed == sorted(n + ext for n in (lost, lost[:-4] + ".ids.npy") for ext in ("", ".sha256"))
     assert np.array_equal(np.load(store / lost), np.load(Path(single["store"]) / lost))
 
 

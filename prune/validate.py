@@ -1,0 +1,143 @@
+"""The one place a prune config is checked: every enumerated and numeric value, the corpus and
+the reference, before any stage runs or anything is written. A bad value is a UsageError (one
+line, exit code 2), never a late traceback or a silent coercion (2.5 workers, `within=magic`).
+
+A new config key gets its row in CHOICES or NUMBERS below (`method.*` rows apply when the
+method's config has the key).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from prune import methods
+from prune.budget import budget as budget_of
+from prune.index import walk
+from prune.scenes import reference_labels
+from rsprune import knn
+from rsprune.corpus import is_list
+from rsprune.errors import UsageError
+
+WITHIN = ("nearest", "farthest", "spread", "random")
+# Enumerated values: key -> allowed values.
+CHOICES = {
+    "entropy.score": ("local", "global"),
+    "embed.dtype": ("float16", "float32"),
+    "scenes.assign": ("prototype", "knn"),
+    "clustering.k_rule": ("size", "sqrt"),
+    "selection.within": WITHIN,
+    "faiss.gpu": ("auto", True, False),
+    "report.enabled": (True, False),
+    "method.entropy_filter": (True, False),
+    "method.keep": ("hard", "easy"),
+    "method.within": WITHIN,
+}
+# Numbers: key -> (int or float, lowest, highest, lowest allowed, highest allowed).
+NUMBERS = {
+    "seed": (int, 0, math.inf, True, False),
+    "index.shard_size": (int, 1, math.inf, True, False),
+    "index.num_workers": (int, 0, math.inf, True, False),
+    "entropy.grid": (int, 1, math.inf, True, False),
+    "entropy.max_side": (int, 8, math.inf, True, False),
+    "entropy.floor": (float, 0, 8, True, True),  # bits of a 256-bin histogram
+    "entropy.percentile": (float, 0, 100, True, True),
+    "embed.shard_size": (int, 1, math.inf, True, False),
+    "scenes.per_class": (int, 1, math.inf, True, False),
+    "scenes.knn": (int, 1, math.inf, True, False),
+    "scenes.threshold": (float, -1, 1, True, True),  # a cosine
+    "clustering.cluster_size": (float, 0, math.inf, False, False),
+    "clustering.sqrt_scale": (float, 0, math.inf, False, False),
+    "clustering.max_k": (int, 1, math.inf, True, False),
+    "clustering.sample_fraction": (float, 0, 1, False, True),
+    "clustering.min_sample": (int, 1, math.inf, True, False),
+    "clustering.niter": (int, 1, math.inf, True, False),
+    "clustering.refine": (int, 0, math.inf, True, False),
+    "selection.alpha": (float, 0, math.inf, True, False),
+    "selection.dedup": (float, 0, 1, False, True),  # a cosine; 1 turns near-duplicate skipping off
+    "report.montage_scenes": (int, 0, math.inf, True, False),
+    "encoder.batch_size": (int, 1, math.inf, True, False),
+    "encoder.num_workers": (int, 0, math.inf, True, False),
+    "method.neighbours": (int, 1, math.inf, True, False),
+    "method.temperature": (float, 0, math.inf, False, False),
+}
+
+
+@dataclass
+class Plan:
+    """What validation found: the inputs every stage reads."""
+    corpus: list[str]          # corpus entries (folders)
+    method: object             # the method module (prune/methods/<name>.py)
+    files: pd.DataFrame        # walk(corpus): every corpus file
+    budget: int                # images to keep
+    reference: str | None      # the reference folder, when the method needs scenes
+
+
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def check_choice(key: str, value, allowed) -> None:
+    # `True in ("auto", 1)` is True in Python: compare types too, so 1 is not taken for true.
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+        raise UsageError(f"{key} must be one of {shown}; got {value!r}")
+
+
+def check_number(key: str, value, kind, lo, hi, lo_ok: bool, hi_ok: bool) -> None:
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (kind is float and not math.isfinite(value)):
+        raise UsageError(f"{key} must be {'an integer' if kind is int else 'a number'}; got {value!r}")
+    if value < lo or value > hi or (value == lo and not lo_ok) or (value == hi and not hi_ok):
+        low = f"{'>=' if lo_ok else '>'} {lo}"
+        high = "" if hi == math.inf else f" and {'<=' if hi_ok else '<'} {hi}"
+        raise UsageError(f"{key} must be {low}{high}; got {value!r}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every enumerated and numeric value (keys absent from this config are skipped)."""
+    ratio = cfg.ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < float(ratio) < 1:
+        raise UsageError(f"ratio must be a number strictly between 0 and 1 (the fraction pruned), got {ratio!r}")
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) is not None:
+            check_choice(key, _get(cfg, key), allowed)
+    for key, spec in NUMBERS.items():
+        if _get(cfg, key) is not None:
+            check_number(key, _get(cfg, key), *spec)
+    threads = cfg.faiss.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"faiss.threads must be a positive integer or null (all cores), got {threads!r}")
+
+
+def check_reference(ref: str) -> None:
+    """The reference is a folder (or .txt list) of >= 2 class folders (which classes are
+    readable is the scenes stage's business: it drops a class with no readable file)."""
+    if not (os.path.isdir(ref) or is_list(ref)):
+        raise UsageError(f"reference folder (or .txt list) not found: {ref}")
+    reference_labels(walk([ref]).relpath.tolist())
+
+
+def validate(cfg: DictConfig) -> Plan:
+    """Every check that can fail on user input, before anything is written."""
+    check_values(cfg)
+    corpus = cfg.data.corpus
+    corpus = [corpus] if isinstance(corpus, str) else list(corpus or [])
+    if not corpus:
+        raise UsageError("data.corpus is empty: give one or more folders, e.g. data.corpus=[DIR1,DIR2]")
+    method = methods.get(str(cfg.method.name))
+    files = walk([str(c) for c in corpus], exclude=[str(cfg.run_dir), str(cfg.cache_dir)])
+    budget = budget_of(len(files), float(cfg.ratio))
+    if budget < 1:
+        raise UsageError(f"ratio={cfg.ratio} keeps round((1 - ratio) * {len(files)} files) = 0 images: "
+                         "nothing to select; lower the ratio")
+    ref = None
+    if "scenes" in method.NEEDS:
+        ref = str(cfg.data.reference)
+        check_reference(ref)
+    knn.use_gpu(cfg.faiss.gpu)  # faiss.gpu=true without a GPU stops here, before anything is written
+    knn.set_threads(cfg.faiss.threads)
+    return Plan([str(c) for c in corpus], method, files, budget, ref)
