@@ -56,7 +56,8 @@ def labelled_rows(rows: list[tuple[str, np.ndarray]], n: int) -> np.ndarray:
     sheet = Image.new("RGB", (label_w + n * h, len(rows) * h), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (label, imgs) in enumerate(rows):
-        sheet.paste(Image.fromarray(image_grid(imgs[:n], cols=n)), (label_w, r * h))
+        pick = np.linspace(0, len(imgs) - 1, n).round().astype(int)  # spread over the (class-sorted) set
+        sheet.paste(Image.fromarray(image_grid(imgs[pick], cols=n)), (label_w, r * h))
         draw.multiline_text((4, r * h + 4), label, fill="black")
     return sheet
 
@@ -89,7 +90,7 @@ def main() -> None:
             ("before, sampled unclipped:\nepsilon diverges at alpha_bar~0", imgs["before_unclipped"]),
             ("after (this branch):\nv-prediction, unclipped, trailing", imgs["after"])]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    labelled_rows(rows, a.n).save(a.out)
+    labelled_rows(rows, a.n).quantize(256).save(a.out, optimize=True)  # a small file for git
     print(f"wrote {a.out}")
 
 
