@@ -33,6 +33,17 @@ def link_images(dst: Path, src_root: Path, per_class: int, offset: int = 0) -> P
     return dst
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on the shared 2-core machine it is several times faster than two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """240 real NWPU images: 20 of each of the 12 classes."""
