@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from eval.subset_quality import evaluate_runs, kl, quality
 from prune.methods.semdedup import duplicate_scores

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_fixtures import TAEF2_DIR, aid_paths, tiny_overrides, write_kept
+from train_fixtures import aid_paths, tiny_overrides, write_kept
 
 from rsprune.cli import UsageError, compose
 
