@@ -52,7 +52,8 @@ def test_bad_run_folders_are_usage_errors(tmp_path):
 
 def test_tables_registry_runs_named_sections_and_skips_absent_modules(tmp_path):
     full = write_curve(tmp_path / "full", {10: 5.0, 20: 4.0})
-    drop = ["~sections.pruning", "~sections.sr", "~sections.semantic_synthesis"]
+    drop = ["~sections.pruning", "~sections.imbalanced", "~sections.ablation", "~sections.sr",
+            "~sections.semantic_synthesis"]
     conv = [f"sections.convergence.set.runs=[{full}]", f"sections.convergence.set.results_dir={tmp_path / 'r'}"]
     res = tables.run(compose("eval/tables", drop + conv + ["+sections.later.fn=downstream.not_yet:section"]))
     assert res["done"] == ["convergence"] and "later" in res["skipped"]
