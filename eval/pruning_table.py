@@ -94,7 +94,9 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(3, 3, figsize=(15, 10.5))
     for ax in axes.ravel()[len(metrics):]:
         ax.axis("off")
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))  # more methods than the default 10-colour cycle
     for ax, (col, head, low) in zip(axes.ravel(), metrics):
+        ax.set_prop_cycle(color=colours[::2].tolist() + colours[1::2].tolist())
         for method, part in agg.groupby("method"):
             part = part.sort_values("ratio")
             ax.errorbar(part.ratio, part[col], yerr=part[col + "_std"], marker="o", ms=3, capsize=2,

@@ -71,7 +71,10 @@ def scene_similarity(m: pd.DataFrame, info: dict, path: Path) -> None:
     ax[0].legend(fontsize=7)
     sizes = info.get("pseudo_scene_sizes") or []
     ax[1].bar(range(len(sizes)), sorted(sizes, reverse=True), color="tab:orange")
-    ax[1].set_xlabel("pseudo-scene (sorted)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax[1].set_xlabel("pseudo-scene (sorted by size)")
     ax[1].set_ylabel("images")
     ax[1].set_title(f"{len(sizes)} pseudo-scenes (rule: {info.get('pseudo_size_rule')})", fontsize=9)
     _save(fig, path)

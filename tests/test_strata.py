@@ -98,3 +98,13 @@ def test_imbalanced_corpus_is_zipf_links_only_and_reproducible(tmp_path):
     assert build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 0) == dst  # same plan: kept
     with pytest.raises(FileExistsError):
         build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 1)
+
+
+def test_balance_over_one_source_reads_only_its_classes():
+    """KL to uniform over the NWPU classes ignores the AID classes (which built the strata)."""
+    from eval.subset_quality import group_balance, kl
+
+    hist = {"aid/Airport": 90, "aid/Beach": 1, "nwpu12/beach": 10, "nwpu12/lake": 30}
+    got = group_balance(hist, {"nwpu": "nwpu12/"})["kl_uniform_nwpu"]
+    assert got == pytest.approx(kl(np.array([10.0, 30.0]), np.ones(2))) and got > 0
+    assert np.isnan(group_balance(hist, {"x": "other/"})["kl_uniform_x"])
