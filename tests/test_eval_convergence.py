@@ -151,7 +151,8 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
         for f in [f for f in sorted((DATA / "aid" / cls).iterdir()) if f.name not in trained][:6]:
             (test / cls / f.name).symlink_to(f)
     run_dir = tmp_path / "run"
-    train(compose("train", tiny_overrides(kept, run_dir, tmp_path / "cache", **{"train.sample_every": 0})))
+    train(compose("train", tiny_overrides(kept, run_dir, tmp_path / "cache",
+                                          **{"train.sample_every": 0, "data.test": str(test)})))
     with open(run_dir / "metrics.jsonl", "a") as f:  # as the engine logs it at a snapshot step
         f.write(json.dumps({"step": 3, "heldout_loss": 0.25}) + "\n")
     args = [f"runs=[{run_dir}]", f"test={test}", "n_samples=8", "steps=3", "batch_size=8", "resolution=64",
