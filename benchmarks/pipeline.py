@@ -48,7 +48,8 @@ def main() -> None:
         same = (tmp / "cold" / "kept.txt").read_bytes() == (tmp / "warm" / "kept.txt").read_bytes()
     c = s["counts"]
     enc = s["config"]["encoder"]
-    body = (f"Default data: {c['files']} files (AID + NWPU-12 pooled), reference AID; budget {c['budget']}. "
+    body = (f"Default data: {c['files']} files (the default split's corpus: AID outside the reference + nwpu12/train, "
+            f"test split excluded), reference: the split's 2,000 AID images; budget {c['budget']}. "
             f"Encoder {enc.get('variant', enc.get('model'))} at {enc['resolution']} px, backend "
             f"{enc.get('backend', 'eager')}. Cold = empty cache; warm = the same command again. Wall time includes "
             f"Python start-up and the report figures. Targets: cold <= 600 s, warm <= 60 s.\n\n"
