@@ -102,7 +102,8 @@ def _prepare_data(cfg, acc, run_dir: Path):
     engine.check_sizes(cfg, len(train_paths), acc.num_processes)
     # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
     with acc.local_main_process_first():
-        fit_paths = _fit_sample(train_paths, int(cfg.autoencoder.get("fit_images", 2048)), int(cfg.seed))
+        # kl_small fits on a bounded seeded sample of the subset (memory)
+        fit_paths = tdata.seeded_sample(train_paths, int(cfg.autoencoder.get("fit_images", 2048)), int(cfg.seed))
         fs = build_first_stage(cfg.autoencoder, lambda: tdata.load_images(fit_paths, res),
                                cfg.cache_dir, key_parts=(fit_paths, res)).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
@@ -128,15 +129,6 @@ def _build_probes(cfg, first_stage):
                                 int(cfg.data.encode_batch_size), int(cfg.data.num_workers))
     return Probes(setup.build_noise_scheduler(cfg.scheduler), first_stage, z, images,
                   int(cfg.eval.heldout_timesteps), int(cfg.eval.heldout_seed), float(cfg.eval.sample_drift))
-
-
-def _fit_sample(paths: list[str], n: int, seed: int) -> list[str]:
-    """A seeded sample of at most n training images to fit kl_small on (bounded memory)."""
-    if len(paths) <= n:
-        return paths
-    import numpy as np
-
-    return [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), n, replace=False))]
 
 
 def _psnr(first_stage, hold_paths, res: int) -> dict:
