@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rsprune import layout
-from rsprune.cache import read_json, save_npy, stable_hash
+from rsprune.cache import read_json, save_npy, stable_hash, verified
 from rsprune.cli import UsageError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32
     """Raw (unscaled) latents of uint8 NHWC images, cached under a key of (first stage, images)."""
     key = stable_hash({k: v for k, v in fs.describe().items() if k not in ("scale", "shift")}, ident, n=20)
     path = layout.cache_path(cache_dir, layout.CACHE_DOWNSTREAM, f"latents-{key}.npy")
-    if path.is_file():
+    if verified(path):  # a damaged or unverifiable entry is warned about, removed and recomputed
         z = np.load(path)
         if len(z) == len(images):
             return z
@@ -92,7 +92,7 @@ def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32
     # made a cold run's latent scale and its UNet inputs (hence its weights) differ from a run
     # reading the cache (~1e-5 after one step).
     z = np.ascontiguousarray(np.concatenate(out))
-    save_npy(path, z)
+    save_npy(path, z, checksum=True)
     return z
 
 

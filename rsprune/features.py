@@ -39,7 +39,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from rsprune.cache import atomic_path, stable_hash
+from rsprune.cache import atomic_path, stable_hash, verified, write_checksum
 from rsprune.cli import CONFIG_DIR, UsageError
 from rsprune.frechet import check_count, fd_kid, gaussian_stats
 from rsprune.imageio import UnreadableImage, load_rgb, resize
@@ -314,7 +314,7 @@ def reference_stats(paths, extractor: torch.nn.Module, cache_dir: str | os.PathL
     paths = sorted(str(p) for p in paths)
     key = stable_hash(content_hash(paths, root), extractor.key, {"pre_size": pre_size})
     path = Path(cache_dir) / f"{key}.npz" if cache_dir else None
-    if path is not None and path.is_file():
+    if path is not None and verified(path):  # a damaged or unverifiable entry is warned about and recomputed
         with np.load(path) as z:
             if "readable" in z or int(z["n_unreadable"]) == 0:  # older entries lack the mask
                 ok = z["readable"] if "readable" in z else np.ones(int(z["n"]), bool)
@@ -328,6 +328,7 @@ def reference_stats(paths, extractor: torch.nn.Module, cache_dir: str | os.PathL
     if path is not None and len(feats) >= 2:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **stats)
+        write_checksum(path)
     else:  # never cache a set too small to score; the caller reports it
         stats.setdefault("mu", None), stats.setdefault("sigma", None)
     return stats | {"key": key, "cached": False}

@@ -90,7 +90,7 @@ def test_kid_std_is_a_spread_over_distinct_subsets(clean):
     assert res["kid_std"] > 0.05 * abs(res["kid"]), res
 
 
-def test_reference_stats_are_cached_by_content(tmp_path, extractor):
+def test_reference_stats_are_cached_by_content(tmp_path, extractor, capsys):
     a = tmp_path / "a"
     a.mkdir()
     for p in aid_paths(1)[:12]:
@@ -100,6 +100,11 @@ def test_reference_stats_are_cached_by_content(tmp_path, extractor):
     again = reference_stats(paths, extractor, tmp_path / "cache", root=a)
     assert not first["cached"] and again["cached"] and first["key"] == again["key"]
     np.testing.assert_allclose(again["mu"], first["mu"])
+    entry = tmp_path / "cache" / f"{first['key']}.npz"  # damaged in place: warned about, recomputed
+    entry.write_bytes(entry.read_bytes()[:-64] + bytes(64))
+    fixed = reference_stats(paths, extractor, tmp_path / "cache", root=a)
+    assert not fixed["cached"] and "does not match its checksum" in capsys.readouterr().err
+    np.testing.assert_allclose(fixed["mu"], first["mu"])
     (a / paths[0].name).unlink()  # same name, other content: a new key
     (a / paths[0].name).symlink_to(aid_paths(1, offset=1)[0])
     assert reference_stats(paths, extractor, None, root=a)["key"] != first["key"]

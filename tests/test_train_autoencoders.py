@@ -80,3 +80,31 @@ def test_unknown_autoencoders_are_usage_errors(tmp_path):
         build_first_stage(OmegaConf.create({"kind": "vqgan"}))
     with pytest.raises(UsageError, match="cannot load AutoencoderKL"):
         build_first_stage(OmegaConf.create({"kind": "diffusers", "id": str(tmp_path)}))
+
+
+def test_latent_caches_are_verified_before_they_are_trusted(tmp_path, capsys):
+    """A same-size damaged latent cache (training or downstream) is recomputed with a warning,
+    never trained on (issue 13: every cache entry carries a checksum checked before use)."""
+    from downstream.finetune import encode_cached
+    from train.data import cached_latents
+
+    fs = build_first_stage(OmegaConf.create({"kind": "taef2", "path": str(TAEF2_DIR)}))
+    paths = aid_paths(6)
+    z, _ = cached_latents(fs, paths, 32, tmp_path, 3, 0, show_progress=False)
+    clean = np.array(z)
+    entry = next((tmp_path / "latents").rglob("latents.npy"))
+    raw = bytearray(entry.read_bytes())
+    raw[-8:] = bytes(8)  # same size, last latent values zeroed
+    entry.write_bytes(bytes(raw))
+    again, _ = cached_latents(fs, paths, 32, tmp_path, 3, 0, show_progress=False)
+    assert "does not match its checksum" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.array(again), clean)
+
+    imgs = _images(4, 32)
+    d = encode_cached(fs, imgs, "four", tmp_path)
+    entry = next((tmp_path / "downstream").glob("latents-*.npy"))
+    raw = bytearray(entry.read_bytes())
+    raw[-8:] = bytes(8)
+    entry.write_bytes(bytes(raw))
+    np.testing.assert_array_equal(encode_cached(fs, imgs, "four", tmp_path), d)
+    assert "does not match its checksum" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsprune.cache import read_json, save_npy, stable_hash, write_json
+from rsprune.cache import read_json, save_npy, stable_hash, verified, write_json
+from rsprune.layout import CACHE_LATENTS, cache_path
 from rsprune.cli import UsageError
 from rsprune.imageio import UnreadableImage, load_rgb, resize
 from rsprune.manifest import kept_file, read_kept
@@ -128,14 +129,14 @@ def load_images(paths: list[str], size: int, batch_size: int = 64, num_workers: 
 
 def latent_cache_dir(cache_dir, paths: list[str], fs_source: dict, kind: str, size: int) -> Path:
     key = stable_hash(paths, kind, fs_source, size)
-    return Path(cache_dir) / "latents" / key
+    return cache_path(cache_dir, CACHE_LATENTS, key)
 
 
 def cached_latents(first_stage, paths: list[str], size: int, cache_dir, batch_size: int,
                    num_workers: int, show_progress: bool = True) -> tuple[np.ndarray, dict]:
     """(raw latents memmap (N, C, h, w) float16, meta) for the readable images of `paths`."""
     out = latent_cache_dir(cache_dir, paths, first_stage.source, first_stage.kind, size)
-    if (out / "meta.json").is_file():
+    if (out / "meta.json").is_file() and verified(out / "latents.npy"):  # damaged: warned, recomputed
         return np.load(out / "latents.npy", mmap_mode="r"), read_json(out / "meta.json")
     from tqdm import tqdm
 
@@ -160,7 +161,7 @@ def cached_latents(first_stage, paths: list[str], size: int, cache_dir, batch_si
             "shape": list(z.shape[1:]), "mean": float(z32.mean()), "std": float(z32.std()),
             "resolution": size, "first_stage": {"kind": first_stage.kind, "source": first_stage.source}}
     out.mkdir(parents=True, exist_ok=True)
-    save_npy(out / "latents.npy", z)
+    save_npy(out / "latents.npy", z, checksum=True)
     (out / "paths.txt").write_text("\n".join(kept) + "\n")
     write_json(out / "meta.json", meta)  # written last: its presence marks the cache complete
     return np.load(out / "latents.npy", mmap_mode="r"), meta
