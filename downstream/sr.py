@@ -133,7 +133,10 @@ def evaluate(cfg, net, scheduler, fs, test_paths, res: int, scale: int) -> dict:
         q = psnr_ssim(images, hr)
         rows[name] = {"psnr": summary(q["psnr"])["mean"], "psnr_std": summary(q["psnr"])["std"],
                       "ssim": summary(q["ssim"])["mean"], "ssim_std": summary(q["ssim"])["std"],
-                      "fd": fd(images)}
+                      "fd": fd(images),
+                      # per test image, in test_paths order: runs on the same images compare paired
+                      "psnr_per_image": [round(float(v), 4) for v in q["psnr"]],
+                      "ssim_per_image": [round(float(v), 5) for v in q["ssim"]]}
     run_dir = Path(cfg.run_dir)
     sample_sheet(run_dir / "samples.png", [lr, bic, sr, hr], ["LR x4", "bicubic", "SR", "HR"], int(ev.sheet_n))
     return {"rows": rows, "n_test": len(hr), "unreadable_test": bad, "fd_feature": fd.name,

@@ -41,6 +41,18 @@ def test_default_sets_are_pairwise_disjoint_with_their_sizes(split_cfg):
     assert all("/aid/" in p for p in ref)
 
 
+def test_sr_fine_tuning_trains_outside_the_test_split(split_cfg):
+    """The SR downstream's default training images (the real config) never include the ONE test
+    split nor its own test set; they did when they defaulted to all of nwpu12/train."""
+    from downstream.sr import image_list
+
+    cfg = compose("downstream/sr", [f"data.split.dir={split_cfg.split.dir}"])
+    train = {os.path.realpath(p) for p in image_list(cfg.sr.train, cfg.sr.max_train)}
+    assert len(train) == int(cfg.sr.max_train)
+    for name, other in (("test split", paths(split_cfg.test)), ("SR test", image_list(cfg.sr.test, None))):
+        assert not train & {os.path.realpath(p) for p in other}, f"SR training images in the {name}"
+
+
 def test_split_is_the_same_when_drawn_again_and_recorded_by_hash(split_cfg, tmp_path):
     again = compose("train", [f"data.split.dir={tmp_path}"]).data
     for name in ("corpus", "reference", "test"):
