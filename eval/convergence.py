@@ -29,7 +29,9 @@ settings), `<results_dir>/convergence.md|png` and `<results_dir>/samples/<run>.p
 """
 from __future__ import annotations
 
+import glob
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,8 @@ def run_groups(cfg) -> dict[str, list[Path]]:
     if OmegaConf.is_dict(runs):
         groups = {str(a): [Path(str(d)) for d in ds] for a, ds in runs.items()}
     else:
-        dirs = [Path(str(r)) for r in (runs or [])]
+        # glob patterns expand (sorted); a pattern matching nothing stays, to be reported as absent
+        dirs = [Path(m) for r in (runs or []) for m in (sorted(glob.glob(str(r))) or [str(r)])]
         groups = {}
         for d in dirs:
             groups.setdefault(arm_of(d, cfg.get("arm_key")), []).append(d)
@@ -76,9 +79,12 @@ def run_groups(cfg) -> dict[str, list[Path]]:
 
 
 def arm_of(run_dir: Path, key) -> str:
-    """The arm of a run: the value of config key `key` in its config.yaml, or its folder name."""
+    """The arm of a run: the value of config key `key` in its config.yaml, its folder name (no key),
+    or with key `folder` its folder name less a `-s<seed>` suffix (full-s0, full-s1 -> full)."""
     if not key:
         return run_dir.name
+    if str(key) == "folder":
+        return re.sub(r"-s\d+$", "", run_dir.name)
     conf = run_dir / layout.CONFIG
     value = OmegaConf.select(OmegaConf.load(conf), str(key)) if conf.is_file() else None
     if value is None:

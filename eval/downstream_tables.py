@@ -13,6 +13,8 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+import numpy as np
+
 from rsprune.cache import read_json, write_text
 from rsprune.cli import UsageError
 
@@ -42,24 +44,40 @@ def _backbone(m: dict) -> str:
     return "scratch" if b == "none" else f"{Path(b).name} @ {m.get('backbone_step')}"
 
 
+def paired_delta(a: list | None, b: list | None) -> str:
+    """Mean per-image difference a - b with its 95% interval (1.96 standard errors), or a dash."""
+    if not a or not b or len(a) != len(b):
+        return "—"
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{d.mean():+.2f} ± {half:.2f}"
+
+
 def sr_table(runs) -> str:
-    head = ["run", "start", "condition", "fine-tune steps", "PSNR (dB)", "SSIM", "FD", "test images"]
+    head = ["run", "start", "condition", "fine-tune steps", "PSNR (dB)", "ΔPSNR vs scratch (paired)", "SSIM", "FD",
+            "test images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     baselines = {}
+    scratch = {(m["resolution"], m["n_test"], m["condition"], m["train_steps"]): m["rows"]["sr"]
+               for _, m in runs if m.get("backbone", "none") == "none"}
     for name, m in runs:
         r = m["rows"]["sr"]
+        ref = scratch.get((m["resolution"], m["n_test"], m["condition"], m["train_steps"]), {})
+        delta = "—" if m.get("backbone", "none") == "none" else \
+            paired_delta(r.get("psnr_per_image"), ref.get("psnr_per_image"))
         lines.append(f"| {name} | {_backbone(m)} | {m['condition']} | {m['train_steps']} | {_f(r['psnr'])} | "
-                     f"{_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
+                     f"{delta} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
         key = (m["resolution"], m["n_test"], m.get("fd_feature"))
         baselines.setdefault(key, m["rows"])
     for (res, n, _), rows in baselines.items():
         for label, row in (("bicubic x4 (baseline)", "bicubic"), ("autoencoder round trip (ceiling)", "autoencoder")):
             r = rows[row]
-            lines.append(f"| {label} | — | — | — | {_f(r['psnr'])} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {n} |")
+            lines.append(f"| {label} | — | — | — | {_f(r['psnr'])} | — | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {n} |")
     feat = runs[0][1].get("fd_feature", "?")
     res = runs[0][1]["resolution"]
     return (f"# x4 super-resolution\n\nHR {res} px, LR {res // 4} px (antialiased bicubic). PSNR/SSIM against HR "
-            f"(mean over held-out images), FD against the HR test images in {feat} features "
+            f"(mean over held-out images; ΔPSNR: mean per-image difference from the scratch run of the same "
+            f"budget on the same images, ± its 95% interval), FD against the HR test images in {feat} features "
             f"(compare FDs only at equal numbers of test images). Rebuilt by `python eval/tables.py sr`.\n\n"
             + "\n".join(lines) + "\n")
 

@@ -8,6 +8,7 @@
 #   bash results/reproduce_cpu.sh                     # the full design: ~3-4 h on 2 cores
 #   STEPS=20 SEEDS=0 ARMS="rsprune random" N_SAMPLES=16 RUNS=/tmp/r RESULTS=/tmp/r/results \
 #     bash results/reproduce_cpu.sh                   # a smoke run of the pipeline
+#   STAGES=score bash results/reproduce_cpu.sh        # (re)score finished runs only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-$HOME/runs/repro}
@@ -17,13 +18,18 @@ ARMS=${ARMS:-"full rsprune random"}      # add kmeans_uniform_filtered for the f
 N_SAMPLES=${N_SAMPLES:-1000}
 JOBS=${JOBS:-2}                          # training runs at once (one thread each)
 RESULTS=${RESULTS:-results}              # where the tables, figures and run records go
+SCORE_STEPS=${SCORE_STEPS:-null}         # steps FD/KID are scored at (null: every snapshot), e.g. [1000,4000]
+SAMPLER_STEPS=${SAMPLER_STEPS:-50}
+export RSPRUNE_CACHE=${RSPRUNE_CACHE:-$HOME/rsprune-cache}  # content-keyed caches, outside the checkout
+STAGES=${STAGES:-"prune train score"}
 mkdir -p "$RUNS"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 subset() {  # the kept list an arm trains on (full: the split's whole corpus)
   if [ "$1" = full ]; then echo full; else echo "$RUNS/prune/$1-r0.85-s0/kept.txt"; fi
 }
 
-for arm in $ARMS; do  # 1. prune at 0.85 with seed 0 (the split's corpus and reference)
+has prune && for arm in $ARMS; do  # 1. prune at 0.85 with seed 0 (the split's corpus and reference)
   [ "$arm" = full ] && continue
   python prune/run.py +experiment=ratio85 method="$arm" seed=0 run_dir="$RUNS/prune/$arm-r0.85-s0" \
     > "$RUNS/prune-$arm.log" 2>&1
@@ -41,15 +47,31 @@ train_one() {  # 2. one training run; its log in its run folder
 }
 export -f train_one subset
 export RUNS STEPS RESULTS
-for arm in $ARMS; do for seed in $SEEDS; do echo "$arm $seed"; done; done \
+# seed-major order: an interrupted batch leaves every arm with the same seeds done
+has train && for seed in $SEEDS; do for arm in $ARMS; do echo "$arm $seed"; done; done \
   | xargs -P "$JOBS" -L 1 bash -c 'train_one "$0" "$1"'
 
-# 3. FD/KID (whole and class-balanced test split), memorisation and held-out loss per arm and step
-spec=""
-for arm in $ARMS; do
-  dirs=$(for seed in $SEEDS; do printf '%s,' "$RUNS/train/$arm-s$seed"; done)
-  spec="$spec$arm:[${dirs%,}],"
-done
-python eval/convergence.py "runs={${spec%,}}" n_samples="$N_SAMPLES" results_dir="$RESULTS" \
-  > "$RUNS/convergence.log" 2>&1
-echo "done: $RESULTS/convergence.md, $RESULTS/convergence.png, $RESULTS/runs/"
+# 3. FD/KID (whole and class-balanced test split), memorisation and held-out loss per arm and step:
+# each run scored on its own (JOBS at once, one thread each; scores land in <run>/convergence.csv),
+# then one report over all arms, which only reads those files.
+score_one() {
+  local dir=$1 name; name=$(basename "$1")
+  OMP_NUM_THREADS=1 python eval/convergence.py "runs=[$dir]" n_samples="$N_SAMPLES" \
+    results_dir="$RUNS/scoring/$name" score_steps="$SCORE_STEPS" steps="$SAMPLER_STEPS" sheet_n=0 \
+    >> "$dir/convergence.log" 2>&1
+  cp "$dir/convergence.csv" "$RESULTS/runs/$name/"
+}
+export -f score_one
+export N_SAMPLES SCORE_STEPS SAMPLER_STEPS
+if has score; then
+  for seed in $SEEDS; do for arm in $ARMS; do echo "$RUNS/train/$arm-s$seed"; done; done \
+    | xargs -P "$JOBS" -L 1 bash -c 'score_one "$0"'
+  spec=""
+  for arm in $ARMS; do
+    dirs=$(for seed in $SEEDS; do printf '%s,' "$RUNS/train/$arm-s$seed"; done)
+    spec="$spec$arm:[${dirs%,}],"
+  done
+  python eval/convergence.py "runs={${spec%,}}" n_samples="$N_SAMPLES" results_dir="$RESULTS" \
+    score_steps="$SCORE_STEPS" steps="$SAMPLER_STEPS" > "$RUNS/convergence.log" 2>&1
+  echo "done: $RESULTS/convergence.md, $RESULTS/convergence.png, $RESULTS/runs/"
+fi

@@ -55,6 +55,10 @@ def test_report_gives_mean_spread_and_n_per_arm_and_steps_to_target(tmp_path):
     # arms by a config key: each run its own arm without one
     res = conv(tmp_path, f"runs=[{a[0]},{b[0]}]")
     assert set(res["steps_to_target"]) == {"full-s0", "rs-s0"}
+    # committed records named <arm>-s<seed>, given as glob patterns: grouped by folder name less the seed
+    res = conv(tmp_path, f"runs=[{tmp_path}/full-s*,{tmp_path}/rs-s*]", "arm_key=folder", "target_fd=40")
+    assert res["steps_to_target"] == {"full": None, "rs": 200}
+    assert "| 300 | 42.00 ± 1.41 (2) | 33.00 ± 0.00 (2) |" in (tmp_path / "results" / "convergence.md").read_text()
 
 
 def test_runs_scored_against_other_test_splits_or_sample_counts_are_refused(tmp_path):
