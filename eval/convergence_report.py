@@ -73,6 +73,29 @@ def default_target(agg: pd.DataFrame) -> float | None:
     return float(max(finals)) if finals else None
 
 
+def differences(agg: pd.DataFrame, arms: list[str]) -> list[str]:
+    """Markdown rows: each pair of arms at each metric's last step scored by both, the gap in means
+    and the verdict. A gap is called a difference only when it exceeds the sum of the two arms' stds
+    (their mean ± std ranges do not overlap) and both have more than one run; otherwise it is
+    "within the spread" (or "no spread" with one run)."""
+    rows = []
+    for col, _, fmt in METRICS:
+        sub = agg[agg.metric == col]
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                both = set(sub[sub.arm == a].step) & set(sub[sub.arm == b].step)
+                if not both:
+                    continue
+                step = max(both)
+                ra = sub[(sub.arm == a) & (sub.step == step)].iloc[0]
+                rb = sub[(sub.arm == b) & (sub.step == step)].iloc[0]
+                gap, spread = ra["mean"] - rb["mean"], ra["std"] + rb["std"]
+                verdict = ("no spread (one run)" if min(ra["n"], rb["n"]) < 2 else
+                           "**beyond the spread**" if abs(gap) > spread else "within the spread")
+                rows.append(f"| {col} | {step} | {a} - {b} | {fmt.format(gap)} | {fmt.format(spread)} | {verdict} |")
+    return rows
+
+
 def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | None, cfg, info: dict) -> str:
     lines = [f"# Convergence: {metric}, KID, memorisation and held-out loss per arm", "",
              f"{info['n_fake']} EMA samples per step, {str(cfg.sampler).upper()} {cfg.steps} steps, seed {cfg.seed}, "
@@ -90,6 +113,12 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
             cells = [cell(sub[(sub.step == step) & (sub.arm == a)], fmt) for a in arms]
             lines.append(f"| {int(step)} | " + " | ".join(cells) + " |")
         lines.append("")
+    diffs = differences(agg, arms)
+    if diffs:
+        lines += ["## Differences at the last step scored by both arms", "",
+                  "Gap = mean(a) - mean(b); spread = std(a) + std(b). A gap is called a difference only beyond "
+                  "the spread (the two mean ± std ranges do not overlap) with at least two runs per arm.", "",
+                  "| metric | step | arms | gap | spread | verdict |", "|---|---:|---|---:|---:|---|", *diffs, ""]
     if target is not None:
         how = "given" if cfg.get("target_fd") is not None else "the worst final arm-mean FD"
         lines += [f"Steps to reach arm-mean {metric} <= {target:.2f} ({how}):", "", "| arm | steps |", "|---|---:|"]

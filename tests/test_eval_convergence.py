@@ -51,6 +51,8 @@ def test_report_gives_mean_spread_and_n_per_arm_and_steps_to_target(tmp_path):
     assert "| 300 | 42.00 ± 1.41 (2) | 33.00 ± 0.00 (2) |" in md, md
     assert "| 200 | - | 0.7000 ± 0.7071 (2) |" in md  # held-out loss from metrics.jsonl; full logged none
     assert "FD (EfficientNet-Lite2)" in md and "FID" not in md
+    # full 42 ± 1.41 vs rsprune 33 ± 0: a gap of 9 beyond the spread; held-out loss has one full run only
+    assert "| fd | 300 | full - rsprune | 9.00 | 1.41 | **beyond the spread** |" in md, md
     assert Image.open(tmp_path / "results" / "convergence.png").size[0] > 400
     # arms by a config key: each run its own arm without one
     res = conv(tmp_path, f"runs=[{a[0]},{b[0]}]")
@@ -179,3 +181,14 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
     (run_dir / "split.json").write_text(json.dumps({"test": [{"path": "x", "n": 1, "sha256": "f" * 64}]}))
     with pytest.raises(UsageError, match="another test split"):
         convergence.run(compose("eval/convergence", args + ["n_samples=9"]))
+
+
+def test_a_gap_inside_the_seed_spread_is_not_called_a_difference():
+    from eval.convergence_report import differences
+
+    agg = pd.DataFrame([{"arm": "full", "step": 4000, "metric": "fd", "mean": 100.0, "std": 3.0, "n": 3},
+                        {"arm": "rsprune", "step": 4000, "metric": "fd", "mean": 95.0, "std": 2.5, "n": 3},
+                        {"arm": "random", "step": 4000, "metric": "fd", "mean": 90.0, "std": 1.0, "n": 1}])
+    rows = differences(agg, ["full", "rsprune", "random"])
+    assert "| fd | 4000 | full - rsprune | 5.00 | 5.50 | within the spread |" in rows
+    assert "| fd | 4000 | full - random | 10.00 | 4.00 | no spread (one run) |" in rows
