@@ -39,7 +39,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rsprune import layout
-from rsprune.cache import atomic_path, read_json
+from rsprune.cache import atomic_path, read_json, write_json
 from rsprune.cli import UsageError, main
 from rsprune.features import build_extractor, extract_features, metric_label, reference_stats, warn
 from rsprune.frechet import check_count, fd_kid
@@ -50,6 +50,7 @@ from eval.memorisation import memorisation_rate, threshold
 from eval.sheets import sample_sheet
 
 CSV = "convergence.csv"
+YARDSTICK = "yardstick.json"  # real training images scored like samples (write_yardstick)
 SETTINGS = ["metric", "side", "n_fake", "sampler", "steps", "seed", "test_sha256"]  # equal in compared rows
 COLUMNS = ["step", "fd", "kid", "kid_std", "fd_balanced", "kid_balanced", "kid_balanced_std", "memorisation",
            "n_test", "n_balanced", "n_train", *SETTINGS]
@@ -273,7 +274,24 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
               + (f" memorisation={row['memorisation']:.3f}" if row["memorisation"] is not None else ""))
     if int(cfg.sheet_n) > 0:
         write_sheet(cfg, run_dir, todo[-1][0], side, split["paths"], results_dir, name)
+    if cfg.memorisation and not (run_dir / YARDSTICK).is_file():  # cached features: cheap once scored
+        test = test if test is not None else scorer.test(split, side)
+        train = train if train is not None else scorer.train(run_dir, test, side)
+        write_yardstick(cfg, run_dir, test, train, now)
     return rows
+
+
+def write_yardstick(cfg, run_dir: Path, test: dict, train: dict, now: dict) -> None:
+    """`<run>/yardstick.json`: FD/KID of `n_samples` REAL training images of the run (a seeded draw)
+    against the same test split, under the same settings: the score a perfect model would approach."""
+    n = min(int(cfg.n_samples), len(train["features"]))
+    idx = np.random.default_rng(int(cfg.seed)).choice(len(train["features"]), n, replace=False)
+    real = train["features"][idx]
+    kw = dict(kid=bool(cfg.kid), kid_subsets=int(cfg.kid_subsets), kid_subset_size=int(cfg.kid_subset_size),
+              seed=int(cfg.seed))
+    whole, bal = fd_kid(test["features"], real, **kw), fd_kid(test["features"][test["balanced"]], real, **kw)
+    write_json(run_dir / YARDSTICK, {"n_real": n, "fd": whole["fd"], "kid": whole["kid"], "fd_balanced": bal["fd"],
+                                     "kid_balanced": bal["kid"], **now})
 
 
 def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_dir: Path, name: str) -> Path:
@@ -308,7 +326,9 @@ def run(cfg: DictConfig) -> dict:
         for d in dirs:
             curves[names[d]] = with_heldout_loss(score_run(cfg, d, scorer, results_dir, names[d]), d).assign(arm=arm)
     report.check_comparable(curves, SETTINGS)
-    return report.write(curves, cfg, results_dir)
+    yard = {names[d]: read_json(d / YARDSTICK) | {"arm": arm} for arm, ds in groups.items() for d in ds
+            if (d / YARDSTICK).is_file()}
+    return report.write(curves, cfg, results_dir, yard)
 
 
 section = run  # the `convergence` section of eval/tables.py

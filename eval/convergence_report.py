@@ -160,7 +160,27 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path) -> dict:
+def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list[str]:
+    """Real training images scored like samples, per arm (mean ± std over its runs' seeded draws)."""
+    if not yard:
+        return []
+    lines = ["## Yardstick: real training images scored like samples", "",
+             f"{metric} and KID of as many REAL training images of each run (a seeded draw) as samples, against "
+             "the same test split under the same settings: where a perfect model of that training set would land.", "",
+             "| arm | FD, whole test split | FD, class-balanced | KID x 1000 | runs |", "|---|---:|---:|---:|---:|"]
+    for a in arms:
+        ys = [y for y in yard.values() if y["arm"] == a]
+        if not ys:
+            continue
+        cells = []
+        for key, k in (("fd", 1.0), ("fd_balanced", 1.0), ("kid", 1000.0)):
+            v = pd.Series([y[key] * k for y in ys], dtype=float)
+            cells.append(f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}")
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {len(ys)} |")
+    return lines + [""]
+
+
+def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path, yard: dict | None = None) -> dict:
     """Aggregate, write convergence.md and convergence.png; return the numbers."""
     agg = aggregate(curves)
     arms = list(dict.fromkeys(a for c in curves.values() for a in c["arm"]))
@@ -170,7 +190,8 @@ def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path) -> dict:
     info = {k: (int(float(first[k])) if len(scored) else "?") for k in ("n_fake", "side", "n_test", "n_balanced")}
     info["test"] = str(first.get("test_sha256", "?"))[:12]
     target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(agg)
-    write_text(results_dir / "convergence.md", markdown(agg, arms, metric, target, cfg, info))
+    text = markdown(agg, arms, metric, target, cfg, info) + "\n".join(["", *yardstick_lines(yard or {}, arms, metric)])
+    write_text(results_dir / "convergence.md", text)
     figure(agg, arms, metric, results_dir / "convergence.png")
     print(f"wrote {results_dir / 'convergence.md'} and {results_dir / 'convergence.png'}")
     return {"aggregate": agg.to_dict("records"), "target_fd": target,

@@ -59,7 +59,7 @@ score_one() {
   OMP_NUM_THREADS=1 python eval/convergence.py "runs=[$dir]" n_samples="$N_SAMPLES" \
     results_dir="$RUNS/scoring/$name" score_steps="$SCORE_STEPS" steps="$SAMPLER_STEPS" sheet_n=0 \
     >> "$dir/convergence.log" 2>&1
-  cp "$dir/convergence.csv" "$RESULTS/runs/$name/"
+  cp "$dir/convergence.csv" "$dir/yardstick.json" "$RESULTS/runs/$name/"
 }
 export -f score_one
 export N_SAMPLES SCORE_STEPS SAMPLER_STEPS

@@ -172,6 +172,10 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
     assert (csv["test_sha256"] == describe(str(test))["sha256"]).all()
     md = (tmp_path / "results" / "convergence.md").read_text()
     assert "| 3 | 0.2500 (n=1) |" in md  # the held-out loss where logged
+    # the yardstick: 8 of the 24 real training images scored like the samples, in the report too
+    yard = json.loads((run_dir / "yardstick.json").read_text())
+    assert yard["n_real"] == 8 and yard["fd"] > 0 and yard["n_fake"] == 8
+    assert "## Yardstick: real training images scored like samples" in md and "| run | " in md
     assert res["test_sha256"] == describe(str(test))["sha256"]
     assert Image.open(tmp_path / "results" / "samples" / "run.png").size[0] > 8 * 32
     before = (run_dir / "convergence.csv").read_text()  # rerun: every step already scored alike
