@@ -54,30 +54,35 @@ def paired_delta(a: list | None, b: list | None) -> str:
 
 
 def sr_table(runs) -> str:
-    head = ["run", "start", "condition", "fine-tune steps", "PSNR (dB)", "ΔPSNR vs scratch (paired)", "SSIM", "FD",
-            "test images"]
+    head = ["run", "start", "condition", "fine-tune steps", "PSNR (dB)", "ΔPSNR vs scratch (paired)",
+            "ΔPSNR vs full-corpus start (paired)", "SSIM", "FD", "test images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     baselines = {}
     scratch = {(m["resolution"], m["n_test"], m["condition"], m["train_steps"]): m["rows"]["sr"]
                for _, m in runs if m.get("backbone", "none") == "none"}
+    full = {(m["resolution"], m["n_test"], m["condition"], m["train_steps"]): m["rows"]["sr"]
+            for _, m in runs if Path(str(m.get("backbone", "none"))).name.startswith("full")}
     for name, m in runs:
-        r = m["rows"]["sr"]
-        ref = scratch.get((m["resolution"], m["n_test"], m["condition"], m["train_steps"]), {})
-        delta = "—" if m.get("backbone", "none") == "none" else \
-            paired_delta(r.get("psnr_per_image"), ref.get("psnr_per_image"))
+        r, key = m["rows"]["sr"], (m["resolution"], m["n_test"], m["condition"], m["train_steps"])
+        pretrained = m.get("backbone", "none") != "none"
+        vs_scratch = paired_delta(r.get("psnr_per_image"), scratch.get(key, {}).get("psnr_per_image")) \
+            if pretrained else "—"
+        vs_full = paired_delta(r.get("psnr_per_image"), full.get(key, {}).get("psnr_per_image")) \
+            if pretrained and not Path(str(m["backbone"])).name.startswith("full") else "—"
         lines.append(f"| {name} | {_backbone(m)} | {m['condition']} | {m['train_steps']} | {_f(r['psnr'])} | "
-                     f"{delta} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
+                     f"{vs_scratch} | {vs_full} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
         key = (m["resolution"], m["n_test"], m.get("fd_feature"))
         baselines.setdefault(key, m["rows"])
     for (res, n, _), rows in baselines.items():
         for label, row in (("bicubic x4 (baseline)", "bicubic"), ("autoencoder round trip (ceiling)", "autoencoder")):
             r = rows[row]
-            lines.append(f"| {label} | — | — | — | {_f(r['psnr'])} | — | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {n} |")
+            lines.append(f"| {label} | — | — | — | {_f(r['psnr'])} | — | — | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {n} |")
     feat = runs[0][1].get("fd_feature", "?")
     res = runs[0][1]["resolution"]
     return (f"# x4 super-resolution\n\nHR {res} px, LR {res // 4} px (antialiased bicubic). PSNR/SSIM against HR "
-            f"(mean over held-out images; ΔPSNR: mean per-image difference from the scratch run of the same "
-            f"budget on the same images, ± its 95% interval), FD against the HR test images in {feat} features "
+            f"(mean over held-out images; ΔPSNR: mean per-image difference from the scratch run, or from the "
+            f"run started from the full-corpus backbone, of the same budget on the same images, ± its 95% "
+            f"interval), FD against the HR test images in {feat} features "
             f"(compare FDs only at equal numbers of test images). Rebuilt by `python eval/tables.py sr`.\n\n"
             + "\n".join(lines) + "\n")
 
