@@ -166,7 +166,8 @@ def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list
         return []
     lines = ["## Yardstick: real training images scored like samples", "",
              f"{metric} and KID of as many REAL training images of each run (a seeded draw) as samples, against "
-             "the same test split under the same settings: where a perfect model of that training set would land.", "",
+             "the same test split under the same settings: where a perfect model of that training set would land "
+             "(runs of one arm share their training set, hence one value).", "",
              "| arm | FD, whole test split | FD, class-balanced | KID x 1000 | runs |", "|---|---:|---:|---:|---:|"]
     for a in arms:
         ys = [y for y in yard.values() if y["arm"] == a]
@@ -175,7 +176,8 @@ def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list
         cells = []
         for key, k in (("fd", 1.0), ("fd_balanced", 1.0), ("kid", 1000.0)):
             v = pd.Series([y[key] * k for y in ys], dtype=float)
-            cells.append(f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}")
+            sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            cells.append(f"{v.mean():.2f} ± {sd:.2f}" if sd >= 0.005 else f"{v.mean():.2f}")  # 0.00: one value
         lines.append(f"| {a} | " + " | ".join(cells) + f" | {len(ys)} |")
     return lines + [""]
 
