@@ -148,7 +148,8 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
             if not len(g):
                 continue
             color = f"C{i}"
-            ax.plot(g["step"], g["mean"], marker="o", color=color, label=f"{a} (n={int(g['n'].max())})")
+            ax.errorbar(g["step"], g["mean"], yerr=g["std"], marker="o", capsize=4, color=color,
+                        label=f"{a} (n={int(g['n'].max())})")  # bars: a lone scored step shows its spread too
             ax.fill_between(g["step"], g["mean"] - g["std"], g["mean"] + g["std"], color=color, alpha=0.2)
         ax.set_title(titles[col], fontsize=10)
         ax.set_xlabel("training step")
