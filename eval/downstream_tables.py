@@ -63,11 +63,11 @@ def sr_table(runs) -> str:
     full = {(m["resolution"], m["n_test"], m["condition"], m["train_steps"]): m["rows"]["sr"]
             for _, m in runs if Path(str(m.get("backbone", "none"))).name.startswith("full")}
     for name, m in runs:
-        r, key = m["rows"]["sr"], (m["resolution"], m["n_test"], m["condition"], m["train_steps"])
+        r, budget = m["rows"]["sr"], (m["resolution"], m["n_test"], m["condition"], m["train_steps"])
         pretrained = m.get("backbone", "none") != "none"
-        vs_scratch = paired_delta(r.get("psnr_per_image"), scratch.get(key, {}).get("psnr_per_image")) \
+        vs_scratch = paired_delta(r.get("psnr_per_image"), scratch.get(budget, {}).get("psnr_per_image")) \
             if pretrained else "—"
-        vs_full = paired_delta(r.get("psnr_per_image"), full.get(key, {}).get("psnr_per_image")) \
+        vs_full = paired_delta(r.get("psnr_per_image"), full.get(budget, {}).get("psnr_per_image")) \
             if pretrained and not Path(str(m["backbone"])).name.startswith("full") else "—"
         lines.append(f"| {name} | {_backbone(m)} | {m['condition']} | {m['train_steps']} | {_f(r['psnr'])} | "
                      f"{vs_scratch} | {vs_full} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
