@@ -215,8 +215,12 @@ class Scorer:
         return ref | {"balanced": balanced_index(split["paths"], ref["readable"], int(self.cfg.seed))}
 
     def score(self, fake: np.ndarray, test: dict, train: dict | None) -> dict:
+        ff, _ = extract_features(fake, self.extractor, int(self.cfg.batch_size))
+        return self.score_features(ff, test, train)
+
+    def score_features(self, ff: np.ndarray, test: dict, train: dict | None) -> dict:
+        """The CSV row's metrics of features `ff` (samples, or real images for the yardstick)."""
         c = self.cfg
-        ff, _ = extract_features(fake, self.extractor, int(c.batch_size))
         kw = dict(kid=bool(c.kid), kid_subsets=int(c.kid_subsets), kid_subset_size=int(c.kid_subset_size),
                   seed=int(c.seed))
         whole = fd_kid(test["features"], ff, **kw)
@@ -277,21 +281,18 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
     if cfg.memorisation and not (run_dir / YARDSTICK).is_file():  # cached features: cheap once scored
         test = test if test is not None else scorer.test(split, side)
         train = train if train is not None else scorer.train(run_dir, test, side)
-        write_yardstick(cfg, run_dir, test, train, now)
+        write_yardstick(cfg, run_dir, scorer, test, train, now)
     return rows
 
 
-def write_yardstick(cfg, run_dir: Path, test: dict, train: dict, now: dict) -> None:
+def write_yardstick(cfg, run_dir: Path, scorer: Scorer, test: dict, train: dict, now: dict) -> None:
     """`<run>/yardstick.json`: FD/KID of `n_samples` REAL training images of the run (a seeded draw)
-    against the same test split, under the same settings: the score a perfect model would approach."""
+    against the same test split, scored as samples are: the score a perfect model would approach."""
     n = min(int(cfg.n_samples), len(train["features"]))
     idx = np.random.default_rng(int(cfg.seed)).choice(len(train["features"]), n, replace=False)
-    real = train["features"][idx]
-    kw = dict(kid=bool(cfg.kid), kid_subsets=int(cfg.kid_subsets), kid_subset_size=int(cfg.kid_subset_size),
-              seed=int(cfg.seed))
-    whole, bal = fd_kid(test["features"], real, **kw), fd_kid(test["features"][test["balanced"]], real, **kw)
-    write_json(run_dir / YARDSTICK, {"n_real": n, "fd": whole["fd"], "kid": whole["kid"], "fd_balanced": bal["fd"],
-                                     "kid_balanced": bal["kid"], **now})
+    row = scorer.score_features(train["features"][idx], test, None)
+    write_json(run_dir / YARDSTICK, {"n_real": n, **{k: row[k] for k in ("fd", "kid", "fd_balanced", "kid_balanced")},
+                                     **now})
 
 
 def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_dir: Path, name: str) -> Path:

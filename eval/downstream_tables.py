@@ -58,17 +58,20 @@ def sr_table(runs) -> str:
             "ΔPSNR vs full-corpus start (paired)", "SSIM", "FD", "test images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     baselines = {}
-    scratch = {(m["resolution"], m["n_test"], m["condition"], m["train_steps"]): m["rows"]["sr"]
-               for _, m in runs if m.get("backbone", "none") == "none"}
-    full = {(m["resolution"], m["n_test"], m["condition"], m["train_steps"]): m["rows"]["sr"]
-            for _, m in runs if Path(str(m.get("backbone", "none"))).name.startswith("full")}
+    def budget(m):  # runs compare paired only at the same resolution, test images, condition and steps
+        return m["resolution"], m["n_test"], m["condition"], m["train_steps"]
+
+    def start(m):  # "none" (scratch) or the backbone run's folder name
+        return Path(str(m.get("backbone", "none"))).name
+
+    scratch = {budget(m): m["rows"]["sr"] for _, m in runs if start(m) == "none"}
+    full = {budget(m): m["rows"]["sr"] for _, m in runs if start(m).startswith("full")}
     for name, m in runs:
-        r, budget = m["rows"]["sr"], (m["resolution"], m["n_test"], m["condition"], m["train_steps"])
-        pretrained = m.get("backbone", "none") != "none"
-        vs_scratch = paired_delta(r.get("psnr_per_image"), scratch.get(budget, {}).get("psnr_per_image")) \
-            if pretrained else "—"
-        vs_full = paired_delta(r.get("psnr_per_image"), full.get(budget, {}).get("psnr_per_image")) \
-            if pretrained and not Path(str(m["backbone"])).name.startswith("full") else "—"
+        r, s = m["rows"]["sr"], start(m)
+        vs_scratch = "—" if s == "none" else \
+            paired_delta(r.get("psnr_per_image"), scratch.get(budget(m), {}).get("psnr_per_image"))
+        vs_full = "—" if s == "none" or s.startswith("full") else \
+            paired_delta(r.get("psnr_per_image"), full.get(budget(m), {}).get("psnr_per_image"))
         lines.append(f"| {name} | {_backbone(m)} | {m['condition']} | {m['train_steps']} | {_f(r['psnr'])} | "
                      f"{vs_scratch} | {vs_full} | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {m['n_test']} |")
         key = (m["resolution"], m["n_test"], m.get("fd_feature"))
