@@ -84,7 +84,7 @@ def add_clusters(pool, cols: Columns, store, pool_rows, cfg, cached: dict, progr
 
 
 def features(plan, inputs, pool, cols: Columns, usable, pool_rows, cfg, t: Timings, cached: dict,
-             progress: bool, state) -> list[str] | None:
+             progress: bool, state) -> tuple[list[str] | None, dict]:
     """Stages 2-4 as the method needs them; returns (scene names, strata diagnostics): (None, {})
     without scenes, and on a process other than the main one, whose share of the work ends with
     the embedding."""
@@ -138,7 +138,9 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         score = idx[f"entropy_{cfg.entropy.score}"].to_numpy(np.float64)
         kept1, cut, pool_rows, extra = stage1_pool(score, usable, idx.id.to_numpy(), float(cfg.entropy.floor),
                                                    float(cfg.entropy.percentile), filtered, budget)
-    log(f"[entropy] cut {cut:.3f} bits ({cfg.entropy.score}): {usable.sum() - kept1.sum()} dropped, {kept1.sum()} kept")
+    below = usable.sum() - kept1.sum()
+    log(f"[entropy] cut {cut:.3f} bits ({cfg.entropy.score}): " + (f"{below} dropped, {kept1.sum()} kept" if filtered
+        else f"{below} under it, none dropped ({cfg.method.name} does not filter)"))
     if len(extra):
         log(f"[entropy] pool {len(pool_rows)} < budget {budget}: {len(extra)} highest-entropy dropped images return")
 
