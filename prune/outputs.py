@@ -102,4 +102,4 @@ def write_outputs(cfg, manifest: pd.DataFrame, summary: dict, cut: float) -> Non
         from prune.report import write_report
 
         write_report(run_dir / "report", manifest, cut, str(cfg.entropy.score), int(cfg.report.montage_scenes),
-                     int(cfg.seed), summary.get("scenes"))
+                     int(cfg.seed), summary.get("scenes"), (summary.get("method_info") or {}).get("volume"))

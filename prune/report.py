@@ -80,6 +80,32 @@ def scene_similarity(m: pd.DataFrame, info: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def scene_mass(fit: dict, names: dict, path: Path) -> None:
+    """selection.mass=auto: volume per image against images per stratum (log-log) with the
+    least-squares line the over-sampling beta comes from (slope -1: over-sampled; 0: not)."""
+    plt = _plt()
+    n = np.asarray(fit["stratum_images"], float)
+    per = np.asarray(fit["stratum_volume_per_image"], float)
+    used = (n >= fit["min_stratum"]) & (per > 0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(n[used], per[used], s=14, label="strata in the fit")
+    ax.scatter(n[~used & (per > 0)], per[~used & (per > 0)], s=14, marker="x", color="grey", label="too small")
+    for i in np.argsort(-n)[:6]:  # name the largest strata
+        ax.annotate(str(names.get(fit["strata"][i], fit["strata"][i]))[:16], (n[i], per[i]), fontsize=6)
+    if used.sum() >= 3 and np.ptp(np.log(n[used])) > 0:
+        slope, icpt = np.polyfit(np.log(n[used]), np.log(per[used]), 1)
+        xs = np.linspace(np.log(n[used]).min(), np.log(n[used]).max(), 20)
+        ax.plot(np.exp(xs), np.exp(icpt + slope * xs), color="tab:red", label=f"fit: slope {slope:.2f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images in stratum")
+    ax.set_ylabel("volume per image (relative to the median image)")
+    ax.set_title(f"scene mass: beta {fit['oversampling_beta']:.2f}, quota exponent {fit['alpha_effective']:.2f}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
     plt = _plt()
     g = m[m.cluster >= 0].groupby("cluster").agg(size=("id", "size"), kept=("selected", "sum"))
@@ -123,13 +149,16 @@ def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int 
 
 
 def write_report(folder: Path, m: pd.DataFrame, cut: float, score: str, n_scenes: int, seed: int,
-                 scenes: dict | None = None) -> None:
+                 scenes: dict | None = None, mass_fit: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     entropy_histogram(m, cut, score, folder / "entropy_histogram.png")
     if (m.scene_name != "").any():
         scene_histogram(m, folder / "scene_histogram.png")
     if scenes:
         scene_similarity(m, scenes, folder / "scene_similarity.png")
+    if mass_fit and "stratum_images" in mass_fit:
+        named = m[m.scene_name != ""].drop_duplicates("scene")
+        scene_mass(mass_fit, dict(zip(named.scene, named.scene_name)), folder / "scene_mass.png")
     if (m.cluster >= 0).any():
         cluster_sizes(m, folder / "cluster_sizes.png")
     montage(m, n_scenes, seed, folder / "montage_kept_vs_pruned.png")

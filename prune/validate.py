@@ -30,6 +30,7 @@ CHOICES = {
     "scenes.assign": ("prototype", "knn"),
     "clustering.k_rule": ("size", "sqrt"),
     "selection.within": WITHIN,
+    "selection.mass": ("count", "volume", "auto"),
     "faiss.gpu": ("auto", True, False),
     "report.enabled": (True, False),
     "method.entropy_filter": (True, False),
@@ -63,6 +64,8 @@ NUMBERS = {
     "clustering.refine": (int, 0, math.inf, True, False),
     "selection.alpha": (float, 0, math.inf, True, False),
     "selection.dedup": (float, 0, 1, False, True),  # a cosine; 1 turns near-duplicate skipping off
+    "selection.volume.k": (int, 2, math.inf, True, False),  # the dimension estimate needs 2 neighbours
+    "selection.volume.min_stratum": (int, 1, math.inf, True, False),
     "report.montage_scenes": (int, 0, math.inf, True, False),
     "encoder.batch_size": (int, 1, math.inf, True, False),
     "encoder.num_workers": (int, 0, math.inf, True, False),
@@ -115,6 +118,10 @@ def check_values(cfg: DictConfig) -> None:
             check_number(key, _get(cfg, key), *spec)
     if _get(cfg, "scenes") is not None:
         check_scenes(cfg.scenes)  # threshold: reference | corpus | a cosine; quantile; pseudo_size
+    dim = _get(cfg, "selection.volume.dim")
+    if dim is not None and dim != "auto" and (isinstance(dim, bool) or not isinstance(dim, (int, float))
+                                              or not 0 < dim < math.inf):
+        raise UsageError(f"selection.volume.dim must be auto or a number > 0, got {dim!r}")
     threads = cfg.faiss.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"faiss.threads must be a positive integer or null (all cores), got {threads!r}")

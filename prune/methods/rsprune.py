@@ -1,8 +1,10 @@
 """RS-Prune selection: scene quotas, uniform cluster quotas, representatives inside clusters.
 
-The budget is split over scenes by weights size**alpha (water-filled), then uniformly over the
-clusters of each scene (water-filled: a small cluster gives all it has), then each cluster gives
-its quota by `selection.within` (nearest to the centroid by default), skipping near-duplicates.
+The budget is split over scenes by weights mass**alpha (water-filled), where a scene's mass is
+its image count (`selection.mass=count`), the embedding volume its images cover (`volume`), or
+between the two as far as the corpus looks over-sampled (`auto`; prune/volume.py); then
+uniformly over the clusters of each scene (water-filled: a small cluster gives all it has);
+then each cluster gives its quota by `selection.within`, skipping near-duplicates.
 """
 from __future__ import annotations
 
@@ -10,14 +12,18 @@ import numpy as np
 
 from prune.budget import scene_weights, waterfill
 from prune.selection import pick
+from prune.volume import scene_mass, volumes
 
 NEEDS = ("embed", "scenes", "clusters")
 
 
-def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: float) -> dict[int, int]:
-    """Quota per cluster id: scenes by size**alpha, clusters uniform inside a scene."""
-    scenes, scene_sizes = np.unique(scene, return_counts=True)
-    per_scene = waterfill(scene_sizes, scene_weights(scene_sizes, alpha), budget)
+def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: float,
+                   mass: np.ndarray | None = None) -> dict[int, int]:
+    """Quota per cluster id: scenes by mass**alpha (mass: per-row weights summed over the scene;
+    None = one per row, the scene's size), clusters uniform inside a scene."""
+    scenes, inverse, scene_sizes = np.unique(scene, return_inverse=True, return_counts=True)
+    masses = scene_sizes if mass is None else np.bincount(inverse, weights=mass, minlength=len(scenes))
+    per_scene = waterfill(scene_sizes, scene_weights(masses, alpha), budget)
     quotas = {}
     for s, q in zip(scenes, per_scene):
         cl, sizes = np.unique(cluster[scene == s], return_counts=True)
@@ -42,5 +48,10 @@ def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng):
 
 def select(pool, budget: int, cfg, rng):
     sel = cfg.selection
-    quotas = cluster_quotas(pool.scene, pool.cluster, budget, float(sel.alpha))
+    mass, alpha = None, float(sel.alpha)
+    if sel.mass != "count":
+        v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim)
+        mass, alpha, fit = scene_mass(pool.scene, v, str(sel.mass), alpha, int(sel.volume.min_stratum))
+        pool.extra["volume"] = {"mass": str(sel.mass), **info, **fit}
+    quotas = cluster_quotas(pool.scene, pool.cluster, budget, alpha, mass)
     return pick_by_quota(pool, quotas, str(sel.within), float(sel.dedup), rng)
