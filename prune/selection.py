@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: str, rng) -> np.ndarray:
-    """Positions in the order the mode prefers them."""
+def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: str, rng,
+                    limit: int | None = None) -> np.ndarray:
+    """Positions in the order the mode prefers them; `spread` stops after `limit` positions (the
+    traversal's prefix: the full order starts with exactly these)."""
     by_dist = np.lexsort((ids, dist))
     if mode == "nearest":
         return by_dist
@@ -25,7 +27,7 @@ def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: st
         order = [by_dist[0]]
         mind = 1.0 - emb @ emb[by_dist[0]]
         mind[by_dist[0]] = -np.inf
-        for _ in range(len(ids) - 1):
+        for _ in range(min(len(ids), limit or len(ids)) - 1):
             best = np.flatnonzero(mind == mind.max())
             j = best[np.argmin(ids[best])] if len(best) > 1 else best[0]
             order.append(j)
@@ -39,9 +41,23 @@ def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: s
     """(chosen positions, positions skipped as near-duplicates and not chosen)."""
     if quota <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = candidate_order(emb, dist, ids, mode, rng)
-    if quota >= len(order):
-        return np.sort(order), np.zeros(0, np.int64)
+    if quota >= len(ids):  # all of it (`random` still draws its permutation: the seed stream is kept)
+        everything = np.arange(len(ids)) if mode == "spread" else candidate_order(emb, dist, ids, mode, rng)
+        return np.sort(everything).astype(np.int64), np.zeros(0, np.int64)
+    # The farthest-point traversal costs a pass per position: take its first `quota` positions,
+    # and the whole order only when near-duplicates were skipped (the same result either way).
+    order = candidate_order(emb, dist, ids, mode, rng, quota if mode == "spread" else None)
+    taken, skipped = _walk(emb, order, quota, dedup)
+    if len(taken) < quota and len(order) < len(ids):
+        order = candidate_order(emb, dist, ids, mode, rng)
+        taken, skipped = _walk(emb, order, quota, dedup)
+    fill = quota - len(taken)
+    taken += skipped[:fill]
+    return np.asarray(taken, np.int64), np.asarray(skipped[fill:], np.int64)
+
+
+def _walk(emb: np.ndarray, order: np.ndarray, quota: int, dedup: float) -> tuple[list, list]:
+    """Take candidates in order until the quota, skipping near-duplicates of those taken."""
     taken, skipped = [], []
     for i in order:
         if len(taken) == quota:
@@ -50,6 +66,4 @@ def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: s
             skipped.append(i)
         else:
             taken.append(i)
-    fill = quota - len(taken)
-    taken += skipped[:fill]
-    return np.asarray(taken, np.int64), np.asarray(skipped[fill:], np.int64)
+    return taken, skipped

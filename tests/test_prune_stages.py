@@ -200,3 +200,26 @@ def test_refine_step_closes_most_of_the_sample_fit_gap_on_real_embeddings():
     gap0, gap1 = objective[0] / full - 1, objective[1] / full - 1
     print(f"objective vs full fit: sample {1 + gap0:.3f}, sample + 1 refine step {1 + gap1:.3f}")
     assert gap1 < 0.5 * gap0, (gap0, gap1)
+
+
+def test_spread_pick_from_a_truncated_traversal_equals_the_full_one():
+    """pick() walks only the first `quota` farthest-point positions unless near-duplicates were
+    skipped; the result must equal walking the whole traversal, duplicates or not."""
+    from prune.selection import candidate_order, pick
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 16))
+    x[30:45] = x[:15] + 0.01 * rng.standard_normal((15, 16))  # near-duplicate pairs
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    dist, ids = rng.random(60), np.arange(60)
+    for quota in (1, 5, 20, 44, 59):
+        for dedup in (0.95, 1.0):
+            order = candidate_order(x, dist, ids, "spread", None)
+            taken, skipped = [], []
+            for i in order:
+                if len(taken) == quota:
+                    break
+                (skipped if dedup < 1 and taken and (x[taken] @ x[i]).max() >= dedup else taken).append(i)
+            want = taken + skipped[:quota - len(taken)]
+            got, dup = pick(x, dist, ids, quota, "spread", dedup, None)
+            assert got.tolist() == want and dup.tolist() == skipped[quota - len(taken):]
