@@ -98,6 +98,10 @@ def child(n: int, d: int, scenes: int, per_class: int, seed: int) -> dict:
     chosen, notes = method.select(pool, budget, cfg, np.random.default_rng(seed))
     t4 = time.perf_counter()
     assert len(np.unique(chosen)) == budget, "selection missed its exact budget"
+    count_cfg = compose("prune", ["+experiment=ratio85", "selection.mass=count"])  # the baseline: no volumes
+    t5 = time.perf_counter()
+    method.select(pool, budget, count_cfg, np.random.default_rng(seed))
+    out["select_count_s"] = time.perf_counter() - t5
     out.update(strata=int(len(np.unique(scene))), unmatched=float((scene == -1).mean()), clusters=len(info),
                budget=budget, near_dup_notes=len(notes), scenes_s=t1 - t0, clusters_s=t2 - t1, select_s=t4 - t3,
                total_s=(t2 - t0) + (t4 - t3), peak_rss_gib=rss_gib())
@@ -126,7 +130,10 @@ def main():
             sys.exit(f"N={n} failed:\n{res.stderr[-2000:]}")
         rows.append(json.loads(line[0][7:]))
         print(rows[-1], flush=True)
-    cols = ["n", "strata", "clusters", "budget", "scenes_s", "clusters_s", "select_s", "total_s", "data_gib",
+    for r in rows:
+        r["select_vs_count"] = r["select_s"] / r["select_count_s"]
+    cols = ["n", "strata", "clusters", "budget", "scenes_s", "clusters_s", "select_s", "select_count_s",
+            "select_vs_count", "total_s", "data_gib",
             "rss_after_data_gib", "peak_rss_gib"]
     text = table(cols, [[r[c] for c in cols] for r in rows])
     ns = np.array([r["n"] for r in rows], float)
@@ -140,7 +147,10 @@ def main():
             f"each, 5% off-scene, 2% near-duplicates), reference {args.ref_per_class} per scene; configs of "
             f"`+experiment=ratio85` (budget 15%). Each N in its own process; `peak_rss_gib` is its ru_maxrss "
             f"(includes the float32 embeddings, `data_gib`). `total_s` = scenes + clusters + select (data "
-            f"generation excluded). Target at N = 10^6 on 2 cores: <= 60 s, <= 4 GB.\n\n{text}\n\n"
+            f"generation excluded). `select_s` is the default (`selection.mass=auto`: per-image volumes "
+            f"from neighbours inside each cluster); `select_count_s` the same selection with "
+            f"`selection.mass=count` in the same process (baseline; `select_vs_count` their ratio). "
+            f"Target at N = 10^6 on 2 cores: <= 60 s, <= 4 GB.\n\n{text}\n\n"
             f"Growth exponents (least-squares slope of log cost on log N over the rows): {grow}.")
     write_section("selection_scale", "Selection at scale (issue 4, item 2)", body)
 
