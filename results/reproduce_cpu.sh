@@ -29,10 +29,13 @@ subset() {  # the kept list an arm trains on (full: the split's whole corpus)
   if [ "$1" = full ]; then echo full; else echo "$RUNS/prune/$1-r0.85-s0/kept.txt"; fi
 }
 
+# The committed issue-15 runs were pruned before issue 14's `selection.mass=auto` default: pinned
+# to `count` so a rerun trains on the same kept lists (PRUNE_OVERRIDES= to use today's default).
+PRUNE_OVERRIDES=${PRUNE_OVERRIDES-selection.mass=count}
 has prune && for arm in $ARMS; do  # 1. prune at 0.85 with seed 0 (the split's corpus and reference)
   [ "$arm" = full ] && continue
   python prune/run.py +experiment=ratio85 method="$arm" seed=0 run_dir="$RUNS/prune/$arm-r0.85-s0" \
-    > "$RUNS/prune-$arm.log" 2>&1
+    $PRUNE_OVERRIDES > "$RUNS/prune-$arm.log" 2>&1
 done
 
 train_one() {  # 2. one training run; its log in its run folder

@@ -108,3 +108,28 @@ def test_balance_over_one_source_reads_only_its_classes():
     got = group_balance(hist, {"nwpu": "nwpu12/"})["kl_uniform_nwpu"]
     assert got == pytest.approx(kl(np.array([10.0, 30.0]), np.ones(2))) and got > 0
     assert np.isnan(group_balance(hist, {"x": "other/"})["kl_uniform_x"])
+
+
+def test_heldout_section_builds_its_corpora_and_reports_every_method(small_reference, session_cache, tmp_path):
+    """`eval/tables.py imbalanced_heldout` on the real config shrunk: one held-out corpus (40 down to
+    10 images a class), two methods and the count variant, one seed; the table holds what
+    evaluate_runs measured."""
+    from eval.imbalanced import heldout_section
+    from rsprune.cli import compose
+
+    shrunk = [f"data.reference={small_reference}", f"cache_dir={session_cache}", "index.num_workers=0",
+              "embed.shard_size=128", "clustering.min_sample=50", "clustering.cluster_size=10"]
+    cfg = compose("eval/imbalanced", [
+        f"data_root={DATA}", f"out={tmp_path / 'corpora'}", f"cache_dir={session_cache}", "top=40",
+        "embed.shard_size=128", "sweep.overrides=[" + ",".join(f"'{o}'" for o in shrunk) + "]",
+        "~heldout.corpora.s2", "~heldout.corpora.s3f4", "heldout.corpora.s1={corpus_seed: 5, factor: 4}", "heldout.methods=[rsprune,random]",
+        "heldout.seeds=[0]", f"heldout.runs_root={tmp_path / 'runs'}", f"heldout.out={tmp_path / 'heldout'}"])
+    df = heldout_section(cfg)
+    assert sorted(df.method) == ["random", "rsprune", "rsprune mass=count"] and (df.corpus == "s1").all()
+    sizes = sorted(len(os.listdir(tmp_path / "corpora" / "s1" / "nwpu_zipf" / c))
+                   for c in os.listdir(tmp_path / "corpora" / "s1" / "nwpu_zipf"))
+    assert sizes[0] == 10 and sizes[-1] == 40
+    text = (tmp_path / "heldout.md").read_text()
+    for _, r in df.iterrows():
+        assert f"| {r.method} | " in text and f"{r.kl_uniform:.4f}" in text and f"{r.fd:.4f}" in text
+    assert (df.kl_uniform > 0).all() and "ratio 0.85" in text
