@@ -89,8 +89,8 @@ def section(cfg) -> object:
 
 def heldout_section(cfg) -> object:
     """The `imbalanced_heldout` section: the same check on imbalanced corpora that were never used
-    to choose a default (other class-to-size draws, a milder imbalance), at one ratio: KL to
-    uniform over the NWPU classes and FD to the corpus, every method plus rsprune variants."""
+    to choose a default (other class-to-size draws, a milder imbalance), at `heldout.ratios`: KL
+    to uniform over the NWPU classes and FD to the corpus, every method plus rsprune variants."""
     import pandas as pd
     from omegaconf import OmegaConf
 
@@ -105,36 +105,37 @@ def heldout_section(cfg) -> object:
         dst = build(src, Path(str(cfg.out)) / str(name), int(cfg.top), float(spec.factor), int(spec.corpus_seed))
         on = [*cfg.sweep.overrides, f"data.corpus=[{dst}]"]
         root = Path(str(h.runs_root)) / str(name)
-        sweep = OmegaConf.create({"methods": list(h.methods), "ratios": [h.ratio], "seeds": list(h.seeds),
+        sweep = OmegaConf.create({"methods": list(h.methods), "ratios": list(h.ratios), "seeds": list(h.seeds),
                                   "runs_root": str(root), "overrides": on})
         dirs = sweep_runs(sweep)
         labels = {}
         for label, ov in (h.variants or {}).items():
-            for seed in h.seeds:
-                slug = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(label))
-                rd = run_or_reuse(root / f"{slug}-s{seed}", ["method=rsprune", f"ratio={h.ratio}", f"seed={seed}",
-                                                              *on, *ov], True)
-                dirs.append(rd)
-                labels[rd] = str(label)
+            slug = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(label))
+            for ratio in h.ratios:
+                for seed in h.seeds:
+                    rd = run_or_reuse(root / f"{slug}-r{ratio}-s{seed}",
+                                      ["method=rsprune", f"ratio={ratio}", f"seed={seed}", *on, *ov], True)
+                    dirs.append(rd)
+                    labels[rd] = str(label)
         results = evaluate_runs(dirs, cfg)
         feature = feature_label(results)
         for r in results:
             r["method"] = labels.get(r["run_dir"], r["method"])
-        agg = aggregate(results, ("method",)).assign(corpus=str(name))
+        agg = aggregate(results, ("method", "ratio")).assign(corpus=str(name))
         sizes = sorted((len(list(c.iterdir())) for c in dst.iterdir()), reverse=True)
         agg["sizes"] = f"{sizes[0]}..{sizes[-1]}, {sum(sizes)} images, class-to-size draw {spec.corpus_seed}"
         blocks.append(agg)
     df = pd.concat(blocks)
-    lines = [f"# Class balance on held-out imbalanced corpora (ratio {h.ratio})", "",
+    lines = [f"# Class balance on held-out imbalanced corpora (ratios {', '.join(map(str, h.ratios))})", "",
              f"Mean ± std (ddof 0) over seeds {list(h.seeds)}. Corpora built by `eval/imbalanced.py` from "
              "nwpu12/train with other class-to-size draws than the development corpus (`corpus_seed=0`), on "
              "which no default was chosen; reference: the default split's AID reference. KL to uniform over "
              f"the 12 NWPU classes (lower = more balanced); FD of the subset to the corpus in {feature} space. "
              "Rebuilt by `python eval/tables.py imbalanced_heldout`.", ""]
-    for name, part in df.groupby("corpus", sort=False):
+    for (name, ratio), part in df.groupby(["corpus", "ratio"], sort=False):
         ref = part.set_index("method")
-        lines += [f"## corpus {name}: {part.sizes.iloc[0]}", "", "| method | KL to uniform ↓ | FD to corpus ↓ |",
-                  "|---|---|---|"]
+        lines += [f"## corpus {name} ({part.sizes.iloc[0]}), ratio {ratio}", "",
+                  "| method | KL to uniform ↓ | FD to corpus ↓ |", "|---|---|---|"]
         best = part.kl_uniform.min()
         for _, r in part.sort_values("kl_uniform").iterrows():
             kl_txt = f"{r.kl_uniform:.4f} ± {r.kl_uniform_std:.4f}"
