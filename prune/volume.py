@@ -84,7 +84,8 @@ def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim) -> tuple[np.ndarr
     else:
         d, rule = float(dim), "fixed"
     v = image_volumes(dist, d)
-    return v, {"k": int(k), "dim": d, "dim_rule": rule, "volume_p5_p50_p95": np.quantile(v, [0.05, 0.5, 0.95]).tolist()}
+    spread = np.quantile(v, [0.05, 0.5, 0.95]).tolist()
+    return v, {"k": int(k), "dim": d, "dim_rule": rule, "volume_p5_p50_p95": spread}
 
 
 def oversampling(n: np.ndarray, vol: np.ndarray, min_stratum: int) -> float:

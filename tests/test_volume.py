@@ -109,6 +109,7 @@ def test_auto_mass_on_an_oversampled_real_corpus(prune_cfg, oversampled_corpus, 
     assert 0.5 < info["auto"]["volume"]["alpha_effective"] <= 1.0
     assert share["auto"] < share["count"]
     fit = info["auto"]["volume"]
+    m = read_manifest(tmp_path / "auto")
     pool = m[m.stage1_kept & (m.reason != "pruned_exact_duplicate")]  # what the selection saw
     assert fit["strata"] == sorted(pool.scene.unique()) and sum(fit["stratum_images"]) == len(pool)
     assert (tmp_path / "auto" / "report" / "scene_mass.png").stat().st_size > 10_000
