@@ -122,7 +122,8 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
     cfg = compose("eval/imbalanced", [
         f"data_root={DATA}", f"out={tmp_path / 'corpora'}", f"cache_dir={session_cache}", "top=40",
         "embed.shard_size=128", "sweep.overrides=[" + ",".join(f"'{o}'" for o in shrunk) + "]",
-        "~heldout.corpora.s2", "~heldout.corpora.s3f4", "heldout.corpora.s1={corpus_seed: 5, factor: 4}",
+        "~heldout.corpora.s2", "~heldout.corpora.s3f4", "~heldout.corpora.s4", "~heldout.corpora.s5",
+        "~heldout.corpora.s6f4", "heldout.corpora.s1={corpus_seed: 5, factor: 4}",
         "heldout.methods=[rsprune,random]", "heldout.seeds=[0]", "heldout.ratios=[0.85]",
         f"heldout.runs_root={tmp_path / 'runs'}", f"heldout.out={tmp_path / 'heldout'}"])
     df = heldout_section(cfg)
