@@ -128,8 +128,8 @@ def heldout_section(cfg) -> object:
     df = pd.concat(blocks)
     lines = [f"# Class balance on held-out imbalanced corpora (ratios {', '.join(map(str, h.ratios))})", "",
              f"Mean ± std (ddof 0) over seeds {list(h.seeds)}. Corpora built by `eval/imbalanced.py` from "
-             "nwpu12/train with other class-to-size draws than the development corpus (`corpus_seed=0`), on "
-             "which no default was chosen; reference: the default split's AID reference. KL to uniform over "
+             "nwpu12/train with class-to-size draws other than the development corpus's (`corpus_seed=0`); "
+             "no default was chosen on them. Reference: the default split's AID reference. KL to uniform over "
              f"the 12 NWPU classes (lower = more balanced); FD of the subset to the corpus in {feature} space. "
              "Rebuilt by `python eval/tables.py imbalanced_heldout`.", ""]
     for (name, ratio), part in df.groupby(["corpus", "ratio"], sort=False):
