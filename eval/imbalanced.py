@@ -94,7 +94,7 @@ def heldout_section(cfg) -> object:
     import pandas as pd
     from omegaconf import OmegaConf
 
-    from eval.pruning_table import aggregate, feature_label, run_or_reuse, sweep_runs
+    from eval.pruning_table import aggregate, cell, feature_label, run_or_reuse, slug, sweep_runs
     from eval.subset_quality import evaluate_runs
     from rsprune.cache import write_text
 
@@ -110,10 +110,9 @@ def heldout_section(cfg) -> object:
         dirs = sweep_runs(sweep)
         labels = {}
         for label, ov in (h.variants or {}).items():
-            slug = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(label))
             for ratio in h.ratios:
                 for seed in h.seeds:
-                    rd = run_or_reuse(root / f"{slug}-r{ratio}-s{seed}",
+                    rd = run_or_reuse(root / f"{slug(label)}-r{ratio}-s{seed}",
                                       ["method=rsprune", f"ratio={ratio}", f"seed={seed}", *on, *ov], True)
                     dirs.append(rd)
                     labels[rd] = str(label)
@@ -136,11 +135,8 @@ def heldout_section(cfg) -> object:
         ref = part.set_index("method")
         lines += [f"## corpus {name} ({part.sizes.iloc[0]}), ratio {ratio}", "",
                   "| method | KL to uniform ↓ | FD to corpus ↓ |", "|---|---|---|"]
-        best = part.kl_uniform.min()
-        for _, r in part.sort_values("kl_uniform").iterrows():
-            kl_txt = f"{r.kl_uniform:.4f} ± {r.kl_uniform_std:.4f}"
-            lines.append(f"| {r.method} | {'**' + kl_txt + '**' if r.kl_uniform == best else kl_txt} | "
-                         f"{r.fd:.4f} ± {r.fd_std:.4f} |")
+        for _, r in part.sort_values("kl_uniform").iterrows():  # the most balanced in bold, FD never
+            lines.append(f"| {r.method} | {cell(r, 'kl_uniform', part.kl_uniform.min())} | {cell(r, 'fd', np.nan)} |")
         if {"rsprune", "kmeans_uniform+entropy"} <= set(ref.index):
             lines += ["", f"rsprune / kmeans_uniform+entropy KL: "
                           f"{ref.kl_uniform['rsprune'] / ref.kl_uniform['kmeans_uniform+entropy']:.2f}x"]

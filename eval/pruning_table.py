@@ -55,6 +55,11 @@ def aggregate(results: list[dict], by=("method", "ratio")) -> pd.DataFrame:
     return g.mean().join(g.std(ddof=0), rsuffix="_std").join(g.size().rename("seeds")).reset_index()
 
 
+def slug(name) -> str:
+    """A variant's name as a run-folder name: letters, digits and ._- kept, the rest as _."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(name))
+
+
 def cell(r, col: str, best) -> str:
     v = f"{r[col]:.4f} ± {r[col + '_std']:.4f}" if col != "classes_present" else f"{r[col]:.1f} ± {r[col + '_std']:.1f}"
     return f"**{v}**" if np.isclose(r[col], best) else v
@@ -133,9 +138,8 @@ def ablation(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
     a = cfg.ablation
     dirs, names = [], {}
     for name, ov in a.variants.items():
-        slug = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(name))
         for seed in a.seeds:
-            rd = run_or_reuse(Path(a.runs_root) / f"{slug}-s{seed}",
+            rd = run_or_reuse(Path(a.runs_root) / f"{slug(name)}-s{seed}",
                               ["method=rsprune", f"ratio={a.ratio}", f"seed={seed}", *cfg.sweep.overrides, *ov],
                               progress)
             dirs.append(rd)
