@@ -92,8 +92,8 @@ def scene_mass(fit: dict, names: dict, path: Path) -> None:
     ax.scatter(n[~used & (per > 0)], per[~used & (per > 0)], s=14, marker="x", color="grey", label="too small")
     for i in np.argsort(-n)[:6]:  # name the largest strata
         ax.annotate(str(names.get(fit["strata"][i], fit["strata"][i]))[:16], (n[i], per[i]), fontsize=6)
-    if used.sum() >= 3 and np.ptp(np.log(n[used])) > 0:
-        slope, icpt = np.polyfit(np.log(n[used]), np.log(per[used]), 1)
+    if fit.get("fit_slope_intercept"):  # the line beta came from (prune/volume.py), not a refit
+        slope, icpt = fit["fit_slope_intercept"]
         xs = np.linspace(np.log(n[used]).min(), np.log(n[used]).max(), 20)
         ax.plot(np.exp(xs), np.exp(icpt + slope * xs), color="tab:red", label=f"fit: slope {slope:.2f}")
     ax.set_xscale("log")

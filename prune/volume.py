@@ -88,15 +88,25 @@ def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim) -> tuple[np.ndarr
     return v, {"k": int(k), "dim": d, "dim_rule": rule, "volume_p5_p50_p95": spread}
 
 
-def oversampling(n: np.ndarray, vol: np.ndarray, min_stratum: int) -> float:
-    """beta in [0, 1]: minus the least-squares slope of log(volume per image) on log(count) over
-    the strata with at least `min_stratum` images; 0 when fewer than 3 such strata (no evidence)."""
+def oversampling_fit(n: np.ndarray, vol: np.ndarray, min_stratum: int) -> tuple[float, float] | None:
+    """(slope, intercept) of the least-squares line of log(volume per image) on log(count) over the
+    strata with at least `min_stratum` images; None when fewer than 3 such strata (no evidence)."""
     n, vol = np.asarray(n, np.float64), np.asarray(vol, np.float64)
     ok = (n >= min_stratum) & (vol > 0)
     if ok.sum() < 3 or np.ptp(np.log(n[ok])) == 0:
-        return 0.0
-    slope = np.polyfit(np.log(n[ok]), np.log(vol[ok] / n[ok]), 1)[0]
-    return float(np.clip(-slope, 0.0, 1.0))
+        return None
+    slope, intercept = np.polyfit(np.log(n[ok]), np.log(vol[ok] / n[ok]), 1)
+    return float(slope), float(intercept)
+
+
+def beta_of(line: tuple[float, float] | None) -> float:
+    """beta in [0, 1]: minus the fit's slope, clipped; 0 without evidence."""
+    return 0.0 if line is None else float(np.clip(-line[0], 0.0, 1.0))
+
+
+def oversampling(n: np.ndarray, vol: np.ndarray, min_stratum: int) -> float:
+    """beta of the strata (oversampling_fit, beta_of)."""
+    return beta_of(oversampling_fit(n, vol, min_stratum))
 
 
 def scene_mass(scene: np.ndarray, v: np.ndarray, mode: str, alpha: float, min_stratum: int):
@@ -109,8 +119,10 @@ def scene_mass(scene: np.ndarray, v: np.ndarray, mode: str, alpha: float, min_st
         return v, alpha, {}
     ids, inv, n = np.unique(scene, return_inverse=True, return_counts=True)
     per = np.bincount(inv, weights=v, minlength=len(n)) / n  # volume per image of each stratum
-    beta = oversampling(n, per * n, min_stratum)
+    line = oversampling_fit(n, per * n, min_stratum)
+    beta = beta_of(line)
     eff = alpha + (1.0 - alpha) * beta if alpha <= 1 else alpha
     fit = {"oversampling_beta": beta, "alpha_effective": eff, "min_stratum": int(min_stratum),
+           "fit_slope_intercept": None if line is None else list(line),  # the line report/scene_mass.png draws
            "strata": ids.tolist(), "stratum_images": n.tolist(), "stratum_volume_per_image": per.tolist()}
     return (per ** beta)[inv], eff, fit
