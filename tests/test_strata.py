@@ -2,6 +2,7 @@
 hierarchical k-means, and the imbalanced development corpus; on small real corpora."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_balance_over_one_source_reads_only_its_classes():
 
 def test_heldout_section_builds_its_corpora_and_reports_every_method(small_reference, session_cache, tmp_path):
     """`eval/tables.py imbalanced_heldout` on the real config shrunk: one held-out corpus (40 down to
-    10 images a class), two methods and the count variant, one seed; the table holds what
+    10 images a class), two methods and both rsprune variants, one seed; the table holds what
     evaluate_runs measured."""
     from eval.imbalanced import heldout_section
     from rsprune.cli import compose
@@ -122,12 +123,14 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
     cfg = compose("eval/imbalanced", [
         f"data_root={DATA}", f"out={tmp_path / 'corpora'}", f"cache_dir={session_cache}", "top=40",
         "embed.shard_size=128", "sweep.overrides=[" + ",".join(f"'{o}'" for o in shrunk) + "]",
-        "~heldout.corpora.s2", "~heldout.corpora.s3f4", "~heldout.corpora.s4", "~heldout.corpora.s5",
-        "~heldout.corpora.s6f4", "heldout.corpora.s1={corpus_seed: 5, factor: 4}",
+        "~heldout.corpora", "+heldout.corpora={s1: {corpus_seed: 5, factor: 4}}",
         "heldout.methods=[rsprune,random]", "heldout.seeds=[0]", "heldout.ratios=[0.85]",
         f"heldout.runs_root={tmp_path / 'runs'}", f"heldout.out={tmp_path / 'heldout'}"])
     df = heldout_section(cfg)
-    assert sorted(df.method) == ["random", "rsprune", "rsprune mass=count"] and (df.corpus == "s1").all()
+    assert sorted(df.method) == ["random", "rsprune", "rsprune mass=count", "rsprune no reference"]
+    assert (df.corpus == "s1").all()
+    noref = json.loads((tmp_path / "runs" / "s1" / "rsprune_no_reference-r0.85-s0" / "summary.json").read_text())
+    assert noref["scenes"]["matched"] == 0 and noref["scenes"]["pseudo_scenes"] >= 2  # what its name says
     sizes = sorted(len(os.listdir(tmp_path / "corpora" / "s1" / "nwpu_zipf" / c))
                    for c in os.listdir(tmp_path / "corpora" / "s1" / "nwpu_zipf"))
     assert sizes[0] == 10 and sizes[-1] == 40
