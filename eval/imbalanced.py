@@ -24,15 +24,21 @@ def zipf_sizes(n_classes: int, top: int, factor: float) -> list[int]:
     return [int(round(top * factor ** (-i / (n_classes - 1)))) for i in range(n_classes)]
 
 
-def build(source: str | Path, out: str | Path, top: int = 400, factor: float = 16.0, seed: int = 0) -> Path:
-    """Link the imbalanced corpus under `<out>/nwpu_zipf`; returns that folder. Idempotent: an
-    existing folder with the same links is kept, a different one is an error (never silently mixed)."""
+def build(source: str | Path, out: str | Path, top: int = 400, factor: float = 16.0, seed: int = 0,
+          classes: list[str] | None = None, root_name: str = ROOT_NAME) -> Path:
+    """Link the imbalanced corpus under `<out>/<root_name>`; returns that folder. `classes`: the
+    source's class folders to use (None: all). Idempotent: an existing folder with the same links
+    is kept, a different one is an error (never silently mixed)."""
+    from rsprune.cli import UsageError
+
     source = Path(source)
     if not source.is_dir():
-        from rsprune.cli import UsageError
-
         raise UsageError(f"class folders not found: {source} (set data_root= or RSPRUNE_DATA)")
-    classes = sorted(p.name for p in source.iterdir() if p.is_dir())
+    have = sorted(p.name for p in source.iterdir() if p.is_dir())
+    missing = sorted(set(classes or []) - set(have))
+    if missing:
+        raise UsageError(f"classes not under {source}: {', '.join(missing)}")
+    classes = sorted(classes) if classes else have
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(classes))  # which class is large: a seeded draw, not the alphabet
     sizes = zipf_sizes(len(classes), top, factor)
@@ -42,13 +48,13 @@ def build(source: str | Path, out: str | Path, top: int = 400, factor: float = 1
         if sizes[rank] > len(files):
             raise ValueError(f"class {classes[ci]} has {len(files)} images, fewer than {sizes[rank]}")
         plan[classes[ci]] = sorted(files[i] for i in rng.choice(len(files), sizes[rank], replace=False))
-    dst = Path(out) / ROOT_NAME
+    dst = Path(out) / root_name
     if dst.exists():
         have = {c.name: sorted(f.name for f in c.iterdir()) for c in dst.iterdir() if c.is_dir()}
         if have != plan:
             raise FileExistsError(f"{dst} holds another corpus; remove it or choose another out=")
         return dst
-    tmp = dst.with_name(f".tmp-{ROOT_NAME}-{os.getpid()}")
+    tmp = dst.with_name(f".tmp-{root_name}-{os.getpid()}")
     for c, files in plan.items():
         (tmp / c).mkdir(parents=True)
         for f in files:
@@ -99,11 +105,17 @@ def heldout_section(cfg) -> object:
     from rsprune.cache import write_text
 
     h = cfg.heldout
-    src = Path(str(cfg.data_root)) / "nwpu12" / "train"
     blocks, feature = [], None
     for name, spec in h.corpora.items():
-        dst = build(src, Path(str(cfg.out)) / str(name), int(cfg.top), float(spec.factor), int(spec.corpus_seed))
+        source = str(spec.get("source") or "nwpu12/train")  # under data_root; its class folders
+        root_name = ROOT_NAME if source == "nwpu12/train" else f"{source.split('/')[0]}_zipf"
+        top = int(spec.get("top") or cfg.top)
+        dst = build(Path(str(cfg.data_root)) / source, Path(str(cfg.out)) / str(name), top, float(spec.factor),
+                    int(spec.corpus_seed), list(spec.get("classes") or []) or None, root_name)
         on = [*cfg.sweep.overrides, f"data.corpus=[{dst}]"]
+        reference = spec.get("reference")  # under data_root; none: the default split's AID reference
+        if reference:
+            on.append(f"data.reference={Path(str(cfg.data_root)) / str(reference)}")
         root = Path(str(h.runs_root)) / str(name)
         sweep = OmegaConf.create({"methods": list(h.methods), "ratios": list(h.ratios), "seeds": list(h.seeds),
                                   "runs_root": str(root), "overrides": on})
@@ -122,14 +134,17 @@ def heldout_section(cfg) -> object:
             r["method"] = labels.get(r["run_dir"], r["method"])
         agg = aggregate(results, ("method", "ratio")).assign(corpus=str(name))
         sizes = sorted((len(list(c.iterdir())) for c in dst.iterdir()), reverse=True)
-        agg["sizes"] = f"{sizes[0]}..{sizes[-1]}, {sum(sizes)} images, class-to-size draw {spec.corpus_seed}"
+        agg["sizes"] = (f"{source}: {len(sizes)} classes, {sizes[0]}..{sizes[-1]}, {sum(sizes)} images, "
+                        f"class-to-size draw {spec.corpus_seed}; reference "
+                        + (f"{reference}, all of it" if reference else "the default split's AID reference"))
         blocks.append(agg)
     df = pd.concat(blocks)
     lines = [f"# Class balance on held-out imbalanced corpora (ratios {', '.join(map(str, h.ratios))})", "",
              f"Mean ± std (ddof 0) over seeds {list(h.seeds)}. Corpora built by `eval/imbalanced.py` from "
-             "nwpu12/train with class-to-size draws other than the development corpus's (`corpus_seed=0`); "
-             "no default was chosen on them. Reference: the default split's AID reference. KL to uniform over "
-             f"the 12 NWPU classes (lower = more balanced); FD of the subset to the corpus in {feature} space. "
+             "the class folders each heading names, with class-to-size draws other than the development "
+             "corpus's (`corpus_seed=0`); no default was chosen on them. Each heading names the scene reference. "
+             "KL to uniform over the corpus's folder classes, which no selection reads (lower = more balanced); "
+             f"FD of the subset to the corpus in {feature} space. "
              "Rebuilt by `python eval/tables.py imbalanced_heldout`.", ""]
     for (name, ratio), part in df.groupby(["corpus", "ratio"], sort=False):
         ref = part.set_index("method")

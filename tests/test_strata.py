@@ -101,6 +101,18 @@ def test_imbalanced_corpus_is_zipf_links_only_and_reproducible(tmp_path):
         build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 1)
 
 
+def test_imbalanced_corpus_from_chosen_classes_of_another_source(tmp_path):
+    """The reversed check's corpora: a chosen subset of AID's classes under their own root name."""
+    from eval.imbalanced import build, zipf_sizes
+
+    chosen = ["Airport", "Bridge", "Pond", "Viaduct"]
+    dst = build(DATA / "aid", tmp_path, 220, 16, 1, chosen, "aid_zipf")
+    assert dst.name == "aid_zipf" and sorted(os.listdir(dst)) == chosen
+    assert sorted(len(os.listdir(dst / c)) for c in chosen) == sorted(zipf_sizes(4, 220, 16))
+    with pytest.raises(UsageError, match="Meadows"):
+        build(DATA / "aid", tmp_path / "x", 220, 16, 1, ["Airport", "Meadows"], "aid_zipf")
+
+
 def test_balance_over_one_source_reads_only_its_classes():
     """KL to uniform over the NWPU classes ignores the AID classes (which built the strata)."""
     from eval.subset_quality import group_balance, kl
