@@ -150,3 +150,4 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
     for _, r in df.iterrows():
         assert f"| {r.method} | " in text and f"{r.kl_uniform:.4f}" in text and f"{r.fd:.4f}" in text
     assert (df.kl_uniform > 0).all() and "ratio 0.85" in text
+    assert (tmp_path / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside it
