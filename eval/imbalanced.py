@@ -95,8 +95,9 @@ def section(cfg) -> object:
 
 def heldout_section(cfg) -> object:
     """The `imbalanced_heldout` section: the same check on imbalanced corpora that were never used
-    to choose a default (other class-to-size draws, a milder imbalance), at `heldout.ratios`: KL
-    to uniform over the NWPU classes and FD to the corpus, every method plus rsprune variants."""
+    to choose a default (other class-to-size draws, a milder imbalance, another source's classes
+    with another reference), at `heldout.ratios`: KL to uniform over the corpus's folder classes
+    and FD to the corpus, every method plus rsprune variants; a figure beside the table."""
     import pandas as pd
     from omegaconf import OmegaConf
 
