@@ -104,11 +104,6 @@ def beta_of(line: tuple[float, float] | None) -> float:
     return 0.0 if line is None else float(np.clip(-line[0], 0.0, 1.0))
 
 
-def oversampling(n: np.ndarray, vol: np.ndarray, min_stratum: int) -> float:
-    """beta of the strata (oversampling_fit, beta_of)."""
-    return beta_of(oversampling_fit(n, vol, min_stratum))
-
-
 def scene_mass(scene: np.ndarray, v: np.ndarray, mode: str, alpha: float, min_stratum: int):
     """(per-row weight whose sum over a stratum is its mass, quota exponent, what to record).
     count: 1 per row; volume: v; auto: n * (V / n)^beta, exponent alpha + (1 - alpha) * beta

@@ -8,7 +8,8 @@ import pytest
 from conftest import DATA, link_images
 from prune.methods.rsprune import cluster_quotas
 from prune.run import run
-from prune.volume import image_volumes, intrinsic_dim, neighbour_distances, oversampling, scene_mass, volumes
+from prune.volume import (beta_of, image_volumes, intrinsic_dim, neighbour_distances, oversampling_fit,
+                          scene_mass, volumes)
 from rsprune.cli import UsageError
 from rsprune.manifest import read_manifest
 
@@ -66,6 +67,10 @@ def test_oversampling_fit():
     """beta = 1 when volume per image falls as 1 / count (over-sampled), 0 when unrelated or
     when there are too few strata to fit."""
     n = np.array([400, 200, 100, 50, 25, 3])
+
+    def oversampling(n, vol, min_stratum):
+        return beta_of(oversampling_fit(n, vol, min_stratum))
+
     assert oversampling(n, np.full(6, 10.0), 5) == pytest.approx(1.0)  # fixed extent: V / n ~ 1 / n
     assert oversampling(n, n * 0.2, 5) == pytest.approx(0.0)  # volume per image constant
     assert oversampling(n[:2], np.ones(2), 5) == 0.0
