@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rsprune.cache import atomic_path, write_text
+from rsprune.cache import write_text
 from rsprune.cli import UsageError
 
 # (column, table heading, format) of each reported metric, in the order of the tables and panels
@@ -129,10 +129,9 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
 
 
 def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
-    import matplotlib
+    from rsprune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [(c, h) for c, h, _ in METRICS if len(agg[agg.metric == c])]
     cols = min(3, max(len(panels), 1))
@@ -156,9 +155,7 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list[str]:

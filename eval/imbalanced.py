@@ -165,12 +165,9 @@ def heldout_section(cfg) -> object:
 def heldout_figure(df, path: Path) -> None:
     """Per corpus and ratio, rsprune's KL to uniform over the best other method's (variants
     excluded): under 1 means rsprune is the most balanced; error bars from the two stds."""
-    import matplotlib
+    from rsprune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rsprune.cache import atomic_path
+    plt = pyplot()
 
     corpora = list(dict.fromkeys(df.corpus))
     ratios = sorted(df.ratio.unique())
@@ -195,6 +192,4 @@ def heldout_figure(df, path: Path) -> None:
     ax.set_title("Held-out imbalanced corpora: under 1 = rsprune most class-balanced", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)

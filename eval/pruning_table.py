@@ -13,7 +13,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from eval.subset_quality import evaluate_runs
-from rsprune.cache import atomic_path, read_json, write_text
+from rsprune.cache import read_json, write_text
 from rsprune.cli import compose
 
 # (column, header, lower is better?)
@@ -90,10 +90,9 @@ def markdown(agg: pd.DataFrame, feature: str, corpus_n: int, title: str = "Train
 
 
 def figure(agg: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+    from rsprune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = metrics_of(agg)
     fig, axes = plt.subplots(3, 3, figsize=(15, 10.5))
@@ -110,9 +109,7 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("pruning ratio")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def feature_label(results: list[dict]) -> str:

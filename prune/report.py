@@ -8,27 +8,11 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from rsprune.imageio import UnreadableImage, load_rgb, resize
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    from rsprune.cache import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
+from rsprune.plots import pyplot, save_png
 
 
 def entropy_histogram(m: pd.DataFrame, cut: float, score: str, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     v = m[f"entropy_{score}"].dropna()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(v, bins=80, color="tab:blue", alpha=0.8)
@@ -37,11 +21,11 @@ def entropy_histogram(m: pd.DataFrame, cut: float, score: str, path: Path) -> No
     ax.set_ylabel("images")
     ax.set_title(f"Stage 1: {(v < cut).sum()} of {len(v)} readable images under the cut")
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def scene_histogram(m: pd.DataFrame, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     g = m[m.scene_name != ""].groupby("scene_name").agg(before=("id", "size"), after=("selected", "sum"))
     g = g.sort_values("before", ascending=False)
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(g)), 4))
@@ -52,13 +36,13 @@ def scene_histogram(m: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("share of images")
     ax.set_title("Scene strata before and after selection")
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def scene_similarity(m: pd.DataFrame, info: dict, path: Path) -> None:
     """Stage 3 diagnostics: the corpus's best-scene similarity against the calibrated threshold
     (with the reference's own held-out quantiles), and the pseudo-scene sizes."""
-    plt = _plt()
+    plt = pyplot()
     v = m.scene_similarity.dropna()
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
     ax[0].hist(v, bins=60, color="tab:blue", alpha=0.8, label="corpus best similarity")
@@ -77,13 +61,13 @@ def scene_similarity(m: pd.DataFrame, info: dict, path: Path) -> None:
     ax[1].set_xlabel("pseudo-scene (sorted by size)")
     ax[1].set_ylabel("images")
     ax[1].set_title(f"{len(sizes)} pseudo-scenes (rule: {info.get('pseudo_size_rule')})", fontsize=9)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def scene_mass(fit: dict, names: dict, path: Path) -> None:
     """selection.mass=auto: volume per image against images per stratum (log-log) with the
     least-squares line the over-sampling beta comes from (slope -1: over-sampled; 0: not)."""
-    plt = _plt()
+    plt = pyplot()
     n = np.asarray(fit["stratum_images"], float)
     per = np.asarray(fit["stratum_volume_per_image"], float)
     used = (n >= fit["min_stratum"]) & (per > 0)
@@ -103,11 +87,11 @@ def scene_mass(fit: dict, names: dict, path: Path) -> None:
     ax.set_title(f"scene mass: beta {fit['oversampling_beta']:.2f}, quota exponent {fit['alpha_effective']:.2f}",
                  fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     g = m[m.cluster >= 0].groupby("cluster").agg(size=("id", "size"), kept=("selected", "sum"))
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].hist(g["size"], bins=50, color="tab:blue")
@@ -117,7 +101,7 @@ def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
     ax[1].set_xlabel("cluster size")
     ax[1].set_ylabel("kept from cluster")
     fig.suptitle(f"{len(g)} clusters")
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int = 8, tile: int = 64) -> None:
