@@ -101,7 +101,7 @@ def heldout_section(cfg) -> object:
     import pandas as pd
     from omegaconf import OmegaConf
 
-    from eval.pruning_table import aggregate, cell, feature_label, run_or_reuse, slug, sweep_runs
+    from eval.pruning_table import aggregate, cell, feature_label, sweep_runs, variant_runs
     from eval.subset_quality import evaluate_runs
     from rsprune.cache import write_text
 
@@ -120,16 +120,8 @@ def heldout_section(cfg) -> object:
         root = Path(str(h.runs_root)) / str(name)
         sweep = OmegaConf.create({"methods": list(h.methods), "ratios": list(h.ratios), "seeds": list(h.seeds),
                                   "runs_root": str(root), "overrides": on})
-        dirs = sweep_runs(sweep)
-        labels = {}
-        for label, ov in (h.variants or {}).items():
-            for ratio in h.ratios:
-                for seed in h.seeds:
-                    rd = run_or_reuse(root / f"{slug(label)}-r{ratio}-s{seed}",
-                                      ["method=rsprune", f"ratio={ratio}", f"seed={seed}", *on, *ov], True)
-                    dirs.append(rd)
-                    labels[rd] = str(label)
-        results = evaluate_runs(dirs, cfg)
+        labels = variant_runs(root, h.variants, h.ratios, h.seeds, on)
+        results = evaluate_runs(sweep_runs(sweep) + list(labels), cfg)
         feature = feature_label(results)
         for r in results:
             r["method"] = labels.get(r["run_dir"], r["method"])

@@ -48,6 +48,20 @@ def sweep_runs(sweep: DictConfig, progress: bool = True) -> list[str]:
             for method in sweep.methods for ratio in sweep.ratios for seed in sweep.seeds]
 
 
+def variant_runs(root: Path, variants, ratios, seeds, overrides: list[str], progress: bool = True,
+                 folder: str = "{name}-r{ratio}-s{seed}") -> dict[str, str]:
+    """Run or reuse rsprune with each variant's extra overrides (`variants`: name -> list) at
+    every ratio and seed, in `root/<folder>`; returns run folder -> variant name, config order."""
+    out = {}
+    for name, ov in (variants or {}).items():
+        for ratio in ratios:
+            for seed in seeds:
+                rd = run_or_reuse(root / folder.format(name=slug(name), ratio=ratio, seed=seed),
+                                  ["method=rsprune", f"ratio={ratio}", f"seed={seed}", *overrides, *ov], progress)
+                out[rd] = str(name)
+    return out
+
+
 def aggregate(results: list[dict], by=("method", "ratio")) -> pd.DataFrame:
     df = pd.DataFrame(results)
     cols = [m for m, _, _ in metrics_of(df)]
@@ -133,15 +147,9 @@ def build(cfg: DictConfig | None = None, progress: bool = True, title: str = "Tr
 def ablation(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
     """The `ablation` section: rsprune variants at one ratio, mean +- std over seeds -> <out>.md."""
     a = cfg.ablation
-    dirs, names = [], {}
-    for name, ov in a.variants.items():
-        for seed in a.seeds:
-            rd = run_or_reuse(Path(a.runs_root) / f"{slug(name)}-s{seed}",
-                              ["method=rsprune", f"ratio={a.ratio}", f"seed={seed}", *cfg.sweep.overrides, *ov],
-                              progress)
-            dirs.append(rd)
-            names[rd] = str(name)
-    results = evaluate_runs(dirs, cfg, progress)
+    names = variant_runs(Path(a.runs_root), a.variants, [a.ratio], a.seeds, list(cfg.sweep.overrides), progress,
+                         folder="{name}-s{seed}")
+    results = evaluate_runs(list(names), cfg, progress)
     for r in results:
         r["variant"] = names[r["run_dir"]]
     agg = aggregate(results, ("variant",))
