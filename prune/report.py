@@ -138,7 +138,7 @@ def write_report(folder: Path, m: pd.DataFrame, cut: float, score: str, n_scenes
     entropy_histogram(m, cut, score, folder / "entropy_histogram.png")
     if (m.scene_name != "").any():
         scene_histogram(m, folder / "scene_histogram.png")
-    if scenes:
+    if scenes and scenes.get("similarity"):  # none to show when the strata are the corpus's folders
         scene_similarity(m, scenes, folder / "scene_similarity.png")
     if mass_fit and "stratum_images" in mass_fit:
         named = m[m.scene_name != ""].drop_duplicates("scene")

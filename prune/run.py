@@ -22,7 +22,7 @@ from prune.embed import dist_state, embed_inputs
 from prune.entropy import stage1_pool
 from prune.index import index_inputs
 from prune.outputs import Columns, build_manifest, build_summary, reasons, write_outputs
-from prune.scenes import scene_stage
+from prune.scenes import folder_scenes, scene_stage
 from prune.validate import validate
 from rsprune.cli import UsageError, main
 
@@ -61,6 +61,11 @@ def add_scenes(pool, cols: Columns, inputs, store, usable, pool_rows, cfg, cache
     """Stage 3 into `pool.scene` and `cols`; returns the scene (reference class) names and the
     strata diagnostics (threshold, matched share, similarity quantiles, pseudo-scene sizes)."""
     idx = inputs.corpus
+    if cfg.scenes.assign == "folder":
+        strata, classes, info = folder_scenes(idx.relpath[usable].tolist())
+        cols.scene[usable] = strata
+        pool.scene = cols.scene[pool_rows]
+        return classes, info
     hashes = sorted(set(idx.content_hash[usable]))
     table, classes, info, cached["scenes"] = scene_stage(store, hashes, inputs.reference, inputs.reference_key,
                                                          cfg.scenes, int(cfg.seed), str(cfg.cache_dir))
@@ -101,7 +106,8 @@ def features(plan, inputs, pool, cols: Columns, usable, pool_rows, cfg, t: Timin
     if "scenes" in plan.method.NEEDS:
         with t("scenes"):
             classes, info = add_scenes(pool, cols, inputs, store, usable, pool_rows, cfg, cached)
-        log(f"[scenes] {len(classes)} reference scenes, threshold {info['threshold']:.3f} ({info['rule']}): "
+        log(f"[scenes] {len(classes)} corpus class folders as strata" if cfg.scenes.assign == "folder" else
+            f"[scenes] {len(classes)} reference scenes, threshold {info['threshold']:.3f} ({info['rule']}): "
             f"{info['matched_share']:.0%} matched, {info['pseudo_scenes']} pseudo-scenes ({t['scenes']:.1f} s)")
     if "clusters" in plan.method.NEEDS:
         with t("clusters"):

@@ -13,6 +13,7 @@ a number is an absolute cosine (the old behaviour; -1 disables). A corpus from a
 source or sensor sits lower on the absolute scale, and an absolute cosine then puts most of it
 in one stratum. Unmatched images are clustered into pseudo-scenes (`pseudo_scenes`), so a
 whole unmatched source is never one quota; with pseudo-scenes off they form scene -1.
+`assign=folder` skips all of this: a labelled corpus's own class folders are the strata.
 
 `scene_stage` is the cached wrapper the pipeline calls: its table (content hash -> stratum,
 similarity) is keyed by the embedding store, the reference index, the corpus hashes, the
@@ -36,14 +37,16 @@ CHUNK = 65536  # corpus rows per assignment chunk
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)  # the similarity distribution reported in diagnostics
 
 
-def reference_labels(relpaths: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Class index per reference file (`<root>/<class>/...`) and the sorted class names."""
+def reference_labels(relpaths: list[str], what: str = "reference") -> tuple[np.ndarray, list[str]]:
+    """Class index per reference (or, `what="corpus"`, corpus) file (`<root>/<class>/...`) and
+    the sorted class names."""
     names = [p.split(os.sep)[0] if os.sep in p else "" for p in relpaths]
     if any(n == "" for n in names):
-        raise UsageError("reference images must sit in class folders: <reference>/<class>/*.jpg")
+        hint = "" if what == "reference" else " for scenes.assign=folder"
+        raise UsageError(f"{what} images must sit in class folders{hint}: <{what}>/<class>/*.jpg")
     classes = sorted(set(names))
     if len(classes) < 2:
-        raise UsageError(f"the reference benchmark needs at least 2 class folders, found {len(classes)}")
+        raise UsageError(f"the {what} needs at least 2 class folders, found {len(classes)}")
     lookup = {c: i for i, c in enumerate(classes)}
     return np.array([lookup[n] for n in names], np.int64), classes
 
@@ -80,6 +83,17 @@ def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: st
         raise UsageError(f"unknown scenes.assign {mode!r}; choose prototype or knn")
     scene = np.where(score >= threshold, scene, UNMATCHED)
     return scene.astype(np.int64), score.astype(np.float32)
+
+
+def folder_scenes(relpaths: list[str]) -> tuple[np.ndarray, list[str], dict]:
+    """`scenes.assign=folder`: the corpus's own class folders are the strata (a labelled corpus;
+    on the imbalanced corpora, the bound scene strata can reach). No reference is read."""
+    strata, classes = reference_labels(relpaths, "corpus")
+    info = dict(threshold=None, rule="corpus class folders (scenes.assign=folder)", images=len(strata),
+                matched=len(strata), matched_share=1.0 if len(strata) else 0.0, similarity={},
+                matched_scenes=len(classes), pseudo_scenes=0, pseudo_size_rule="none",
+                pseudo_scene_sizes=[], unmatched_stratum=0)
+    return strata, classes, info
 
 
 def check_scenes(cfg) -> None:

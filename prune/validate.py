@@ -27,7 +27,7 @@ WITHIN = ("nearest", "farthest", "spread", "random")
 CHOICES = {
     "entropy.score": ("local", "global"),
     "embed.dtype": ("float16", "float32"),
-    "scenes.assign": ("prototype", "knn"),
+    "scenes.assign": ("prototype", "knn", "folder"),
     "clustering.k_rule": ("size", "sqrt"),
     "selection.within": WITHIN,
     "selection.mass": ("count", "volume", "auto"),
@@ -149,7 +149,9 @@ def validate(cfg: DictConfig) -> Plan:
         raise UsageError(f"ratio={cfg.ratio} keeps round((1 - ratio) * {len(files)} files) = 0 images: "
                          "nothing to select; lower the ratio")
     ref = None
-    if "scenes" in method.NEEDS:
+    if "scenes" in method.NEEDS and cfg.scenes.assign == "folder":
+        reference_labels(files.relpath.tolist(), "corpus")  # strata from the corpus's folders: no reference
+    elif "scenes" in method.NEEDS:
         ref = str(cfg.data.reference)
         check_reference(ref)
     knn.use_gpu(cfg.faiss.gpu)  # faiss.gpu=true without a GPU stops here, before anything is written

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import DATA
+from conftest import DATA, shrunk_overrides
 from prune.budget import qp_quotas
 from prune.methods.hkmeans import balanced_quotas
 from prune.run import run
@@ -62,6 +62,41 @@ def test_calibrated_threshold_and_pseudo_scenes_on_a_corpus_from_another_source(
     assert not (usable.scene_name == "unmatched").any()
     assert {f"pseudo_{j:02d}" for j in range(k)} == set(usable.scene_name[~matched])
     assert set(s["per_scene"]) >= {f"pseudo_{j:02d}" for j in range(k)}
+
+
+def test_corpus_folders_as_strata_balance_an_imbalanced_corpus_without_a_reference(session_cache, tmp_path):
+    """scenes.assign=folder: the corpus's own class folders are the strata (the reference is never
+    read: it does not even exist here); with equal quotas each class keeps the water level or all
+    it has after the entropy filter, and the budget is exact."""
+    from eval.imbalanced import build
+    from prune.budget import waterfill
+    from rsprune.cli import compose
+
+    corpus = build(DATA / "nwpu12" / "train", tmp_path / "c", 40, 8, 0)
+    cfg = compose("prune", shrunk_overrides(corpus, tmp_path / "no_reference", tmp_path / "r", session_cache,
+                                            "scenes.assign=folder", "selection.mass=count", "selection.alpha=0",
+                                            "ratio=0.8"))
+    s = run(cfg, progress=False)
+    m = read_manifest(tmp_path / "r")
+    m["cls"] = m.relpath.str.split("/").str[0]
+    g = m.groupby("cls").agg(pool=("stage1_kept", "sum"), kept=("selected", "sum"), n=("id", "size"))
+    assert s["scenes"]["rule"].startswith("corpus class folders") and s["scenes"]["matched_scenes"] == 12
+    assert g.kept.sum() == s["counts"]["budget"] and g.n.max() >= 4 * g.n.min()
+    assert (g.kept.to_numpy() == waterfill(g.pool.to_numpy(), np.ones(len(g)), s["counts"]["budget"])).all()
+    assert (m.scene_name == m.cls).all()
+
+
+def test_corpus_folders_as_strata_need_class_folders(small_reference, session_cache, tmp_path):
+    from rsprune.cli import compose
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((DATA / "nwpu12" / "train" / "beach").iterdir())[:6]:
+        (flat / f.name).symlink_to(f)
+    cfg = compose("prune", shrunk_overrides(flat, small_reference, tmp_path / "r", session_cache,
+                                            "scenes.assign=folder", "ratio=0.5"))
+    with pytest.raises(UsageError, match="class folders for scenes.assign=folder"):
+        run(cfg, progress=False)
 
 
 def test_absolute_threshold_and_one_unmatched_stratum_still_available(prune_cfg, tmp_path):
