@@ -160,8 +160,8 @@ def test_balance_over_one_source_reads_only_its_classes():
 
 def test_heldout_section_builds_its_corpora_and_reports_every_method(small_reference, session_cache, tmp_path):
     """`eval/tables.py imbalanced_heldout` on the real config shrunk: one held-out corpus (40 down to
-    10 images a class), two methods and both rsprune variants, one seed; the table holds what
-    evaluate_runs measured."""
+    10 images a class), two methods, both rsprune variants and both true-strata bounds, one seed;
+    the table holds what evaluate_runs measured."""
     from eval.imbalanced import heldout_section
     from rsprune.cli import compose
 
@@ -174,7 +174,8 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
         "heldout.methods=[rsprune,random]", "heldout.seeds=[0]", "heldout.ratios=[0.85]",
         f"heldout.runs_root={tmp_path / 'runs'}", f"heldout.out={tmp_path / 'heldout'}"])
     df = heldout_section(cfg)
-    assert sorted(df.method) == ["random", "rsprune", "rsprune mass=count", "rsprune no reference"]
+    assert sorted(df.method) == ["random", "rsprune", "rsprune mass=count", "rsprune no reference",
+                                 "true strata, equal quotas", "true strata, rsprune quotas"]
     assert (df.corpus == "s1").all()
     noref = json.loads((tmp_path / "runs" / "s1" / "rsprune_no_reference-r0.85-s0" / "summary.json").read_text())
     assert noref["scenes"]["matched"] == 0 and noref["scenes"]["pseudo_scenes"] >= 2  # what its name says
@@ -182,7 +183,12 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
                    for c in os.listdir(tmp_path / "corpora" / "s1" / "nwpu_zipf"))
     assert sizes[0] == 10 and sizes[-1] == 40
     text = (tmp_path / "heldout.md").read_text()
-    for _, r in df.iterrows():
+    bound = df.method.str.startswith("true strata")
+    for _, r in df[~bound].iterrows():
         assert f"| {r.method} | " in text and f"{r.kl_uniform:.4f}" in text and f"{r.fd:.4f}" in text
+    for _, r in df[bound].iterrows():  # below the table, never ranked in it
+        assert f"Bound, {r.method}: KL {r.kl_uniform:.4f}" in text and f"| {r.method} |" not in text
+    equal = df.set_index("method").kl_uniform["true strata, equal quotas"]
+    assert equal < df[~bound].kl_uniform.min()  # the true classes as strata, equal quotas: the most balanced
     assert (df.kl_uniform > 0).all() and "ratio 0.85" in text
     assert (tmp_path / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside it
