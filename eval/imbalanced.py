@@ -106,6 +106,7 @@ def heldout_section(cfg) -> object:
     from rsprune.cache import write_text
 
     h = cfg.heldout
+    bounds = list(h.get("bounds") or {})  # run like variants, reported apart
     blocks, feature = [], None
     for name, spec in h.corpora.items():
         source = str(spec.get("source") or "nwpu12/train")  # under data_root; its class folders
@@ -140,7 +141,6 @@ def heldout_section(cfg) -> object:
              "KL to uniform over the corpus's folder classes, which no selection reads (lower = more balanced); "
              f"FD of the subset to the corpus in {feature} space. "
              "Rebuilt by `python eval/tables.py imbalanced_heldout`.", ""]
-    bounds = list(h.get("bounds") or {})
     if bounds:
         lines += ["Below each table, bounds that read the corpus's class folders (`scenes.assign=folder`: the "
                   "true classes as strata, which no label-free method has): what the same selection reaches "

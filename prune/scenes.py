@@ -89,11 +89,9 @@ def folder_scenes(relpaths: list[str]) -> tuple[np.ndarray, list[str], dict]:
     """`scenes.assign=folder`: the corpus's own class folders are the strata (a labelled corpus;
     on the imbalanced corpora, the bound scene strata can reach). No reference is read."""
     strata, classes = reference_labels(relpaths, "corpus")
-    info = dict(threshold=None, rule="corpus class folders (scenes.assign=folder)", images=len(strata),
-                matched=len(strata), matched_share=1.0 if len(strata) else 0.0, similarity={},
-                matched_scenes=len(classes), pseudo_scenes=0, pseudo_size_rule="none",
-                pseudo_scene_sizes=[], unmatched_stratum=0)
-    return strata, classes, info
+    info = diagnostics(strata, np.zeros(0, np.float32), np.nan, "corpus class folders (scenes.assign=folder)",
+                       len(classes), 0, "none")  # no similarity: nothing was matched against a threshold
+    return strata, classes, info | {"threshold": None}
 
 
 def check_scenes(cfg) -> None:
