@@ -24,9 +24,10 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rsprune.split import register_resolver
+    from rsprune import rawcorpus, split
 
-    register_resolver()  # ${split:NAME} in configs/data/default.yaml
+    split.register_resolver()  # ${split:NAME} in configs/data/default.yaml
+    rawcorpus.register_resolver()  # ${raw:NAME} in configs/data/raw.yaml
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
