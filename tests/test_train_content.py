@@ -90,6 +90,44 @@ def test_downstream_latents_follow_the_pixels_not_the_label(tmp_path):
     np.testing.assert_array_equal(zb, encode_cached(fs, b, ["sr-hr"], tmp_path / "clean"))
 
 
+@pytest.fixture
+def test_copy(tmp_path):
+    """A test split of real images held in tmp (so it can be hardlinked), and 12 training images."""
+    test = _copies(tmp_path / "test", aid_paths(8, offset=7))
+    listed = tmp_path / "test.txt"
+    listed.write_text("".join(p + "\n" for p in test))
+    return listed, test, aid_paths(12)
+
+
+@pytest.mark.parametrize("how", ["copy", "hardlink"])
+def test_a_copy_or_hardlink_of_a_test_image_is_refused(tmp_path, test_copy, how):
+    from train.main import run
+
+    listed, test, train = test_copy
+    twin = tmp_path / "mine" / "twin.jpg"
+    twin.parent.mkdir()
+    (shutil.copyfile if how == "copy" else os.link)(test[3], twin)
+    kept = write_kept(tmp_path / "prune", train + [str(twin)])
+    over = tiny_overrides(kept, tmp_path / "run", tmp_path / "cache", **{"data.test": str(listed)})
+    with pytest.raises(UsageError, match=rf"1 training images are in the test split .*twin\.jpg \(same bytes as .*img_3\.jpg\)"):
+        run(compose("train", over))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_refusal_is_one_error_line_with_exit_code_2(tmp_path, test_copy):
+    listed, test, train = test_copy
+    twin = tmp_path / "twin.jpg"
+    os.link(test[0], twin)
+    kept = write_kept(tmp_path / "prune", train + [str(twin)])
+    over = tiny_overrides(kept, tmp_path / "run", tmp_path / "cache", **{"data.test": str(listed)})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "train/main.py", *over], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "same bytes as" in errors[0] and "Traceback" not in proc.stderr
+
+
 def test_fingerprint_memo_is_verified_and_follows_changes(tmp_path, capsys):
     from rsprune.fingerprint import MEMO, file_digest, fingerprints
 

@@ -52,7 +52,7 @@ def seeded_sample(paths: list[str], n: int, seed: int = SAMPLE_SEED) -> list[str
     return [paths[i] for i in sorted(idx)]
 
 
-def resolve_subset(data_cfg, seed: int = SAMPLE_SEED) -> tuple[list[str], list[str]]:
+def resolve_subset(data_cfg, seed: int = SAMPLE_SEED, cache_dir=None) -> tuple[list[str], list[str]]:
     """(training paths, held-out paths) for `data.subset` = kept.txt | prune run folder | full.
 
     Held-out images are a fixed sample of `data.holdout` test-split images (the same for every
@@ -61,7 +61,7 @@ def resolve_subset(data_cfg, seed: int = SAMPLE_SEED) -> tuple[list[str], list[s
     spec = str(data_cfg.subset)
     train = corpus_paths(data_cfg) if spec == "full" else read_subset(spec)
     test = test_paths(data_cfg)
-    check_disjoint(train, test)
+    check_disjoint(train, test, cache_dir)
     return train, seeded_sample(test, int(data_cfg.holdout))
 
 
@@ -70,12 +70,20 @@ def memo_dir(cache_dir):
     return cache_path(cache_dir, CACHE_FINGERPRINTS) if cache_dir is not None else None
 
 
-def check_disjoint(train: list[str], test: list[str]) -> None:
-    """UsageError if a training image is also a test image (compared by real path: symlinks count)."""
+def check_disjoint(train: list[str], test: list[str], cache_dir=None) -> None:
+    """UsageError if a training image is also a test image: the same file (a symlink or a
+    hardlink of it) or the same bytes (a copy)."""
     held = {os.path.realpath(p) for p in test}
-    both = [p for p in train if os.path.realpath(p) in held]
+    both = [(p, p) for p in train if os.path.realpath(p) in held]
+    if not both:
+        fp_test = fingerprints(test, memo_dir(cache_dir))
+        by_content = {h: p for h, p in zip(fp_test, test) if h}
+        fp_train = fingerprints(train, memo_dir(cache_dir))
+        both = [(p, by_content[h]) for p, h in zip(train, fp_train) if h in by_content]
     if both:
-        raise UsageError(f"{len(both)} training images are in the test split (data.test), first: {both[0]}; "
+        p, same = both[0]
+        what = "" if p == same else f" (same bytes as {same})"
+        raise UsageError(f"{len(both)} training images are in the test split (data.test), first: {p}{what}; "
                          "train on the split's corpus (data.corpus) or a subset pruned from it")
 
 

@@ -99,7 +99,7 @@ def _prepare_data(cfg, acc, run_dir: Path):
     from rsprune.autoencoders import build_first_stage
 
     res = int(cfg.data.resolution)
-    train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed))
+    train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed), cfg.cache_dir)
     engine.check_sizes(cfg, len(train_paths), acc.num_processes)
     # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
     with acc.local_main_process_first():
