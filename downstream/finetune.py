@@ -17,6 +17,7 @@ import torch
 
 from rsprune import layout
 from rsprune.cache import read_json, save_npy, stable_hash, verified
+from rsprune.fingerprint import array_digest
 from rsprune.cli import UsageError
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ def start_name(cfg) -> str:
 
 
 def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32) -> np.ndarray:
-    """Raw (unscaled) latents of uint8 NHWC images, cached under a key of (first stage, images)."""
-    key = stable_hash({k: v for k, v in fs.describe().items() if k not in ("scale", "shift")}, ident, n=20)
+    """Raw (unscaled) latents of uint8 NHWC images, cached under a key of (first stage, `ident`,
+    the images' bytes): files overwritten in place decode to other pixels, hence another key."""
+    key = stable_hash({k: v for k, v in fs.describe().items() if k not in ("scale", "shift")}, ident,
+                      array_digest(images), n=20)
     path = layout.cache_path(cache_dir, layout.CACHE_DOWNSTREAM, f"latents-{key}.npy")
     if verified(path):  # a damaged or unverifiable entry is warned about, removed and recomputed
         z = np.load(path)

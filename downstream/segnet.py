@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsprune.cache import atomic_path, stable_hash
+from rsprune.fingerprint import array_digest
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ def predict(net: SegNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray
 
 def cached(images: np.ndarray, labels: np.ndarray, cfg, data_key: str, cache_dir, num_classes: int,
            ignore: int, seed: int = 0) -> tuple[SegNet, Path]:
-    """The segmentation network for these training crops and config: loaded if cached, else fitted."""
-    key = stable_hash(data_key, dict(cfg), num_classes, ignore, seed, n=16)
+    """The segmentation network for these training crops and config: loaded if cached, else fitted.
+    The key holds the crops' bytes: tiles overwritten in place train another network."""
+    key = stable_hash(data_key, array_digest(images, labels), dict(cfg), num_classes, ignore, seed, n=16)
     path = Path(cache_dir) / "downstream" / f"segnet-{key}.pt"
     if path.is_file():
         net = SegNet(num_classes, int(cfg.width))

@@ -71,6 +71,7 @@ CACHE_LATENTS = "latents"      # first-stage latents of training sets
 CACHE_FIRST_STAGE = "autoencoders"  # fitted autoencoders (kl_small)
 CACHE_FID = "fid"              # feature statistics of reference sets
 CACHE_DOWNSTREAM = "downstream"    # downstream latents and the segmentation judge
+CACHE_FINGERPRINTS = "fingerprints"  # content hashes of files, memoised by stat (rsprune/fingerprint.py)
 
 
 def cache_path(cache_dir, kind: str, *parts: str) -> Path:

@@ -9,7 +9,10 @@ From the labelled data under `data.root`:
 Downstream test sets (nwpu12/test for SR, the Dubai test tiles) are outside the pool.
 
 Each class is drawn by its own seeded permutation (seed, class name), so adding a class or a
-source changes no other class's draw. The three lists are written as list files
+source changes no other class's draw. The parts are then made disjoint by content, not only by
+path: files with the same bytes (rsprune/fingerprint.py) in two parts go to the first part of
+PRIORITY that holds one of them (reference, then test, then corpus); the copies in the other
+parts are dropped from the split and listed, with their twin, in split.json's `dropped`. The three lists are written as list files
 (rsprune/corpus.py) under `data.split.dir/<key>/` with `split.json` (sizes, sha256 of each list);
 configs name them through the `${split:NAME}` resolver, so `data.corpus=[DIR]` on the command
 line replaces the split's corpus by exactly the folders given.
@@ -27,8 +30,10 @@ import numpy as np
 from rsprune.errors import UsageError
 from rsprune.corpus import is_list, list_files, read_list, write_list
 from rsprune.imageio import list_images
+from rsprune.layout import CACHE_FINGERPRINTS
 
 NAMES = ("corpus", "reference", "test")
+PRIORITY = ("reference", "test", "corpus")  # a content twin stays in the first of these that holds it
 _memo: dict = {}
 
 
@@ -76,8 +81,33 @@ def make_split(root: str, reference: str, pool: list[str], reference_fraction: f
     return {"corpus": corpus, "reference": ref, "test": test}
 
 
-def materialise(split_cfg, root: str) -> Path:
-    """Write (once) the split's list files and split.json; return their folder."""
+def content_disjoint(root: str, lists: dict[str, list[str]], memo_dir=None) -> tuple[dict, list[dict]]:
+    """(lists, dropped): each group of byte-identical files kept only in the first part of
+    PRIORITY that holds one of them; `dropped` names every copy removed from another part.
+    Copies within one part stay (the prune index marks them); unreadable files stay where drawn."""
+    from rsprune.fingerprint import fingerprints
+
+    order = [(name, rel) for name in PRIORITY for rel in lists[name]]
+    hashes = fingerprints([os.path.join(root, rel) for _, rel in order], memo_dir)
+    home: dict[str, tuple[str, str]] = {}
+    for (name, rel), h in zip(order, hashes):
+        if h:
+            home.setdefault(h, (name, rel))  # lists are sorted: the twin named is the first one
+    kept = {name: [] for name in lists}
+    dropped = []
+    for (name, rel), h in zip(order, hashes):
+        part, twin = home.get(h, (name, rel))
+        if part == name:
+            kept[name].append(rel)
+        else:
+            dropped.append({"path": rel, "part": name, "kept_in": part, "same_as": twin,
+                            "reason": f"same bytes as an image of the {part} split"})
+    return kept, dropped
+
+
+def materialise(split_cfg, root: str, memo_dir=None) -> Path:
+    """Write (once) the split's list files and split.json; return their folder. `memo_dir`
+    holds the fingerprint memo (default: beside the split's folders)."""
     root = os.path.abspath(str(root))
     params = dict(reference=str(split_cfg.reference), pool=[str(p) for p in split_cfg.pool],
                   reference_fraction=float(split_cfg.reference_fraction),
@@ -85,9 +115,10 @@ def materialise(split_cfg, root: str) -> Path:
     memo_key = (root, json.dumps(params, sort_keys=True), str(split_cfg.dir))
     if memo_key in _memo:
         return _memo[memo_key]
-    lists = make_split(root, **params)
-    key = hashlib.sha256(json.dumps([params, lists], sort_keys=True).encode()).hexdigest()[:16]
-    out = Path(os.path.abspath(str(split_cfg.dir))) / key
+    split_dir = Path(os.path.abspath(str(split_cfg.dir)))
+    lists, dropped = content_disjoint(root, make_split(root, **params), memo_dir or split_dir / "fingerprints")
+    key = hashlib.sha256(json.dumps([params, lists, dropped], sort_keys=True).encode()).hexdigest()[:16]
+    out = split_dir / key
     if not (out / "split.json").is_file():
         comment = f"rsprune default split {key}: " + json.dumps(params, sort_keys=True)
         for name in NAMES:
@@ -95,7 +126,8 @@ def materialise(split_cfg, root: str) -> Path:
                        comment=f"{name} of {comment}")
         from rsprune.cache import write_json
         write_json(out / "split.json", {"key": key, "root": root, "params": params,
-                                        **{n: describe(out / f"{n}.txt") for n in NAMES}})
+                                        **{n: describe(out / f"{n}.txt") for n in NAMES},
+                                        "dropped": dropped})
     _memo[memo_key] = out
     return out
 
@@ -132,8 +164,10 @@ def _resolve(name: str, *, _root_) -> str:
     if name not in NAMES:
         raise UsageError(f"${{split:{name}}}: expected one of {', '.join(NAMES)}")
     data = _root_.data
+    cache_dir = _root_.get("cache_dir")
+    memo = os.path.join(str(cache_dir), CACHE_FINGERPRINTS) if cache_dir else None
     try:
-        return str(materialise(data.split, str(data.root)) / f"{name}.txt")
+        return str(materialise(data.split, str(data.root), memo) / f"{name}.txt")
     except UsageError as e:
         # Not raised here: a user who names their own corpus and reference on a data root without
         # the split's sources must still compose; whoever reads this entry reports it in one line.

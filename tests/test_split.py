@@ -1,6 +1,8 @@
 """The default data split: drawn once, disjoint from every other set, and optional for own data."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -33,12 +35,30 @@ def test_default_sets_are_pairwise_disjoint_with_their_sizes(split_cfg):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not real[a] & real[b], f"{a} and {b} share images"
-    # The pool is AID + nwpu12/train, and nothing of it is lost.
-    assert len(corpus) + len(ref) + len(test) == 10_000 + 6_600
+    # The pool is AID + nwpu12/train, and nothing of it is lost but the copies of another part's images.
+    dropped = json.loads((Path(split_cfg.corpus[0]).parent / "split.json").read_text())["dropped"]
+    assert len(corpus) + len(ref) + len(test) + len(dropped) == 10_000 + 6_600
     assert len(ref) == 2000 and len(test) >= 1500
     # Stratified: every AID class in the reference, every class of both sources in the test split.
     assert len(_classes(ref)) == 30 and len(_classes(test)) == 42
     assert all("/aid/" in p for p in ref)
+
+
+def test_no_content_spans_two_parts_of_the_default_split(split_cfg):
+    """Disjoint by bytes, not only by path: aid/Industrial/industrial_203.jpg and _205.jpg are
+    byte-identical; the test split keeps _205 and the corpus loses _203 (and says so)."""
+    parts = {n: paths(split_cfg[n]) for n in ("corpus", "reference", "test")}
+    owner: dict[str, set] = {}
+    for name, ps in parts.items():
+        for p in ps:
+            owner.setdefault(hashlib.sha256(Path(p).read_bytes()).hexdigest(), set()).add(name)
+    spanning = {h: o for h, o in owner.items() if len(o) > 1}
+    assert not spanning, f"{len(spanning)} contents in two parts"
+    meta = json.loads((Path(split_cfg.corpus[0]).parent / "split.json").read_text())
+    assert [(d["path"], d["part"], d["kept_in"], d["same_as"]) for d in meta["dropped"]] == [
+        ("aid/Industrial/industrial_203.jpg", "corpus", "test", "aid/Industrial/industrial_205.jpg")]
+    assert str(DATA / "aid/Industrial/industrial_205.jpg") in parts["test"]
+    assert {n: meta[n]["n"] for n in parts} == {n: len(ps) for n, ps in parts.items()}
 
 
 def test_sr_fine_tuning_trains_outside_the_test_split(split_cfg):

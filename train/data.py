@@ -5,7 +5,9 @@ Held-out images come from the test split (data.test) and the latent scale from t
 
 Latents are computed once per (subset, first stage, resolution) and stored as a float16 .npy
 under `cache_dir/latents/<key>/`, read memory-mapped so that a large subset does not have to fit
-in memory. Undecodable images are skipped and counted; the kept paths are stored beside them.
+in memory. The key holds each file's content fingerprint (rsprune/fingerprint.py), so images
+overwritten in place are encoded again, and each file's bytes are checked against it as they are
+decoded. Undecodable images are skipped and counted; the kept paths are stored beside them.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 
 from rsprune.cache import read_json, save_npy, stable_hash, verified, write_json
-from rsprune.layout import CACHE_LATENTS, cache_path
+from rsprune.fingerprint import digest, fingerprints
+from rsprune.layout import CACHE_FINGERPRINTS, CACHE_LATENTS, cache_path
 from rsprune.cli import UsageError
 from rsprune.imageio import UnreadableImage, load_rgb, resize
 from rsprune.manifest import kept_file, read_kept
@@ -49,7 +52,7 @@ def seeded_sample(paths: list[str], n: int, seed: int = SAMPLE_SEED) -> list[str
     return [paths[i] for i in sorted(idx)]
 
 
-def resolve_subset(data_cfg, seed: int = SAMPLE_SEED) -> tuple[list[str], list[str]]:
+def resolve_subset(data_cfg, seed: int = SAMPLE_SEED, cache_dir=None) -> tuple[list[str], list[str]]:
     """(training paths, held-out paths) for `data.subset` = kept.txt | prune run folder | full.
 
     Held-out images are a fixed sample of `data.holdout` test-split images (the same for every
@@ -58,16 +61,29 @@ def resolve_subset(data_cfg, seed: int = SAMPLE_SEED) -> tuple[list[str], list[s
     spec = str(data_cfg.subset)
     train = corpus_paths(data_cfg) if spec == "full" else read_subset(spec)
     test = test_paths(data_cfg)
-    check_disjoint(train, test)
+    check_disjoint(train, test, cache_dir)
     return train, seeded_sample(test, int(data_cfg.holdout))
 
 
-def check_disjoint(train: list[str], test: list[str]) -> None:
-    """UsageError if a training image is also a test image (compared by real path: symlinks count)."""
+def memo_dir(cache_dir):
+    """Where the fingerprint memo lives (None: no memo, every file is read)."""
+    return cache_path(cache_dir, CACHE_FINGERPRINTS) if cache_dir is not None else None
+
+
+def check_disjoint(train: list[str], test: list[str], cache_dir=None) -> None:
+    """UsageError if a training image is also a test image: the same file (a symlink or a
+    hardlink of it) or the same bytes (a copy)."""
     held = {os.path.realpath(p) for p in test}
-    both = [p for p in train if os.path.realpath(p) in held]
+    both = [(p, p) for p in train if os.path.realpath(p) in held]
+    if not both:
+        fp_test = fingerprints(test, memo_dir(cache_dir))
+        by_content = {h: p for h, p in zip(fp_test, test) if h}
+        fp_train = fingerprints(train, memo_dir(cache_dir))
+        both = [(p, by_content[h]) for p, h in zip(train, fp_train) if h in by_content]
     if both:
-        raise UsageError(f"{len(both)} training images are in the test split (data.test), first: {both[0]}; "
+        p, same = both[0]
+        what = "" if p == same else f" (same bytes as {same})"
+        raise UsageError(f"{len(both)} training images are in the test split (data.test), first: {p}{what}; "
                          "train on the split's corpus (data.corpus) or a subset pruned from it")
 
 
@@ -89,18 +105,30 @@ def read_subset(spec: str) -> list[str]:
     return sorted(set(kept))
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decoded, resized images; an unreadable file yields None (counted by the caller)."""
+CHANGED = "changed since its fingerprint was taken"  # the reason given for a file rewritten mid-read
 
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decoded, resized images; an unreadable file yields its reason (counted by the caller).
+    With `expected` fingerprints, a file whose bytes no longer match yields CHANGED."""
+
+    def __init__(self, paths: list[str], size: int, expected: list[str] | None = None):
+        self.paths, self.size, self.expected = paths, size, expected
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, resize(load_rgb(self.paths[i]), self.size)
+            if self.expected is None:
+                return i, resize(load_rgb(self.paths[i]), self.size)
+            with open(self.paths[i], "rb") as f:
+                data = f.read()
+            if digest(data) != self.expected[i]:
+                return i, CHANGED
+            return i, resize(load_rgb(self.paths[i], data), self.size)
+        except OSError as e:
+            return i, f"{type(e).__name__}: {e.strerror or e}"
         except UnreadableImage as e:
             return i, str(e)
 
@@ -109,9 +137,9 @@ def _collate(items):
     return items
 
 
-def iter_images(paths: list[str], size: int, batch_size: int, num_workers: int):
+def iter_images(paths: list[str], size: int, batch_size: int, num_workers: int, expected=None):
     """Yield (indices, uint8 NHWC batch, [(index, reason)] failures) over `paths`."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, size, expected), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate)
     for items in loader:
         ok = [(i, a) for i, a in items if not isinstance(a, str)]
@@ -127,22 +155,25 @@ def load_images(paths: list[str], size: int, batch_size: int = 64, num_workers: 
     return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
-def latent_cache_dir(cache_dir, paths: list[str], fs_source: dict, kind: str, size: int) -> Path:
-    key = stable_hash(paths, kind, fs_source, size)
+def latent_cache_dir(cache_dir, paths: list[str], contents: list[str], fs_source: dict, kind: str,
+                     size: int) -> Path:
+    """The cache folder of these files with these contents ('' for an unreadable one)."""
+    key = stable_hash(paths, contents, kind, fs_source, size)
     return cache_path(cache_dir, CACHE_LATENTS, key)
 
 
 def cached_latents(first_stage, paths: list[str], size: int, cache_dir, batch_size: int,
                    num_workers: int, show_progress: bool = True) -> tuple[np.ndarray, dict]:
     """(raw latents memmap (N, C, h, w) float16, meta) for the readable images of `paths`."""
-    out = latent_cache_dir(cache_dir, paths, first_stage.source, first_stage.kind, size)
+    contents = fingerprints(paths, memo_dir(cache_dir))
+    out = latent_cache_dir(cache_dir, paths, contents, first_stage.source, first_stage.kind, size)
     if (out / "meta.json").is_file() and verified(out / "latents.npy"):  # damaged: warned, recomputed
         return np.load(out / "latents.npy", mmap_mode="r"), read_json(out / "meta.json")
     from tqdm import tqdm
 
     lat, kept, bad = [], [], []
     bar = tqdm(total=len(paths), desc="encoding latents", disable=not show_progress, unit="img")
-    for idx, arr, failures in iter_images(paths, size, batch_size, num_workers):
+    for idx, arr, failures in iter_images(paths, size, batch_size, num_workers, contents):
         if len(arr):
             x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
             lat.append(first_stage.encode_raw(x).cpu().to(torch.float16).numpy())
@@ -150,6 +181,10 @@ def cached_latents(first_stage, paths: list[str], size: int, cache_dir, batch_si
         bad += [(paths[i], r) for i, r in failures]
         bar.update(len(idx) + len(failures))
     bar.close()
+    changed = [p for p, r in bad if r == CHANGED]
+    if changed:  # latents of other bytes than the key names would be trusted by the next run
+        raise UsageError(f"{len(changed)} training images changed while their latents were computed, first: "
+                         f"{changed[0]}; nothing was cached: run again once the files stay put")
     if bad:
         log.warning("%d of %d images could not be decoded and are skipped; first: %s",
                     len(bad), len(paths), "; ".join(f"{p} ({r})" for p, r in bad[:3]))

@@ -15,6 +15,7 @@ import torch
 from rsprune import layout
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
+from rsprune.fingerprint import fingerprints
 from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
@@ -98,14 +99,15 @@ def _prepare_data(cfg, acc, run_dir: Path):
     from rsprune.autoencoders import build_first_stage
 
     res = int(cfg.data.resolution)
-    train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed))
+    train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed), cfg.cache_dir)
     engine.check_sizes(cfg, len(train_paths), acc.num_processes)
     # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
     with acc.local_main_process_first():
         # kl_small fits on a bounded seeded sample of the subset (memory)
         fit_paths = tdata.seeded_sample(train_paths, int(cfg.autoencoder.get("fit_images", 2048)), int(cfg.seed))
+        fit_key = (fit_paths, fingerprints(fit_paths, tdata.memo_dir(cfg.cache_dir)), res)  # by content too
         fs = build_first_stage(cfg.autoencoder, lambda: tdata.load_images(fit_paths, res),
-                               cfg.cache_dir, key_parts=(fit_paths, res)).to(acc.device)
+                               cfg.cache_dir, key_parts=fit_key).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
                                              int(cfg.data.num_workers), acc.is_local_main_process)
         norm = tdata.corpus_scale(fs, cfg.data, cfg.cache_dir, int(cfg.data.encode_batch_size),
