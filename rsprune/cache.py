@@ -87,6 +87,15 @@ def write_checksum(path: str | os.PathLike) -> None:
     write_text(_checksum_path(path), file_sha256(path) + "\n")
 
 
+def checksum_ok(path: str | os.PathLike) -> bool:
+    """True if a file exists and matches the checksum beside it; unlike `verified`, a record (not a
+    cache entry) is never removed: the caller reports it."""
+    try:
+        return _checksum_path(path).read_text().strip() == file_sha256(path)
+    except OSError:
+        return False
+
+
 def verified(path: str | os.PathLike) -> bool:
     """True if the cache entry exists and matches its checksum. A damaged or unverifiable entry
     is removed with a warning (the caller recomputes it); False then, and when it is absent."""

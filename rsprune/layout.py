@@ -11,6 +11,8 @@ A run folder (train/main.py, downstream/sr.py, downstream/semantic_synthesis.py)
     checkpoints/step_XXXXXXX/     full resumable states (rotated by checkpoints_total_limit)
     snapshots/step_XXXXXXX/       light EMA weights on a schedule (never rotated): what curves score
     samples/step_XXXXXXX.png      EMA sample grids (fixed seed)
+    heldout/step_XXXXXXX.npy      per-image held-out losses (n_images, n_timesteps) float32 (+ .sha256)
+    heldout/index.json            their rows (test-split paths and classes), timesteps and noise seed
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ SPLIT = "split.json"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 SAMPLES = "samples"
+HELDOUT = "heldout"
+HELDOUT_INDEX = "index.json"
 TMP_PREFIX = ".tmp-"  # a folder being written; renamed to its final name when complete
 
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -49,6 +53,10 @@ def snapshot_dir(run_dir, step: int) -> Path:
 
 def sample_path(run_dir, step: int) -> Path:
     return Path(run_dir) / SAMPLES / f"{step_name(step)}.png"
+
+
+def heldout_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / HELDOUT / f"{step_name(step)}.npy"
 
 
 def step_folders(parent) -> list[tuple[int, Path]]:

@@ -44,9 +44,22 @@ def test_paths(data_cfg) -> list[str]:
     return split_paths(data_cfg.test)
 
 
-def seeded_sample(paths: list[str], n: int, seed: int = SAMPLE_SEED) -> list[str]:
-    """A fixed sample of at most n paths (all of them if fewer), sorted."""
-    if n >= len(paths):
+def sample_size(value, key: str) -> int | None:
+    """A config's sample size: a positive int, or None for null / `all` (every image)."""
+    if value is None or str(value).lower() in ("all", "null", "none"):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise UsageError(f"{key}={value!r}: expected a positive number of images, or null / all")
+    return n
+
+
+def seeded_sample(paths: list[str], n: int | None, seed: int = SAMPLE_SEED) -> list[str]:
+    """A fixed sample of at most n paths (all of them if fewer, or if n is None), sorted."""
+    if n is None or n >= len(paths):
         return list(paths)
     idx = np.random.default_rng(seed).choice(len(paths), int(n), replace=False)
     return [paths[i] for i in sorted(idx)]
@@ -56,13 +69,14 @@ def resolve_subset(data_cfg, seed: int = SAMPLE_SEED, cache_dir=None) -> tuple[l
     """(training paths, held-out paths) for `data.subset` = kept.txt | prune run folder | full.
 
     Held-out images are a fixed sample of `data.holdout` test-split images (the same for every
-    run and seed); a training set that shares an image with the test split is refused.
+    run and seed; null / all: every one); a training set that shares an image with the test split
+    is refused.
     """
     spec = str(data_cfg.subset)
     train = corpus_paths(data_cfg) if spec == "full" else read_subset(spec)
     test = test_paths(data_cfg)
     check_disjoint(train, test, cache_dir)
-    return train, seeded_sample(test, int(data_cfg.holdout))
+    return train, seeded_sample(test, sample_size(data_cfg.holdout, "data.holdout"))
 
 
 def memo_dir(cache_dir):
@@ -239,11 +253,16 @@ def corpus_scale(first_stage, data_cfg, cache_dir, batch_size: int, num_workers:
 
 
 def probe_set(first_stage, paths: list[str], resolution: int, cache_dir, batch_size: int,
-              num_workers: int) -> tuple[torch.Tensor, np.ndarray]:
-    """(scaled latents, uint8 images) of test images for train.probes (the images give the data's saturation)."""
+              num_workers: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(scaled latents, uint8 images, their paths) of the readable test images among `paths`, in
+    order, for train.probes (the images give the data's saturation; the paths name the rows)."""
     raw, meta = cached_latents(first_stage, paths, resolution, cache_dir, batch_size, num_workers, False)
-    images = load_images(paths, resolution, batch_size, num_workers)
+    idx, parts = [], []
+    for i, arr, _ in iter_images(paths, resolution, batch_size, num_workers):
+        idx += i
+        parts.append(arr)
+    images = np.concatenate(parts) if parts else np.zeros((0, resolution, resolution, 3), np.uint8)
     if len(images) != meta["n"]:
         raise RuntimeError(f"probe set: {len(images)} images decoded but {meta['n']} latents cached")
     z = (torch.from_numpy(np.asarray(raw, np.float32)) - first_stage.shift) * first_stage.scale
-    return z, images
+    return z, images, [paths[i] for i in idx]

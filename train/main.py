@@ -45,7 +45,7 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
         write_json(run_dir / layout.SPLIT, split_record(cfg.data))
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
     if probes is None:  # protocol's held-out loss and sample statistics on the test split (main process)
-        probes = _build_probes(cfg, first_stage) if acc.is_main_process else engine.NoProbes()
+        probes = _build_probes(cfg, first_stage, run_dir) if acc.is_main_process else engine.NoProbes()
     # Seeded here, after data preparation (whose DataLoader draws from the global RNG only when
     # the cache is cold): the initial weights are the same on every process and every run.
     set_seed(int(cfg.seed))
@@ -122,15 +122,20 @@ def _prepare_data(cfg, acc, run_dir: Path):
     return fs, latents, hold_paths
 
 
-def _build_probes(cfg, first_stage):
-    """train.probes on a fixed sample of `eval.heldout_n` test-split images (main process)."""
+def _build_probes(cfg, first_stage, run_dir: Path):
+    """train.probes on `eval.heldout_n` test-split images (null / all: the whole split; else a
+    fixed sample), writing per-image losses under run_dir (main process)."""
+    from rsprune.split import describe
     from train.probes import Probes
 
-    paths = tdata.seeded_sample(tdata.test_paths(cfg.data), int(cfg.eval.heldout_n))
-    z, images = tdata.probe_set(first_stage, paths, int(cfg.data.resolution), cfg.cache_dir,
-                                int(cfg.data.encode_batch_size), int(cfg.data.num_workers))
+    test = tdata.test_paths(cfg.data)
+    paths = tdata.seeded_sample(test, tdata.sample_size(cfg.eval.get("heldout_n"), "eval.heldout_n"))
+    z, images, kept = tdata.probe_set(first_stage, paths, int(cfg.data.resolution), cfg.cache_dir,
+                                      int(cfg.data.encode_batch_size), int(cfg.data.num_workers))
     return Probes(setup.build_noise_scheduler(cfg.scheduler), first_stage, z, images,
-                  int(cfg.eval.heldout_timesteps), int(cfg.eval.heldout_seed), float(cfg.eval.sample_drift))
+                  int(cfg.eval.heldout_timesteps), int(cfg.eval.heldout_seed), float(cfg.eval.sample_drift),
+                  run_dir=run_dir, paths=kept, root=str(cfg.data.get("root") or "") or None,
+                  test_sha256=describe(cfg.data.test)["sha256"] if isinstance(cfg.data.test, str) else None)
 
 
 def _psnr(first_stage, hold_paths, res: int) -> dict:
