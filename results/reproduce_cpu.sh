@@ -22,6 +22,7 @@ SCORE_STEPS=${SCORE_STEPS:-null}         # steps FD/KID are scored at (null: eve
 SAMPLER_STEPS=${SAMPLER_STEPS:-50}
 export RSPRUNE_CACHE=${RSPRUNE_CACHE:-$HOME/rsprune-cache}  # content-keyed caches, outside the checkout
 STAGES=${STAGES:-"prune train score"}
+DATA_OVERRIDES=${DATA_OVERRIDES:-}       # e.g. data=raw: the corpus every arm is pruned from and trained on
 mkdir -p "$RUNS"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -35,21 +36,22 @@ PRUNE_OVERRIDES=${PRUNE_OVERRIDES-selection.mass=count}
 has prune && for arm in $ARMS; do  # 1. prune at 0.85 with seed 0 (the split's corpus and reference)
   [ "$arm" = full ] && continue
   python prune/run.py +experiment=ratio85 method="$arm" seed=0 run_dir="$RUNS/prune/$arm-r0.85-s0" \
-    $PRUNE_OVERRIDES > "$RUNS/prune-$arm.log" 2>&1
+    $DATA_OVERRIDES $PRUNE_OVERRIDES > "$RUNS/prune-$arm.log" 2>&1
 done
 
 train_one() {  # 2. one training run; its log in its run folder
   local arm=$1 seed=$2 dir="$RUNS/train/$1-s$2"
   mkdir -p "$dir"
-  python train/main.py +experiment=repro_cpu data.subset="$(subset "$arm")" seed="$seed" \
+  python train/main.py +experiment=repro_cpu $DATA_OVERRIDES data.subset="$(subset "$arm")" seed="$seed" \
     train.max_steps="$STEPS" run_dir="$dir" >> "$dir/train.log" 2>&1
   local rec="$RESULTS/runs/$arm-s$seed"
   mkdir -p "$rec"
   cp "$dir/config.yaml" "$dir/metrics.jsonl" "$dir/split.json" "$rec/"
+  [ -d "$dir/heldout" ] && rm -rf "$rec/heldout" && cp -r "$dir/heldout" "$rec/heldout"  # per-image held-out losses
   last=$(ls "$dir/samples/" | sort | tail -1) && cp "$dir/samples/$last" "$rec/samples_last.png"
 }
 export -f train_one subset
-export RUNS STEPS RESULTS
+export RUNS STEPS RESULTS DATA_OVERRIDES
 # seed-major order: an interrupted batch leaves every arm with the same seeds done
 has train && for seed in $SEEDS; do for arm in $ARMS; do echo "$arm $seed"; done; done \
   | xargs -P "$JOBS" -L 1 bash -c 'train_one "$0" "$1"'

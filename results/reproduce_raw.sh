@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The reproduction on the raw corpus (data=raw, docs/raw-corpus.md): full vs rsprune 15% vs random 15% vs
+# kmeans_uniform+entropy 15%, 3 seeds each, through results/reproduce_cpu.sh (same stages, same resume:
+# rerun the same command). Every variable of that script can be set here too.
+#   bash results/reproduce_raw.sh                                  # the design: 4 arms x 3 seeds, 2,000 steps
+#   ARMS="full random" STAGES="prune train" bash results/reproduce_raw.sh   # some arms, no scoring yet
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DATA_OVERRIDES=${DATA_OVERRIDES:-data=raw}
+export PRUNE_OVERRIDES=${PRUNE_OVERRIDES-}            # today's defaults
+export ARMS=${ARMS:-"full rsprune random kmeans_uniform_filtered"}
+export RUNS=${RUNS:-$HOME/runs/raw}
+export RESULTS=${RESULTS:-results/raw}
+export STEPS=${STEPS:-2000}                          # what 12 runs allow on 2 cores (docs/reproduce.md)
+export SCORE_STEPS=${SCORE_STEPS:-"[1000,2000]"}     # the middle and the last snapshot
+exec bash results/reproduce_cpu.sh
