@@ -62,6 +62,36 @@ def entropies(grey: np.ndarray, grid: int = 4) -> tuple[float, float]:
     return max(float(glob), 0.0), max(float(local.mean()), 0.0)
 
 
+def coverage_sharpness(grey: np.ndarray, grid: int = 8, flat_bits: float = 1.0,
+                       bright: float = 205.0) -> tuple[float, float]:
+    """(area, sharpness) of a uint8 grey image: what a mean of patch entropies cannot see.
+
+    - area: the share of grid x grid patches that carry information: entropy at least
+      `flat_bits` (not no-data fill or flat water) and mean grey under `bright` (not cloud
+      top). A tile half under cloud or behind a swath edge covers half an area.
+    - sharpness: the 90th percentile over the patches of the entropy (bits) of the local grey
+      differences |dx| + |dy|: the information at the finest scale in the tile's sharpest
+      parts. Blur and haze lower it everywhere; a beach or a desert keeps a shoreline or
+      ripples somewhere, which a whole-tile measure would average away.
+    """
+    h, w = grey.shape
+    grid = max(1, min(grid, h - 1, w - 1)) if min(h, w) > 1 else 1
+    label, sizes = _patches(h, w, grid)
+    g = grey.ravel()
+    counts = np.bincount(label + g, minlength=grid * grid * 256).reshape(grid * grid, 256)
+    ent = np.log2(sizes) - _xlog2x(counts, h * w).sum(axis=1) / sizes
+    mean = np.bincount(label // 256, weights=g.astype(np.float64), minlength=grid * grid) / sizes
+    area = float(((ent >= flat_bits) & (mean < bright)).mean())
+    if h < 2 or w < 2:
+        return area, 0.0
+    gi = grey.astype(np.int16)
+    d = np.minimum(np.abs(np.diff(gi, axis=1))[:-1, :] + np.abs(np.diff(gi, axis=0))[:, :-1], 255)
+    dl, dsizes = _patches(h - 1, w - 1, grid)
+    dc = np.bincount(dl + d.ravel(), minlength=grid * grid * 256).reshape(grid * grid, 256)
+    dent = np.log2(dsizes) - _xlog2x(dc, d.size).sum(axis=1) / dsizes
+    return area, float(np.quantile(dent, 0.9))
+
+
 def global_entropy(grey: np.ndarray) -> float:
     """Entropy (bits) of the grey-level histogram of a uint8 image."""
     return entropies(grey, 1)[0]
@@ -83,21 +113,28 @@ def entropy_cut(scores: np.ndarray, floor: float, percentile: float) -> float:
     return float(max(floor, pct))
 
 
-def entropy_filter(scores: np.ndarray, eligible: np.ndarray, floor: float, percentile: float):
-    """Keep mask and threshold: eligible rows whose score reaches the cut."""
+def entropy_filter(scores: np.ndarray, eligible: np.ndarray, floor: float, percentile: float,
+                   area=None, min_area: float = 0.0, sharpness=None, min_sharpness=None):
+    """Keep mask and threshold: eligible rows whose score reaches the cut, whose informative
+    area reaches `min_area` and whose sharpness reaches `min_sharpness` (None: not checked)."""
     cut = entropy_cut(scores[eligible], floor, percentile)
-    return eligible & (scores >= cut), cut
+    keep = eligible & (scores >= cut)
+    if area is not None and min_area > 0:
+        keep &= np.nan_to_num(area, nan=0.0) >= min_area
+    if sharpness is not None and min_sharpness is not None:
+        keep &= np.nan_to_num(sharpness, nan=-np.inf) >= min_sharpness
+    return keep, cut
 
 
 def stage1_pool(score: np.ndarray, usable: np.ndarray, ids: np.ndarray, floor: float, percentile: float,
-                filtered: bool, budget: int):
+                filtered: bool, budget: int, **checks):
     """Stage 1 for a method: (kept mask, cut, pool rows, top-up rows).
 
     The pool is the stage-1 survivors when the method filters (`filtered`), else every usable
     row. When the cut leaves fewer than `budget`, the highest-entropy dropped rows return as a
     top-up (ties by id), so the budget is still met.
     """
-    kept, cut = entropy_filter(score, usable, floor, percentile)
+    kept, cut = entropy_filter(score, usable, floor, percentile, **checks)
     pool_rows = np.flatnonzero(kept if filtered else usable)
     extra = np.zeros(0, np.int64)
     if len(pool_rows) < budget:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from prune.entropy import entropies
+from prune.entropy import coverage_sharpness, entropies
 from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
 from rsprune.corpus import list_files
@@ -26,11 +26,13 @@ from rsprune.layout import CACHE_INDEX, cache_path
 # Part of every index cache key: bump when scan_file's output changes, so no cached shard
 # from an older scorer mixes into a resumed index (2: JPEG luma decode, one-bincount entropies;
 # 3: large TIFFs decimated, line-break names and memory errors recorded, stable reasons).
-SCAN_VERSION = 3
+# 4: informative area and sharpness beside the entropies.
+SCAN_VERSION = 4
 # What str.splitlines() splits on: a path holding one of these cannot sit on one line of a list.
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 COLUMNS = ["id", "path", "root", "relpath", "size", "content_hash", "width", "height", "bands",
-           "readable", "error", "entropy_global", "entropy_local", "duplicate_of"]
+           "readable", "error", "entropy_global", "entropy_local", "entropy_area", "entropy_sharpness",
+           "duplicate_of"]
 
 
 def walk(roots: list[str], exclude=()) -> pd.DataFrame:
@@ -54,11 +56,11 @@ def walk(roots: list[str], exclude=()) -> pd.DataFrame:
     return df
 
 
-def scan_file(path: str, grid: int, max_side: int) -> dict:
+def scan_file(path: str, grid: int, max_side: int, area: tuple = (8, 1.0, 205.0)) -> dict:
     """Bytes, hash, decode and entropy of one file; unreadable files get their error, any
     failure of this one file (memory included) being its error, never the run's."""
     row = dict(content_hash="", width=-1, height=-1, bands=-1, readable=False, error="",
-               entropy_global=np.nan, entropy_local=np.nan)
+               entropy_global=np.nan, entropy_local=np.nan, entropy_area=np.nan, entropy_sharpness=np.nan)
     if any(c in path for c in LINE_BREAKS):  # kept.txt and list files hold one path a line
         row["error"] = "file name contains a line break: it cannot be listed one path a line"
         return row
@@ -74,6 +76,7 @@ def scan_file(path: str, grid: int, max_side: int) -> dict:
     try:
         g, bands, (height, width) = load_grey(path, data, max_side)  # huge tiles scored on a shrunk copy
         scores = entropies(g, grid)
+        cover = coverage_sharpness(g, *area)
     except UnreadableImage as e:
         row["error"] = str(e)
         return row
@@ -82,18 +85,19 @@ def scan_file(path: str, grid: int, max_side: int) -> dict:
         return row
     row.update(height=height, width=width, bands=bands, readable=True)
     row["entropy_global"], row["entropy_local"] = scores
+    row["entropy_area"], row["entropy_sharpness"] = cover
     return row
 
 
 class _Scan(torch.utils.data.Dataset):
-    def __init__(self, paths, grid, max_side):
-        self.paths, self.grid, self.max_side = paths, grid, max_side
+    def __init__(self, paths, grid, max_side, area):
+        self.paths, self.grid, self.max_side, self.area = paths, grid, max_side, area
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return scan_file(self.paths[i], self.grid, self.max_side)
+        return scan_file(self.paths[i], self.grid, self.max_side, self.area)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -101,11 +105,12 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def scan(paths: list[str], grid: int, max_side: int, num_workers: int, progress=None) -> pd.DataFrame:
+def scan(paths: list[str], grid: int, max_side: int, num_workers: int, progress=None,
+         area: tuple = (8, 1.0, 205.0)) -> pd.DataFrame:
     """scan_file over paths, in order, decoded in DataLoader workers."""
     # Batches of up to 256, but at least 4 per worker so small shards still run in parallel.
     batch = max(1, min(256, -(-len(paths) // (4 * max(1, num_workers)))))
-    loader = torch.utils.data.DataLoader(_Scan(paths, grid, max_side), batch_size=batch, shuffle=False,
+    loader = torch.utils.data.DataLoader(_Scan(paths, grid, max_side, area), batch_size=batch, shuffle=False,
                                          num_workers=num_workers, collate_fn=_columns)
     cols: dict[str, list] = {}
     for batch in loader:
@@ -136,7 +141,8 @@ def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progre
     the embedding does; the main process then assembles the table and the others read it.
     """
     files = walk(roots) if files is None else files
-    params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION)
+    params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION,
+                  area=[int(entropy_cfg.area_grid), float(entropy_cfg.flat_bits), float(entropy_cfg.bright)])
     key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
     final = cache_path(cache_dir, CACHE_INDEX, f"{key}.parquet")
     df = load_table(final, key, verify=True)
@@ -165,7 +171,7 @@ def _scan_shards(files, params: dict, key: str, final: Path, index_cfg, cache_di
             skey, spath, parts[i] = cached(chunks[i])
             if parts[i] is None:
                 parts[i] = scan(chunks[i].path.tolist(), params["grid"], params["max_side"],
-                                int(index_cfg.num_workers), bar)
+                                int(index_cfg.num_workers), bar, tuple(params["area"]))
                 save_table(spath, parts[i], {"key": skey}, checksum=True)
             else:
                 bar.update(len(chunks[i]))
@@ -196,7 +202,7 @@ def recheck_unreadable(df: pd.DataFrame, params: dict, path: Path, key: str, sav
     bad = np.flatnonzero(~df.readable.to_numpy(bool))
     if not len(bad):
         return df
-    fresh = pd.DataFrame([scan_file(p, params["grid"], params["max_side"]) for p in df.path.iloc[bad]])
+    fresh = pd.DataFrame([scan_file(p, params["grid"], params["max_side"], tuple(params["area"])) for p in df.path.iloc[bad]])
     same = ["readable", "error", "content_hash"]
     if fresh[same].equals(df.iloc[bad][same].reset_index(drop=True)):
         return df

@@ -142,8 +142,12 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     filtered = bool(cfg.method.entropy_filter)
     with t("entropy"):
         score = idx[f"entropy_{cfg.entropy.score}"].to_numpy(np.float64)
-        kept1, cut, pool_rows, extra = stage1_pool(score, usable, idx.id.to_numpy(), float(cfg.entropy.floor),
-                                                   float(cfg.entropy.percentile), filtered, budget)
+        e = cfg.entropy
+        kept1, cut, pool_rows, extra = stage1_pool(
+            score, usable, idx.id.to_numpy(), float(e.floor), float(e.percentile), filtered, budget,
+            area=idx.entropy_area.to_numpy(np.float64), min_area=float(e.min_area),
+            sharpness=idx.entropy_sharpness.to_numpy(np.float64),
+            min_sharpness=None if e.min_sharpness is None else float(e.min_sharpness))
     below = usable.sum() - kept1.sum()
     log(f"[entropy] cut {cut:.3f} bits ({cfg.entropy.score}): " + (f"{below} dropped, {kept1.sum()} kept" if filtered
         else f"{below} under it, none dropped ({cfg.method.name} does not filter)"))

@@ -37,8 +37,20 @@ def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: st
     raise ValueError(f"unknown within-cluster mode {mode!r}; choose nearest, farthest, spread or random")
 
 
-def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: str, dedup: float, rng):
-    """(chosen positions, positions skipped as near-duplicates and not chosen)."""
+def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: str, dedup: float, rng,
+         core: float = 1.0):
+    """(chosen positions, positions skipped as near-duplicates and not chosen).
+
+    `core` < 1 picks among the `core` share of the cluster nearest its centroid (never fewer
+    than the quota): representativeness beside the mode's diversity, so a spread pick does
+    not reach for the cluster's outliers (blurred, hazy or cut tiles sit at its edge).
+    """
+    if 0 < core < 1 and quota < len(ids):
+        n_core = max(quota, int(np.ceil(core * len(ids))))
+        if n_core < len(ids):
+            sub = np.sort(np.lexsort((ids, dist))[:n_core])
+            got, dup = pick(emb[sub], dist[sub], ids[sub], quota, mode, dedup, rng)
+            return sub[got], sub[dup]
     if quota <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if quota >= len(ids):  # all of it (`random` still draws its permutation: the seed stream is kept)

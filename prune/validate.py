@@ -48,6 +48,12 @@ NUMBERS = {
     "entropy.max_side": (int, 8, math.inf, True, False),
     "entropy.floor": (float, 0, 8, True, True),  # bits of a 256-bin histogram
     "entropy.percentile": (float, 0, 100, True, True),
+    "selection.core": (float, 0, 1, False, True),
+    "entropy.area_grid": (int, 1, math.inf, True, False),
+    "entropy.flat_bits": (float, 0, 8, True, True),
+    "entropy.bright": (float, 0, 256, True, True),
+    "entropy.min_area": (float, 0, 1, True, True),
+    "entropy.min_sharpness": (float, 0, 9, True, True),  # bits of a difference histogram; null: off
     "embed.shard_size": (int, 1, math.inf, True, False),
     "scenes.per_class": (int, 1, math.inf, True, False),
     "scenes.knn": (int, 1, math.inf, True, False),

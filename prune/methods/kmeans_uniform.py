@@ -16,4 +16,5 @@ NEEDS = ("embed", "clusters")  # "clusters" without "scenes": one stratum
 def select(pool, budget: int, cfg, rng):
     cl, sizes = np.unique(pool.cluster, return_counts=True)
     quotas = dict(zip(cl.tolist(), waterfill(sizes, np.ones(len(sizes)), budget).tolist()))
-    return pick_by_quota(pool, quotas, str(cfg.selection.within), float(cfg.selection.dedup), rng)
+    return pick_by_quota(pool, quotas, str(cfg.selection.within), float(cfg.selection.dedup), rng,
+                         float(cfg.selection.core))

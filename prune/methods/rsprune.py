@@ -32,7 +32,7 @@ def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: f
     return quotas
 
 
-def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng):
+def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, core: float = 1.0):
     """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason."""
     ids = pool.ids
     order = np.argsort(pool.cluster, kind="stable")
@@ -40,7 +40,7 @@ def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng):
     chosen, notes = [], {}
     for i, c in enumerate(sorted(quotas)):
         rows = order[bounds[i]:bounds[i + 1]]
-        got, dup = pick(pool.emb[rows], pool.dist[rows], ids[rows], quotas[c], within, dedup, rng)
+        got, dup = pick(pool.emb[rows], pool.dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
         chosen.append(rows[got])
         notes.update({int(r): "pruned_near_duplicate" for r in rows[dup]})
     return np.concatenate(chosen) if chosen else np.zeros(0, np.int64), notes
@@ -54,4 +54,4 @@ def select(pool, budget: int, cfg, rng):
         mass, alpha, fit = scene_mass(pool.scene, v, str(sel.mass), alpha, int(sel.volume.min_stratum))
         pool.extra["volume"] = {"mass": str(sel.mass), **info, **fit}
     quotas = cluster_quotas(pool.scene, pool.cluster, budget, alpha, mass)
-    return pick_by_quota(pool, quotas, str(sel.within), float(sel.dedup), rng)
+    return pick_by_quota(pool, quotas, str(sel.within), float(sel.dedup), rng, float(sel.core))
