@@ -20,6 +20,7 @@ from prune.entropy import entropies
 from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
 from rsprune.corpus import list_files
+from rsprune.fingerprint import digest
 from rsprune.imageio import UnreadableImage, load_grey
 from rsprune.layout import CACHE_INDEX, cache_path
 
@@ -67,7 +68,7 @@ def scan_file(path: str, grid: int, max_side: int) -> dict:
     except OSError as e:
         row["error"] = f"{type(e).__name__}: {e.strerror or e}"
         return row
-    row["content_hash"] = hashlib.sha1(data).hexdigest()
+    row["content_hash"] = digest(data)
     if not data:
         row["error"] = "empty file (0 bytes)"
         return row
