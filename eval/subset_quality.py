@@ -86,7 +86,11 @@ def quality(feats: np.ndarray, selected: np.ndarray, entropy: np.ndarray, labels
 def corpus_features(m: pd.DataFrame, cfg: DictConfig, progress: bool = True) -> np.ndarray:
     """Evaluation-space embeddings of the given manifest rows (all readable), via the store."""
     items = dict(zip(m.content_hash, m.path))
-    plan, store, _ = embed_stage(items, cfg, str(cfg.cache_dir), progress)
+    plan, store, _, refused = embed_stage(items, cfg, str(cfg.cache_dir), progress)
+    if refused:
+        first, why = next(iter(refused.items()))
+        raise UsageError(f"{len(refused)} corpus files changed since they were pruned, first: {first} ({why}); "
+                         "prune again")
     return gather(plan, store, m.content_hash.tolist())
 
 

@@ -8,6 +8,12 @@ the first missing shard, and images shared by corpus and reference are embedded 
 All readable images are embedded, not only stage-1 survivors, so the entropy cut stays free to
 change without a new embedding pass.
 
+A vector is stored under a content hash only if the bytes it was computed from hash to it: each
+file is hashed again as it is read (rsprune/fingerprint.py). A file whose bytes changed since the
+index is refused (the next file with the indexed bytes, an exact duplicate, is tried instead) and
+returned in `Store.refused`; prune/run.py records it unreadable with the reason. A shard missing a
+refused hash is kept for this run but is not done: the next run computes it again.
+
 Under `accelerate launch`, index shards (prune/index.py) and then embedding shards are dealt
 round-robin to processes; the result is the same tables and arrays as a single process writes.
 
@@ -32,7 +38,9 @@ from prune.index import index_inputs
 from prune.validate import validate
 from rsprune.cache import CHECKSUM_SUFFIX, save_npy, stable_hash, verified
 from rsprune.errors import UsageError
-from rsprune.encoders import build_encoder, embed_paths
+from rsprune.encoders import build_encoder, stack_uint8
+from rsprune.fingerprint import digest
+from rsprune.imageio import UnreadableImage, load_rgb, resize
 from rsprune.layout import CACHE_EMBED, cache_path
 
 
@@ -49,9 +57,65 @@ def encoder_key(enc_cfg, dtype: str = "float16") -> str:
     return stable_hash("encoder", c, dtype)
 
 
-def shard_done(store: Path, key: str) -> bool:
-    """Both files of a shard are there and match their checksums (a bad one is removed)."""
-    return verified(store / f"{key}.ids.npy") & verified(store / f"{key}.npy")
+CHANGED = "bytes changed since the file was indexed (its sha1 differs); not embedded"
+
+
+def shard_done(store: Path, key: str, hashes: list[str] | None = None) -> bool:
+    """Both files of a shard are there and match their checksums (a bad one is removed), and
+    (given its planned `hashes`) it holds every one of them."""
+    if not (verified(store / f"{key}.ids.npy") & verified(store / f"{key}.npy")):
+        return False
+    return hashes is None or np.load(store / f"{key}.ids.npy").tolist() == list(hashes)
+
+
+class _Verified(torch.utils.data.Dataset):
+    """Item i: the first of its candidate paths whose bytes hash to `hashes[i]`, decoded and
+    resized, and the (path, reason) of every candidate refused before it."""
+
+    def __init__(self, hashes, candidates, resolution: int):
+        self.hashes, self.candidates, self.resolution = hashes, candidates, resolution
+
+    def __len__(self):
+        return len(self.hashes)
+
+    def __getitem__(self, i):
+        refused = []
+        for path in self.candidates[i]:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                refused.append((path, f"no longer readable since it was indexed: {type(e).__name__}: {e.strerror or e}"))
+                continue
+            if digest(data) != self.hashes[i]:
+                refused.append((path, CHANGED))
+                continue
+            try:
+                return i, torch.from_numpy(resize(load_rgb(path, data), self.resolution)), refused
+            except UnreadableImage as e:  # the indexed bytes decoded then; not now (memory)
+                refused.append((path, str(e)))
+        return i, None, refused
+
+
+def _collate(items):
+    return items
+
+
+def embed_verified(encoder, hashes: list[str], candidates: list[list[str]], batch_size: int,
+                   num_workers: int) -> tuple[list[str], np.ndarray, dict]:
+    """(hashes embedded, their embeddings, {path: reason} refused) for content hashes, each read
+    from the first of its candidate paths that still holds those bytes."""
+    loader = torch.utils.data.DataLoader(_Verified(hashes, candidates, encoder.resolution), batch_size=batch_size,
+                                         num_workers=num_workers, shuffle=False, collate_fn=_collate)
+    done, out, refused = [], [], {}
+    for items in loader:
+        ok = [(i, x) for i, x, _ in items if x is not None]
+        for _, _, r in items:
+            refused.update(r)
+        if ok:
+            out.append(encoder(stack_uint8([x for _, x in ok])))
+            done += [hashes[i] for i, _ in ok]
+    return done, (np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)), refused
 
 
 def shard_plan(hashes: list[str], shard_size: int, ekey: str) -> list[tuple[str, list[str]]]:
@@ -62,12 +126,13 @@ def shard_plan(hashes: list[str], shard_size: int, ekey: str) -> list[tuple[str,
 
 
 def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int = 0, world: int = 1,
-               progress: bool = True) -> int:
-    """Compute this process's missing shards; returns how many it computed."""
+               progress: bool = True) -> dict:
+    """Compute this process's missing shards; returns the {path: reason} it refused.
+    `path_of`: content hash -> path, or -> candidate paths (first first)."""
     mine = [(k, h) for i, (k, h) in enumerate(plan) if i % world == rank]
-    todo = [(k, h) for k, h in mine if not shard_done(store, k)]
+    todo = [(k, h) for k, h in mine if not shard_done(store, k, h)]
     if not todo:
-        return 0
+        return {}
     if enc_cfg.get("threads"):
         torch.set_num_threads(int(enc_cfg.threads))
     encoder = build_encoder(enc_cfg)
@@ -75,13 +140,15 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
     done = total - sum(len(h) for _, h in todo)
     with tqdm(total=total, initial=done, desc=f"embed[{rank}]" if world > 1 else "embed", unit="img",
               disable=not progress) as bar:
+        refused = {}
         for k, h in todo:
-            e = embed_paths(encoder, [path_of[x] for x in h], int(enc_cfg.batch_size),
-                            int(enc_cfg.num_workers), progress=False)
-            save_npy(store / f"{k}.ids.npy", np.asarray(h), checksum=True)
-            save_npy(store / f"{k}.npy", e.astype(dtype), checksum=True)  # its checksum, written last, marks done
+            cands = [[path_of[x]] if isinstance(path_of[x], str) else list(path_of[x]) for x in h]
+            got, e, bad = embed_verified(encoder, h, cands, int(enc_cfg.batch_size), int(enc_cfg.num_workers))
+            refused.update(bad)
+            save_npy(store / f"{k}.ids.npy", np.asarray(got, dtype=np.asarray(h).dtype), checksum=True)
+            save_npy(store / f"{k}.npy", e.astype(dtype), checksum=True)  # its checksum, written last, marks it there
             bar.update(len(h))
-    return len(todo)
+    return refused
 
 
 def gather(plan, store: Path, hashes) -> np.ndarray:
@@ -91,15 +158,15 @@ def gather(plan, store: Path, hashes) -> np.ndarray:
     ids = []
     for k, h in plan:
         got = np.load(store / f"{k}.ids.npy")
-        if got.tolist() != h:
+        if not set(got.tolist()) <= set(h):  # fewer than planned: hashes refused in this run
             raise RuntimeError(f"embedding shard {k} holds other ids than planned; delete {store} to recompute")
         ids.append(got)
+    bounds = np.cumsum([0] + [len(g) for g in ids])
     ids = np.concatenate(ids)  # globally sorted, since the plan cuts one sorted list
     want = np.asarray(hashes, dtype=ids.dtype)
     pos = np.searchsorted(ids, want)
-    if len(want) and (pos.max() >= len(ids) or (ids[pos] != want).any()):
+    if len(want) and (pos.max() >= len(ids) or (ids[np.minimum(pos, len(ids) - 1)] != want).any()):
         raise RuntimeError("some images have no embedding in the store")
-    bounds = np.cumsum([0] + [len(h) for _, h in plan])
     shard = np.searchsorted(bounds, pos, side="right") - 1
     arrays = [np.load(store / f"{k}.npy", mmap_mode="r") for k, _ in plan]
     out = np.empty((len(want), arrays[0].shape[1]), np.float32)
@@ -112,8 +179,9 @@ def gather(plan, store: Path, hashes) -> np.ndarray:
 
 
 def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=None):
-    """Embed content hashes -> path `items`; returns (plan, store folder, encoder key) once
-    every shard exists. `cfg` needs the `encoder` and `embed` groups.
+    """Embed content hashes -> path (or candidate paths) `items`; returns (plan, store folder,
+    encoder key, {path: reason} refused) once every shard exists. `cfg` needs the `encoder` and
+    `embed` groups.
 
     `state` is an accelerate PartialState when launched on several processes.
     """
@@ -124,15 +192,27 @@ def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=N
     store = cache_path(cache_dir, CACHE_EMBED, ekey)
     plan = shard_plan(list(items), int(cfg.embed.shard_size), ekey)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    run_shards(plan, items, cfg.encoder, store, dtype, rank, world, progress)
+    refused = run_shards(plan, items, cfg.encoder, store, dtype, rank, world, progress)
     if state is not None:
         state.wait_for_everyone()
+        refused = _gathered(refused)
     # Each process verified its own shards; here presence of both checksums is enough.
     missing = [k for k, _ in plan if not all((store / f"{k}{ext}{CHECKSUM_SUFFIX}").exists()
                                              for ext in (".npy", ".ids.npy"))]
     if missing:
         raise RuntimeError(f"{len(missing)} embedding shards missing after the pass in {store}")
-    return plan, store, ekey
+    return plan, store, ekey, refused
+
+
+def _gathered(refused: dict) -> dict:
+    """Every process's refusals, on every process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return refused
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, refused)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 @dataclass
@@ -142,6 +222,7 @@ class Store:
     path: Path
     key: str
     images: int
+    refused: dict  # path -> reason: files whose bytes changed since the index (not embedded)
 
     def gather(self, hashes) -> np.ndarray:
         return gather(self.plan, self.path, hashes)
@@ -151,18 +232,25 @@ def embed_inputs(inputs, cfg, cache_dir: str, progress: bool = True, state=None)
     """Stage 2 over the index tables (prune/index.py:Inputs): every readable unique corpus
     image, and the readable reference images."""
     items = collect_items(inputs.corpus, inputs.reference)
-    plan, path, key = embed_stage(items, cfg, cache_dir, progress, state)
-    return Store(plan, path, key, len(items))
+    plan, path, key, refused = embed_stage(items, cfg, cache_dir, progress, state)
+    return Store(plan, path, key, len(items), refused)
 
 
 def collect_items(idx, ref_idx) -> dict:
-    """content hash -> path of every image the pipeline embeds: readable unique corpus images,
-    then readable reference images not already in the corpus."""
+    """content hash -> candidate paths of every image the pipeline embeds: readable unique
+    corpus images, then readable reference images not already in the corpus. The first path
+    is the one read; the others (its exact duplicates) only if that one no longer holds the bytes."""
     usable = idx.readable & (idx.duplicate_of == "")
-    items = dict(zip(idx.content_hash[usable], idx.path[usable]))
+    items = {h: [p] for h, p in zip(idx.content_hash[usable], idx.path[usable])}
+    dups = idx[idx.readable & ~usable]
+    for h, p in zip(dups.content_hash, dups.path):
+        if h in items and p not in items[h]:
+            items[h].append(p)
     if ref_idx is not None:
         ok = ref_idx[ref_idx.readable]
-        items.update({h: p for h, p in zip(ok.content_hash, ok.path) if h not in items})
+        for h, p in zip(ok.content_hash, ok.path):
+            if p not in items.setdefault(h, []):
+                items[h].append(p)
     return items
 
 
@@ -196,8 +284,12 @@ def run(cfg, progress: bool = True) -> dict:
     store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
     if state is not None and not state.is_main_process:
         return {}
-    out = dict(images=store.images, shards=len(store.plan), store=str(store.path), encoder_key=store.key)
+    out = dict(images=store.images, shards=len(store.plan), store=str(store.path), encoder_key=store.key,
+               refused=store.refused)
     print(f"[embed] {store.images} distinct images in {len(store.plan)} shards -> {store.path}", flush=True)
+    if store.refused:
+        first, why = next(iter(store.refused.items()))
+        print(f"[embed] {len(store.refused)} files refused, first: {first} ({why})", flush=True)
     return out
 
 

@@ -20,6 +20,7 @@ from prune.entropy import coverage_sharpness, entropies
 from rsprune.cache import load_table, save_table, stable_hash
 from rsprune.cli import UsageError
 from rsprune.corpus import list_files
+from rsprune.fingerprint import digest
 from rsprune.imageio import UnreadableImage, load_grey
 from rsprune.layout import CACHE_INDEX, cache_path
 
@@ -69,7 +70,7 @@ def scan_file(path: str, grid: int, max_side: int, area: tuple = (8, 1.0, 205.0)
     except OSError as e:
         row["error"] = f"{type(e).__name__}: {e.strerror or e}"
         return row
-    row["content_hash"] = hashlib.sha1(data).hexdigest()
+    row["content_hash"] = digest(data)
     if not data:
         row["error"] = "empty file (0 bytes)"
         return row

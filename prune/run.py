@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 
 import numpy as np
 from omegaconf import DictConfig
@@ -20,10 +21,11 @@ from prune import methods
 from prune.cluster import cluster_stage
 from prune.embed import dist_state, embed_inputs
 from prune.entropy import stage1_pool
-from prune.index import index_inputs
+from prune.index import index_inputs, mark_duplicates
 from prune.outputs import Columns, build_manifest, build_summary, reasons, write_outputs
 from prune.scenes import folder_scenes, scene_stage
 from prune.validate import validate
+from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
 
 
@@ -88,16 +90,43 @@ def add_clusters(pool, cols: Columns, store, pool_rows, cfg, cached: dict, progr
     return len(np.unique(strata))
 
 
-def features(plan, inputs, pool, cols: Columns, usable, pool_rows, cfg, t: Timings, cached: dict,
-             progress: bool, state) -> tuple[list[str] | None, dict]:
-    """Stages 2-4 as the method needs them; returns (scene names, strata diagnostics): (None, {})
-    without scenes, and on a process other than the main one, whose share of the work ends with
-    the embedding."""
+def refuse_changed(df, refused: dict):
+    """The index table with the files embedding refused (bytes changed since the index) recorded
+    unreadable, with the reason, and the exact duplicates marked again without them."""
+    if df is None or not refused:
+        return df
+    bad = df.path.isin(list(refused)).to_numpy()
+    if not bad.any():
+        return df
+    df = df.copy()
+    df.loc[bad, "readable"] = False
+    df.loc[bad, "error"] = df.path[bad].map(refused)
+    df.loc[bad, "content_hash"] = ""  # its bytes are not the indexed ones: no twin of anything
+    df["duplicate_of"] = mark_duplicates(df)
+    return df
+
+
+def embed(plan, inputs, cfg, t: Timings, progress: bool, state):
+    """Stage 2 when the method needs it: (inputs with refused files recorded, store or None)."""
     if not plan.method.NEEDS:
-        return None, {}
+        return inputs, None
     with t("embed"):
         store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
-    if state is not None and not state.is_main_process:
+    if store.refused:
+        first, why = next(iter(store.refused.items()))
+        log(f"[embed] {len(store.refused)} files refused, recorded unreadable; first: {first} ({why})")
+        inputs = replace(inputs, corpus=refuse_changed(inputs.corpus, store.refused),
+                         reference=refuse_changed(inputs.reference, store.refused),
+                         corpus_key=stable_hash(inputs.corpus_key, sorted(store.refused.items())))
+    return inputs, store
+
+
+def features(plan, inputs, store, pool, cols: Columns, usable, pool_rows, cfg, t: Timings, cached: dict,
+             progress: bool, state) -> tuple[list[str] | None, dict]:
+    """Stages 3-4 as the method needs them, on the embeddings of `store`; returns (scene names,
+    strata diagnostics): (None, {}) without scenes, and on a process other than the main one,
+    whose share of the work ends with the embedding."""
+    if store is None or (state is not None and not state.is_main_process):
         return None, {}
     pool.emb = store.gather(pool.table.content_hash.tolist())
     log(f"[embed] {store.images} distinct images in {len(store.plan)} shards, dim {pool.emb.shape[1]} "
@@ -135,9 +164,12 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     with t("index"):
         inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
     idx, budget = inputs.corpus, plan.budget
-    usable = check_usable(idx, budget)
+    check_usable(idx, budget)  # before the embedding: a budget that cannot be met fails fast
     log(f"[index] {len(idx)} files, {(~idx.readable).sum()} unreadable, {(idx.duplicate_of != '').sum()} "
         f"exact duplicates; budget {budget} ({t['index']:.1f} s)")
+    inputs, store = embed(plan, inputs, cfg, t, progress, state)
+    idx = inputs.corpus
+    usable = check_usable(idx, budget)
 
     filtered = bool(cfg.method.entropy_filter)
     with t("entropy"):
@@ -155,7 +187,8 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
         log(f"[entropy] pool {len(pool_rows)} < budget {budget}: {len(extra)} highest-entropy dropped images return")
 
     pool, cols = methods.Pool(idx.iloc[pool_rows].reset_index(drop=True)), Columns.empty(len(idx))
-    classes, scene_info = features(plan, inputs, pool, cols, usable, pool_rows, cfg, t, cached, progress, state)
+    classes, scene_info = features(plan, inputs, store, pool, cols, usable, pool_rows, cfg, t, cached, progress,
+                                   state)
     if state is not None and not state.is_main_process:
         return {}
 

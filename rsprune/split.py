@@ -30,7 +30,6 @@ import numpy as np
 from rsprune.errors import UsageError
 from rsprune.corpus import is_list, list_files, read_list, write_list
 from rsprune.imageio import list_images
-from rsprune.layout import CACHE_FINGERPRINTS
 
 NAMES = ("corpus", "reference", "test")
 PRIORITY = ("reference", "test", "corpus")  # a content twin stays in the first of these that holds it
@@ -107,7 +106,8 @@ def content_disjoint(root: str, lists: dict[str, list[str]], memo_dir=None) -> t
 
 def materialise(split_cfg, root: str, memo_dir=None) -> Path:
     """Write (once) the split's list files and split.json; return their folder. `memo_dir`
-    holds the fingerprint memo (default: beside the split's folders)."""
+    holds the fingerprint memo (default: beside the split's folders, so that composing a config
+    writes nothing under its cache_dir)."""
     root = os.path.abspath(str(root))
     params = dict(reference=str(split_cfg.reference), pool=[str(p) for p in split_cfg.pool],
                   reference_fraction=float(split_cfg.reference_fraction),
@@ -164,10 +164,8 @@ def _resolve(name: str, *, _root_) -> str:
     if name not in NAMES:
         raise UsageError(f"${{split:{name}}}: expected one of {', '.join(NAMES)}")
     data = _root_.data
-    cache_dir = _root_.get("cache_dir")
-    memo = os.path.join(str(cache_dir), CACHE_FINGERPRINTS) if cache_dir else None
     try:
-        return str(materialise(data.split, str(data.root), memo) / f"{name}.txt")
+        return str(materialise(data.split, str(data.root)) / f"{name}.txt")
     except UsageError as e:
         # Not raised here: a user who names their own corpus and reference on a data root without
         # the split's sources must still compose; whoever reads this entry reports it in one line.
