@@ -9,7 +9,7 @@ from conftest import DATA
 from prune.entropy import coverage_sharpness, entropies, entropy_filter
 from rsprune import rawcorpus
 
-MIN_AREA, MIN_SHARP = 0.75, 3.4  # configs/prune.yaml defaults
+MIN_AREA, MIN_SHARP = 0.8, 3.2  # configs/prune.yaml defaults
 
 
 def grey(a: np.ndarray) -> np.ndarray:
@@ -56,3 +56,20 @@ def test_checks_off_keep_the_old_filter():
     assert keep.tolist() == [False, True, True] and cut == 2.0
     keep, _ = entropy_filter(s, np.ones(3, bool), 2.0, 0.0, area, 0.25, sharp, 1.5)
     assert keep.tolist() == [False, False, True]
+
+
+def test_core_keeps_the_pick_among_the_central_members():
+    from prune.selection import pick
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    dist = rng.random(40)
+    ids = np.array([f"{i:02d}" for i in range(40)])
+    central = set(np.argsort(dist)[:20].tolist())
+    got, _ = pick(emb, dist, ids, 10, "spread", 1.0, np.random.default_rng(1), core=0.5)
+    assert len(got) == 10 and set(got.tolist()) <= central
+    full, _ = pick(emb, dist, ids, 10, "spread", 1.0, np.random.default_rng(1), core=1.0)
+    assert not set(full.tolist()) <= central  # the plain spread pick reaches the edge
+    many, _ = pick(emb, dist, ids, 30, "spread", 1.0, np.random.default_rng(1), core=0.5)
+    assert len(many) == 30  # a quota beyond the core is still met exactly
