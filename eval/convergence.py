@@ -13,7 +13,8 @@ EMA weights with a fixed seed and sampler, and scores them in the feature space 
   test split's class mix;
 - the memorisation rate (eval/memorisation.py) against the run's own training images;
 - the held-out denoising loss the training engine logged at that step (`heldout_loss` in
-  metrics.jsonl; "-" where absent).
+  metrics.jsonl; "-" where absent) and, where the run kept per-image losses (RUN/heldout/), the
+  natural-mix, class-balanced and worst-class held-out loss recomputed from them (eval/heldout.py).
 
 The test split is `test=DIR|LIST` or, by default, each run's `data.test` (config.yaml); its
 file-list hash (rsprune.split.describe) is stored in every row, and runs scored against
@@ -23,14 +24,14 @@ split than the one scored against is refused too.
 
 Runs are grouped into arms (a `runs` mapping arm -> [run dirs], or `arm_key`: a config.yaml key
 such as data.subset; else each run is its own arm); the report gives each arm's mean, std and
-number of runs per step (eval/convergence_report.py). Writes `<run>/convergence.csv` (one row per
+number of runs per step, and paired statistics between arms, runs paired by training seed
+(eval/convergence_report.py, eval/paired.py). Writes `<run>/convergence.csv` (one row per
 step, written after every step: rerunning resumes and skips steps scored under the same
 settings), `<results_dir>/convergence.md|png` and `<results_dir>/samples/<run>.png`.
 """
 from __future__ import annotations
 
 import glob
-import json
 import re
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from rsprune.features import build_extractor, extract_features, metric_label, re
 from rsprune.frechet import check_count, fd_kid
 
 from eval import convergence_report as report
+from eval.heldout import check_pairing, per_image_losses, run_seed, with_heldout_loss
 from eval.fid import encoder_overrides
 from eval.memorisation import memorisation_rate, threshold
 from eval.sheets import sample_sheet
@@ -142,26 +144,6 @@ def balanced_index(paths: list[str], readable: np.ndarray, seed: int) -> np.ndar
     rng = np.random.default_rng(int(seed))
     rows = [rng.permutation(np.flatnonzero(labels == c))[:m] for c in classes]
     return np.sort(np.concatenate(rows))
-
-
-def heldout_losses(run_dir: Path) -> dict[int, float]:
-    """step -> `heldout_loss` from the run's metrics.jsonl (the last record of a step wins)."""
-    path = run_dir / layout.METRICS
-    out = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec.get("heldout_loss") is not None:
-                out[int(rec["step"])] = float(rec["heldout_loss"])
-    return out
-
-
-def with_heldout_loss(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
-    """The scored rows joined with the logged held-out loss, at every step that has either."""
-    losses = heldout_losses(run_dir)
-    loss = pd.DataFrame({"step": list(losses), "heldout_loss": list(losses.values())}, columns=["step", "heldout_loss"])
-    rows = rows.astype({"step": int})
-    return rows.merge(loss.astype({"step": int}), on="step", how="outer").sort_values("step").reset_index(drop=True)
 
 
 def read_rows(run_dir: Path) -> pd.DataFrame:
@@ -322,14 +304,20 @@ def run(cfg: DictConfig) -> dict:
     scorer = Scorer(cfg)
     all_runs = [d for ds in groups.values() for d in ds]
     names = dict(zip(all_runs, run_names(all_runs)))
+    files = {names[d]: per_image_losses(d) for d in all_runs}
+    index = check_pairing({n: ix for n, (ix, _) in files.items() if ix is not None})
+    classes = index["classes"] if index else None
+    per_image = {n: steps for n, (_, steps) in files.items() if steps}
     curves = {}
     for arm, dirs in groups.items():
         for d in dirs:
-            curves[names[d]] = with_heldout_loss(score_run(cfg, d, scorer, results_dir, names[d]), d).assign(arm=arm)
+            rows = score_run(cfg, d, scorer, results_dir, names[d])
+            curves[names[d]] = with_heldout_loss(rows, d, per_image.get(names[d]), classes).assign(
+                arm=arm, run_seed=run_seed(d))
     report.check_comparable(curves, SETTINGS)
     yard = {names[d]: read_json(d / YARDSTICK) | {"arm": arm} for arm, ds in groups.items() for d in ds
             if (d / YARDSTICK).is_file()}
-    return report.write(curves, cfg, results_dir, yard)
+    return report.write(curves, cfg, results_dir, yard, per_image, classes)
 
 
 section = run  # the `convergence` section of eval/tables.py

@@ -1,8 +1,12 @@
 """The convergence report: per arm and step, mean, spread (std over runs) and number of runs of
-each metric; results/convergence.md and results/convergence.png (curves with +-1 std bands).
+each metric; paired statistics between arms (eval/paired.py); results/convergence.md and
+results/convergence.png (curves with +-1 std bands).
 
-A difference between arms means something only beyond the spread of runs within an arm: the
-table prints `mean ± std (n)`, and a single run prints its value with `(n=1)`, no spread.
+The per-step tables print `mean ± std (n)` (a single run: its value with `(n=1)`). Differences
+between arms are called only from the paired t-test over seeds: runs of one seed share initial
+weights, training noise and test latents, so the spread within an arm overstates the noise of a
+difference. Where runs kept per-image held-out losses, the natural-mix, class-balanced and
+worst-class held-out losses are reported, with a paired bootstrap over seeds x images beside the test.
 """
 from __future__ import annotations
 
@@ -13,13 +17,21 @@ import pandas as pd
 from rsprune.cache import write_text
 from rsprune.cli import UsageError
 
+from eval import paired
+
 # (column, table heading, format) of each reported metric, in the order of the tables and panels
 METRICS = [("fd", "{metric} against the whole test split", "{:.2f}"),
            ("fd_balanced", "{metric} against the class-balanced test split", "{:.2f}"),
            ("kid", "KID x 1000 against the whole test split (std over subsets in the CSV)", "{:.2f}"),
            ("memorisation", "memorisation rate (share of samples nearer a training image than the {pct}th "
                             "percentile of test-to-train distances)", "{:.3f}"),
-           ("heldout_loss", "held-out denoising loss on the test split (training log)", "{:.4f}")]
+           ("heldout_loss", "held-out denoising loss on the test split, natural mix (training log)", "{:.4f}"),
+           ("heldout_loss_balanced", "held-out denoising loss, class-balanced (mean of per-class means; "
+                                     "per-image files)", "{:.4f}"),
+           ("heldout_loss_worst_class", "held-out denoising loss of the worst class (highest class mean; "
+                                        "per-image files)", "{:.4f}")]
+# held-out columns with a bootstrap over seeds x images where per-image files exist: column -> class-balanced
+BOOTSTRAP = {"heldout_loss": False, "heldout_loss_balanced": True}
 SCALE = {"kid": 1000.0}
 
 
@@ -37,9 +49,18 @@ def check_comparable(curves: dict[str, pd.DataFrame], settings: list[str]) -> No
                          + " | ".join(parts))
 
 
+def long_table(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per run and step: run, arm, run_seed (the training seed; None when unknown), step and
+    the metric columns (`seed` is the sampling seed of the scored rows)."""
+    long = pd.concat([c.assign(run=name) for name, c in curves.items()], ignore_index=True)
+    if "run_seed" not in long:
+        long["run_seed"] = None
+    return long
+
+
 def aggregate(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Long table: arm, step, metric column, mean, std (ddof 1; 0 for one run), n runs."""
-    long = pd.concat([c.assign(run=name) for name, c in curves.items()], ignore_index=True)
+    long = long_table(curves)
     out = []
     for col, _, _ in METRICS:
         if col not in long:
@@ -73,30 +94,45 @@ def default_target(agg: pd.DataFrame) -> float | None:
     return float(max(finals)) if finals else None
 
 
-def differences(agg: pd.DataFrame, arms: list[str]) -> list[str]:
-    """Markdown rows: each pair of arms at each metric's last step scored by both, the gap in means
-    and the verdict. A gap is called a difference only when it exceeds the sum of the two arms' stds
-    (their mean ± std ranges do not overlap) and both have more than one run; otherwise it is
-    "within the spread" (or "no spread" with one run)."""
-    rows = []
-    for col, _, fmt in METRICS:
-        sub = agg[agg.metric == col]
-        for i, a in enumerate(arms):
-            for b in arms[i + 1:]:
-                both = set(sub[sub.arm == a].step) & set(sub[sub.arm == b].step)
-                if not both:
-                    continue
-                step = max(both)
-                ra = sub[(sub.arm == a) & (sub.step == step)].iloc[0]
-                rb = sub[(sub.arm == b) & (sub.step == step)].iloc[0]
-                gap, spread = ra["mean"] - rb["mean"], ra["std"] + rb["std"]
-                verdict = ("no spread (one run)" if min(ra["n"], rb["n"]) < 2 else
-                           "**beyond the spread**" if abs(gap) > spread else "within the spread")
-                rows.append(f"| {col} | {step} | {a} - {b} | {fmt.format(gap)} | {fmt.format(spread)} | {verdict} |")
-    return rows
+def paired_section(curves: dict[str, pd.DataFrame], arms: list[str], per_image: dict | None,
+                   classes) -> list[str]:
+    """The paired-statistics section: one row per metric, step and arm pair (eval/paired.py)."""
+    long = long_table(curves)
+    cols = [c for c, _, _ in METRICS]
+    comps = paired.comparisons(long, arms, cols, SCALE, per_image, classes, BOOTSTRAP)
+    if not comps:
+        return []
+    fmts = {c: f for c, _, f in METRICS}
+    n_runs, n_files = len(curves), len(per_image or {})
+    if n_files == 0:
+        avail = ("Per-image held-out losses are unavailable for these runs (no RUN/heldout/ files: they were "
+                 "trained before the probe kept them), so the held-out loss pairs by seed only, and its "
+                 "class-balanced and worst-class values and the bootstrap over images cannot be given.")
+    else:
+        avail = (f"Per-image held-out losses: {n_files} of {n_runs} runs ({len(classes or [])} test images, "
+                 f"{len(set(classes or []))} classes).")
+    n_tested = sum(r["p"] is not None for r in comps)
+    return ["## Paired differences between arms", "", *paired.header(len(comps), n_tested), *paired.markdown_rows(
+        comps, fmts), "", avail, ""]
 
 
-def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | None, cfg, info: dict) -> str:
+def worst_class_lines(curves: dict[str, pd.DataFrame], arms: list[str]) -> list[str]:
+    """Which class is worst, per arm, at the last step with a worst-class value."""
+    long = long_table(curves)
+    if "heldout_loss_worst_class_name" not in long:
+        return []
+    named = long.dropna(subset=["heldout_loss_worst_class_name"])
+    if not len(named):
+        return []
+    step = int(named["step"].max())
+    at = named[named.step == step]
+    parts = [f"{a}: " + ", ".join(f"{c} ({n})" for c, n in at[at.arm == a]["heldout_loss_worst_class_name"]
+                                  .value_counts().items()) for a in arms if (at.arm == a).any()]
+    return [f"Worst class at step {step} (runs): " + "; ".join(parts) + ".", ""]
+
+
+def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | None, cfg, info: dict,
+             paired_lines: list[str] = (), worst_lines: list[str] = ()) -> str:
     lines = [f"# Convergence: {metric}, KID, memorisation and held-out loss per arm", "",
              f"{info['n_fake']} EMA samples per step, {str(cfg.sampler).upper()} {cfg.steps} steps, seed {cfg.seed}, "
              f"scored at {info['side']} px against the test split {info['test']} ({info['n_test']} images; "
@@ -113,12 +149,9 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
             cells = [cell(sub[(sub.step == step) & (sub.arm == a)], fmt) for a in arms]
             lines.append(f"| {int(step)} | " + " | ".join(cells) + " |")
         lines.append("")
-    diffs = differences(agg, arms)
-    if diffs:
-        lines += ["## Differences at the last step scored by both arms", "",
-                  "Gap = mean(a) - mean(b); spread = std(a) + std(b). A gap is called a difference only beyond "
-                  "the spread (the two mean ± std ranges do not overlap) with at least two runs per arm.", "",
-                  "| metric | step | arms | gap | spread | verdict |", "|---|---:|---|---:|---:|---|", *diffs, ""]
+        if col == "heldout_loss_worst_class":
+            lines += list(worst_lines)
+    lines += list(paired_lines)
     if target is not None:
         how = "given" if cfg.get("target_fd") is not None else "the worst final arm-mean FD"
         lines += [f"Steps to reach arm-mean {metric} <= {target:.2f} ({how}):", "", "| arm | steps |", "|---|---:|"]
@@ -140,7 +173,9 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     titles = {"fd": metric, "fd_balanced": f"{metric}, balanced test", "kid": "KID x 1000",
-              "memorisation": "memorisation rate", "heldout_loss": "held-out loss"}
+              "memorisation": "memorisation rate", "heldout_loss": "held-out loss",
+              "heldout_loss_balanced": "held-out loss, class-balanced",
+              "heldout_loss_worst_class": "held-out loss, worst class"}
     for ax, (col, _) in zip(axes.flat, panels):
         for i, a in enumerate(arms):
             g = agg[(agg.metric == col) & (agg.arm == a)].sort_values("step")
@@ -180,7 +215,8 @@ def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list
     return lines + [""]
 
 
-def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path, yard: dict | None = None) -> dict:
+def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path, yard: dict | None = None,
+          per_image: dict | None = None, classes=None) -> dict:
     """Aggregate, write convergence.md and convergence.png; return the numbers."""
     agg = aggregate(curves)
     arms = list(dict.fromkeys(a for c in curves.values() for a in c["arm"]))
@@ -190,7 +226,8 @@ def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path, yard: dict | 
     info = {k: (int(float(first[k])) if len(scored) else "?") for k in ("n_fake", "side", "n_test", "n_balanced")}
     info["test"] = str(first.get("test_sha256", "?"))[:12]
     target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(agg)
-    text = markdown(agg, arms, metric, target, cfg, info) + "\n".join(["", *yardstick_lines(yard or {}, arms, metric)])
+    text = markdown(agg, arms, metric, target, cfg, info, paired_section(curves, arms, per_image, classes),
+                    worst_class_lines(curves, arms)) + "\n".join(["", *yardstick_lines(yard or {}, arms, metric)])
     write_text(results_dir / "convergence.md", text)
     figure(agg, arms, metric, results_dir / "convergence.png")
     print(f"wrote {results_dir / 'convergence.md'} and {results_dir / 'convergence.png'}")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-import numpy as np
-
+from eval import paired
 from rsprune.cache import read_json, write_text
 from rsprune.cli import UsageError
 
@@ -44,13 +43,18 @@ def _backbone(m: dict) -> str:
     return "scratch" if b == "none" else f"{Path(b).name} @ {m.get('backbone_step')}"
 
 
-def paired_delta(a: list | None, b: list | None) -> str:
-    """Mean per-image difference a - b with its 95% interval (1.96 standard errors), or a dash."""
+SR_TEST = "paired t-test over the test images (scipy.stats.ttest_rel, two-sided)"
+
+
+def paired_delta(a: list | None, b: list | None, alpha: float = paired.ALPHA) -> str:
+    """Mean per-image difference a - b with its 95% interval (1.96 standard errors) and the p of
+    SR_TEST, bold where p < alpha; a dash without per-image values on the same images."""
     if not a or not b or len(a) != len(b):
         return "—"
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return f"{d.mean():+.2f} ± {half:.2f}"
+    r = paired.ttest(a, b)
+    half = 1.96 * r["se"] if r["se"] is not None else float("nan")
+    cell = f"{r['mean']:+.2f} ± {half:.2f} (p = {paired.fmt_p(r['p'])})"
+    return f"**{cell}**" if r["p"] is not None and r["p"] < alpha else cell
 
 
 def sr_table(runs) -> str:
@@ -82,10 +86,15 @@ def sr_table(runs) -> str:
             lines.append(f"| {label} | — | — | — | {_f(r['psnr'])} | — | — | {_f(r['ssim'], 3)} | {_f(r['fd'])} | {n} |")
     feat = runs[0][1].get("fd_feature", "?")
     res = runs[0][1]["resolution"]
+    n_tests = sum(ln.count("(p = ") for ln in lines)
     return (f"# x4 super-resolution\n\nHR {res} px, LR {res // 4} px (antialiased bicubic). PSNR/SSIM against HR "
             f"(mean over held-out images; ΔPSNR: mean per-image difference from the scratch run, or from the "
             f"run started from the full-corpus backbone, of the same budget on the same images, ± its 95% "
-            f"interval), FD against the HR test images in {feat} features "
+            f"interval (1.96 paired standard errors), and p of the {SR_TEST}; a difference is called (bold) "
+            f"only from that test, at alpha = {paired.ALPHA:g} per comparison, {n_tests} comparisons here). "
+            f"Each run is one fine-tune from one backbone seed, so the pairs are test images, not seeds: the test "
+            f"says whether these two models differ on these images, not whether the arms would across training "
+            f"seeds. FD against the HR test images in {feat} features "
             f"(compare FDs only at equal numbers of test images). Rebuilt by `python eval/tables.py sr`.\n\n"
             + "\n".join(lines) + "\n")
 
@@ -108,6 +117,8 @@ def semantic_table(runs) -> str:
             f"{m0['resolution']} px; test tiles held out whole: {tiles}. FD of generated vs real test crops "
             f"({m0.get('fd_feature', '?')} features); mIoU of the segmentation network (trained on the real "
             f"training crops) on generated images against the input masks, unlabeled pixels ignored. "
+            f"Each run is one fine-tune and no per-crop scores are recorded, so no paired test can be made "
+            f"and no difference between runs is called here. "
             f"Rebuilt by `python eval/tables.py semantic_synthesis`.\n\n" + "\n".join(lines) + "\n")
 
 

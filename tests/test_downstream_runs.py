@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -128,3 +129,25 @@ def test_resumed_fine_tune_equals_uninterrupted(tmp_path, command):
     assert not all(torch.equal(a[k], b[k]) for k in a)  # EMA != raw weights, so the EMA check means something
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_sr_table_tests_paired_per_image_differences_on_the_committed_records():
+    from scipy import stats
+
+    from eval.paired import fmt_p
+
+    runs = report.run_metrics([str(REPO / "results" / "downstream" / "sr" / "*")], "sr")
+    text = report.sr_table(runs)
+    assert report.SR_TEST in text and "alpha = 0.05" in text
+    per_image = {name: m["rows"]["sr"]["psnr_per_image"] for name, m in runs}
+    scratch = per_image["scratch"]
+    for name, m in runs:
+        if name == "scratch":
+            continue
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| {name} |"))
+        r = stats.ttest_rel(per_image[name], scratch)
+        d = np.asarray(per_image[name]) - np.asarray(scratch)
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        cell = f"{d.mean():+.2f} ± {half:.2f} (p = {fmt_p(r.pvalue)})"
+        assert (f"**{cell}**" if r.pvalue < 0.05 else cell) in row, row
+    assert text.count("(p = ") == 2 * (len(runs) - 1) - 1  # vs scratch for every start, vs full for the others

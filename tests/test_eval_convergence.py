@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from train_fixtures import DATA
 from PIL import Image
 
@@ -51,8 +52,11 @@ def test_report_gives_mean_spread_and_n_per_arm_and_steps_to_target(tmp_path):
     assert "| 300 | 42.00 ± 1.41 (2) | 33.00 ± 0.00 (2) |" in md, md
     assert "| 200 | - | 0.7000 ± 0.7071 (2) |" in md  # held-out loss from metrics.jsonl; full logged none
     assert "FD (EfficientNet-Lite2)" in md and "FID" not in md
-    # full 42 ± 1.41 vs rsprune 33 ± 0: a gap of 9 beyond the spread; held-out loss has one full run only
-    assert "| fd | 300 | full - rsprune | 9.00 | 1.41 | **beyond the spread** |" in md, md
+    # paired by seed: full - rsprune at step 300 is 41 - 33 = 8 (s0) and 43 - 33 = 10 (s1): mean 9, SE 1,
+    # t = 9 on 1 degree of freedom; held-out loss has no full run, so no pair
+    p = 2 * stats.t.sf(9.0, 1)
+    assert f"| fd | 300 | full - rsprune | 0,1 | 8.00 / 10.00 | 9.00 ± 1.00 | 9.00 (1) | {p:.3f} | none shown |" in md, md
+    assert "heldout_loss |" not in md.split("## Paired differences")[1]
     assert Image.open(tmp_path / "results" / "convergence.png").size[0] > 400
     # arms by a config key: each run its own arm without one
     res = conv(tmp_path, f"runs=[{a[0]},{b[0]}]")
@@ -159,8 +163,6 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
     run_dir = tmp_path / "run"
     train(compose("train", tiny_overrides(kept, run_dir, tmp_path / "cache",
                                           **{"train.sample_every": 0, "data.test": str(test)})))
-    with open(run_dir / "metrics.jsonl", "a") as f:  # as the engine logs it at a snapshot step
-        f.write(json.dumps({"step": 3, "heldout_loss": 0.25}) + "\n")
     args = [f"runs=[{run_dir}]", f"test={test}", "n_samples=8", "steps=3", "batch_size=8", "resolution=64",
             "sheet_n=4", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'fid'}", "warn_below=0"]
     res = convergence.run(compose("eval/convergence", args))
@@ -171,7 +173,10 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
     from rsprune.split import describe
     assert (csv["test_sha256"] == describe(str(test))["sha256"]).all()
     md = (tmp_path / "results" / "convergence.md").read_text()
-    assert "| 3 | 0.2500 (n=1) |" in md  # the held-out loss where logged
+    from train.heldout import read_steps
+    at3 = read_steps(run_dir)[3].astype(np.float64)  # the held-out loss, from its per-image file
+    assert f"| 3 | {at3.mean():.4f} (n=1) |" in md
+    assert "## held-out denoising loss, class-balanced" in md and "Worst class at step 6 (runs): run: " in md
     # the yardstick: 8 of the 24 real training images scored like the samples, in the report too
     yard = json.loads((run_dir / "yardstick.json").read_text())
     assert yard["n_real"] == 8 and yard["fd"] > 0 and yard["n_fake"] == 8
@@ -187,12 +192,32 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
         convergence.run(compose("eval/convergence", args + ["n_samples=9"]))
 
 
-def test_a_gap_inside_the_seed_spread_is_not_called_a_difference():
-    from eval.convergence_report import differences
-
-    agg = pd.DataFrame([{"arm": "full", "step": 4000, "metric": "fd", "mean": 100.0, "std": 3.0, "n": 3},
-                        {"arm": "rsprune", "step": 4000, "metric": "fd", "mean": 95.0, "std": 2.5, "n": 3},
-                        {"arm": "random", "step": 4000, "metric": "fd", "mean": 90.0, "std": 1.0, "n": 1}])
-    rows = differences(agg, ["full", "rsprune", "random"])
-    assert "| fd | 4000 | full - rsprune | 5.00 | 5.50 | within the spread |" in rows
-    assert "| fd | 4000 | full - random | 10.00 | 4.00 | no spread (one run) |" in rows
+def test_four_arms_are_compared_pair_by_pair_at_every_step_by_the_paired_t_test(tmp_path):
+    arms = ["full", "rsprune", "random", "kmeans_uniform_filtered"]
+    rng = np.random.default_rng(0)
+    seed_effect = {s: 10.0 * s for s in range(3)}  # seeds move every arm alike
+    for k, arm in enumerate(arms):
+        for s in range(3):
+            write_curve(tmp_path / f"{arm}-s{s}", {1000: 500 + seed_effect[s] + k + rng.normal(0, 0.1),
+                                                    4000: 400 + seed_effect[s] + 2 * k + rng.normal(0, 0.1)},
+                        {1000: 0.9 - 0.001 * k + 1e-4 * s + rng.normal(0, 1e-5), 4000: 0.8 - 0.001 * k + 2e-4 * s})
+    conv(tmp_path, "runs=[" + ",".join(f"{tmp_path}/{a}-s*" for a in arms) + "]", "arm_key=folder")
+    md = (tmp_path / "results" / "convergence.md").read_text()
+    paired_part = md.split("## Paired differences between arms")[1].split("\n## ")[0]
+    rows = [ln.split(" | ") for ln in paired_part.splitlines() if ln.startswith("| ") and ln[2:8] in (
+        "fd | 1", "fd | 4", "fd_bal", "kid | ", "memori", "heldou")]
+    # 6 arm pairs x 2 steps x (fd, fd_balanced, kid, memorisation, heldout_loss)
+    assert len(rows) == 6 * 2 * 5
+    assert "there are 60 comparisons here (42 testable)" in md
+    fd = {r[2]: r for r in rows if r[0] == "| fd" and r[1] == "4000"}
+    assert set(fd) == {f"{a} - {b}" for i, a in enumerate(arms) for b in arms[i + 1:]}
+    curves = {a: pd.concat(pd.read_csv(tmp_path / f"{a}-s{s}" / "convergence.csv").assign(s=s) for s in range(3))
+              for a in arms}
+    for pair, r in fd.items():
+        a, b = pair.split(" - ")
+        x, y = (curves[arm].query("step == 4000").sort_values("s")["fd"].to_numpy() for arm in (a, b))
+        assert r[7] == f"{stats.ttest_rel(x, y).pvalue:.3f}" or r[7] == f"{stats.ttest_rel(x, y).pvalue:.1e}"
+        assert r[8] == "**difference** (p < 0.05)"  # 2 FD apart per arm step, seeds 10 apart: the pairing sees it
+    # memorisation is the same in every run, and so is each held-out gap at 4000: no spread, no test
+    assert all(r[8] == "untested (no spread)" for r in rows if r[0] == "| memorisation" or r[1] == "4000" and r[0] == "| heldout_loss")
+    assert "beyond the spread" not in md and "spread = std(a) + std(b)" not in md
