@@ -11,6 +11,7 @@ A run folder (train/main.py, downstream/sr.py, downstream/semantic_synthesis.py)
     checkpoints/step_XXXXXXX/     full resumable states (rotated by checkpoints_total_limit)
     snapshots/step_XXXXXXX/       light EMA weights on a schedule (never rotated): what curves score
     samples/step_XXXXXXX.png      EMA sample grids (fixed seed)
+    generated/step_XXXXXXX-n<N>-s<seed>/  N samples, one PNG each (train/sample.py)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SPLIT = "split.json"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 SAMPLES = "samples"
+GENERATED = "generated"  # train/sample.py: N samples of a step, one PNG each
 TMP_PREFIX = ".tmp-"  # a folder being written; renamed to its final name when complete
 
 _STEP_RE = re.compile(r"^step_(\d{7,})$")

@@ -126,7 +126,7 @@ def test_the_docs_have_commands_of_every_kind():
     kinds = {entry(c)[0] for _, c in COMMANDS}
     assert kinds >= {"script", "module", "shell"}, kinds
     scripts = {entry(c)[1][0] for _, c in COMMANDS if entry(c)[0] == "script"}
-    for s in ("prune/run.py", "train/main.py", "eval/convergence.py", "eval/fid.py",
+    for s in ("prune/run.py", "train/main.py", "train/sample.py", "eval/convergence.py", "eval/fid.py",
               "eval/tables.py", "downstream/sr.py", "downstream/semantic_synthesis.py"):
         assert s in scripts, f"{s} is named in no fenced command of the docs"
 

@@ -141,6 +141,9 @@ def cached_latents(first_stage, paths: list[str], size: int, cache_dir, batch_si
     from tqdm import tqdm
 
     lat, kept, bad = [], [], []
+    if show_progress:  # the slow part of a first run: say so before it starts (the bar gives the ETA)
+        print(f"[latents] encoding {len(paths)} images at {size} px with the {first_stage.kind} first stage, once: "
+              f"cached under {out}", flush=True)
     bar = tqdm(total=len(paths), desc="encoding latents", disable=not show_progress, unit="img")
     for idx, arr, failures in iter_images(paths, size, batch_size, num_workers):
         if len(arr):
@@ -206,7 +209,7 @@ def corpus_scale(first_stage, data_cfg, cache_dir, batch_size: int, num_workers:
 def probe_set(first_stage, paths: list[str], resolution: int, cache_dir, batch_size: int,
               num_workers: int) -> tuple[torch.Tensor, np.ndarray]:
     """(scaled latents, uint8 images) of test images for train.probes (the images give the data's saturation)."""
-    raw, meta = cached_latents(first_stage, paths, resolution, cache_dir, batch_size, num_workers, False)
+    raw, meta = cached_latents(first_stage, paths, resolution, cache_dir, batch_size, num_workers)
     images = load_images(paths, resolution, batch_size, num_workers)
     if len(images) != meta["n"]:
         raise RuntimeError(f"probe set: {len(images)} images decoded but {meta['n']} latents cached")
