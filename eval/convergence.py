@@ -237,6 +237,7 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
     todo = wanted_steps(cfg, snaps)
     if not todo:  # nothing saved any more: report what the CSV holds
         return rows
+    say(f"{name}: {len(todo)} step(s) to score or reuse: {', '.join(str(s) for s, _ in todo)}")
     split, side = test_split(cfg, run_dir), snapshot_image_size(todo[-1][1])
     now = settings(cfg, metric_label(str(cfg.feature)), side, split["sha256"])
     done = set(rows.loc[(rows[SETTINGS].astype(str) == pd.Series(now).astype(str)).all(axis=1), "step"].astype(int))
@@ -245,11 +246,14 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
         if step in done:
             continue
         if test is None:
+            say(f"{name}: features of the test split ({len(split['paths'])} images) and of the run's training "
+                "images, cached after the first run")
             test = scorer.test(split, side)
             train = scorer.train(run_dir, test, side)
+        say(f"{name} step {step}: sampling {int(cfg.n_samples)} images ({cfg.sampler}, {int(cfg.steps)} steps)")
         loaded = load_backbone(run_dir, step=step, ema=True, device=device(cfg))
         fake = generate(loaded, int(cfg.n_samples), seed=int(cfg.seed), steps=int(cfg.steps),
-                        sampler=str(cfg.sampler), batch_size=int(cfg.batch_size))
+                        sampler=str(cfg.sampler), batch_size=int(cfg.batch_size), progress=True)
         row = {"step": step, **scorer.score(fake, test, train), **now}
         rows = pd.concat([rows[rows["step"] != step], pd.DataFrame([row])[COLUMNS]]) if len(rows) else \
             pd.DataFrame([row])[COLUMNS]
@@ -289,6 +293,10 @@ def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_di
     path = results_dir / "samples" / f"{name.replace('/', '_')}.png"
     sample_sheet(fake, real, path, captions=(f"generated, step {step}", "test split"))
     return path
+
+
+def say(msg: str) -> None:
+    print(f"[convergence] {msg}", flush=True)
 
 
 def device(cfg) -> str:

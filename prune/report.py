@@ -74,20 +74,35 @@ def scene_mass(fit: dict, names: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(n[used], per[used], s=14, label="strata in the fit")
     ax.scatter(n[~used & (per > 0)], per[~used & (per > 0)], s=14, marker="x", color="grey", label="too small")
-    for i in np.argsort(-n)[:6]:  # name the largest strata
-        ax.annotate(str(names.get(fit["strata"][i], fit["strata"][i]))[:16], (n[i], per[i]), fontsize=6)
+    largest = np.argsort(-n, kind="stable")[:6]  # numbered on the plot, named in a key: names overlap there
+    for k, i in enumerate(largest, 1):
+        ax.annotate(str(k), (n[i], per[i]), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    key = "\n".join(f"{k} {str(names.get(fit['strata'][i], fit['strata'][i]))[:22]}" for k, i in enumerate(largest, 1))
+    ax.text(0.02, 0.02, key, transform=ax.transAxes, fontsize=6, va="bottom", ha="left",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
     if fit.get("fit_slope_intercept"):  # the line beta came from (prune/volume.py), not a refit
         slope, icpt = fit["fit_slope_intercept"]
         xs = np.linspace(np.log(n[used]).min(), np.log(n[used]).max(), 20)
         ax.plot(np.exp(xs), np.exp(icpt + slope * xs), color="tab:red", label=f"fit: slope {slope:.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("images in stratum")
     ax.set_ylabel("volume per image (relative to the median image)")
     ax.set_title(f"scene mass: beta {fit['oversampling_beta']:.2f}, quota exponent {fit['alpha_effective']:.2f}",
                  fontsize=9)
     ax.legend(fontsize=7)
     save_png(fig, path, tight=True)
+
+
+def plain_log_ticks(ax) -> None:
+    """Log axes labelled 20, 50, 100, ... : matplotlib's 2x10^2-style minor labels collide within a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
@@ -104,6 +119,10 @@ def cluster_sizes(m: pd.DataFrame, path: Path) -> None:
     save_png(fig, path, tight=True)
 
 
+NOTES = {"pseudo_": "pseudo_NN: a pseudo-scene, images that matched no reference scene, grouped by k-means",
+         "unmatched": "unmatched: images that matched no reference scene (scenes.pseudo_size=0)"}
+
+
 def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int = 8, tile: int = 64) -> None:
     """Per scene: a row of kept images and a row of pruned ones."""
     rng = np.random.default_rng(seed)
@@ -112,8 +131,12 @@ def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int 
     if named.empty:  # methods without scenes: one pair of rows over the whole corpus
         scenes, named = ["all"], m.assign(scene_name="all")
     label_w = 150
-    canvas = Image.new("RGB", (label_w + per_row * tile, 2 * len(scenes) * tile), "white")
+    notes = [NOTES[k] for k in NOTES if any(str(s).startswith(k) for s in scenes)]
+    canvas = Image.new("RGB", (label_w + per_row * tile, 2 * len(scenes) * tile + 14 * len(notes) + 4 * bool(notes)),
+                       "white")
     draw = ImageDraw.Draw(canvas)
+    for j, note in enumerate(notes):  # a row label that is not a reference class says what it is
+        draw.text((4, 2 * len(scenes) * tile + 2 + 14 * j), note, fill="black")
     for r, s in enumerate(scenes):
         rows = named[(named.scene_name == s) & named.readable]
         for k, (name, part) in enumerate((("kept", rows[rows.selected]), ("pruned", rows[~rows.selected]))):

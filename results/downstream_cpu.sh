@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15's downstream half at CPU scale: x4 SR and semantic image synthesis fine-tuned from each
+# The downstream half at CPU scale: x4 SR and semantic image synthesis fine-tuned from each
 # arm's seed-0 backbone (results/reproduce_cpu.sh) and from scratch, with identical budgets.
 # Resumable: rerun the same command (finished runs are skipped, unfinished ones resume).
 #   bash results/downstream_cpu.sh

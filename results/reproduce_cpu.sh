@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 at CPU scale: does an 85%-pruned RS-Prune subset train a better diffusion backbone?
+# At CPU scale: does an 85%-pruned RS-Prune subset train a better diffusion backbone?
 # Every step is resumable: rerun this script after an interruption and it continues where it
 # stopped (prune runs are cached, training resumes from its newest checkpoint, convergence
 # scoring skips steps already scored). Runs live in $RUNS (outside the checkout); each finished
@@ -30,7 +30,7 @@ subset() {  # the kept list an arm trains on (full: the split's whole corpus)
   if [ "$1" = full ]; then echo full; else echo "$RUNS/prune/$1-r0.85-s0/kept.txt"; fi
 }
 
-# The committed issue-15 runs were pruned before issue 14's `selection.mass=auto` default: pinned
+# The committed runs were pruned before the `selection.mass=auto` default (CHANGELOG.md): pinned
 # to `count` so a rerun trains on the same kept lists (PRUNE_OVERRIDES= to use today's default).
 PRUNE_OVERRIDES=${PRUNE_OVERRIDES-selection.mass=count}
 has prune && for arm in $ARMS; do  # 1. prune at 0.85 with seed 0 (the split's corpus and reference)

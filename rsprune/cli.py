@@ -49,10 +49,7 @@ def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "") -> 
     """Entry point: `python SCRIPT [--cfg] [key=value ...]`."""
     argv = sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        groups = sorted(p.name for p in (CONFIG_DIR / config_name).parent.glob("*") if p.is_dir())
-        print((doc.strip() + "\n\n") if doc else "", end="")
-        print(f"usage: {Path(sys.argv[0]).name} [--cfg] [+experiment=NAME] [key=value ...]")
-        print(f"config: {CONFIG_DIR / (config_name + '.yaml')}; groups under {CONFIG_DIR}: {', '.join(groups)}")
+        print(help_text(config_name, doc, Path(sys.argv[0]).name))
         sys.exit(0)
     show = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
@@ -66,6 +63,85 @@ def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "") -> 
         print(f"error: {e}", file=sys.stderr)
         tell_launcher(f"error: {e}")
         sys.exit(2)
+
+
+EXPERIMENTS = ("prune", "train")  # the configs `+experiment=NAME` (configs/experiment/) is written for
+
+
+def config_groups(config_name: str) -> dict[str, list[str]]:
+    """group -> its choices (configs/<group>/*.yaml) for each group the command's config composes,
+    following the configs it includes (a `- other_config` line)."""
+    path = CONFIG_DIR / f"{config_name}.yaml"
+    out: dict[str, list[str]] = {}
+    for entry in OmegaConf.load(path).get("defaults") or []:
+        if isinstance(entry, str):
+            if entry != "_self_":  # another config of the same folder, included whole
+                out |= config_groups(str(Path(config_name).parent / entry))
+            continue
+        for key in entry:
+            group = str(key).split("@")[0].lstrip("/")
+            if group.startswith("override "):
+                continue
+            folder = CONFIG_DIR / group
+            out[group] = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return out
+
+
+def experiments_for(config_name: str) -> list[str]:
+    """The configs/experiment/ files whose keys all exist in the command's composed config
+    (ratio85 is for prune, cpu_small for train)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rsprune.split import register_resolver
+
+    register_resolver()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            keys = set(hydra_compose(config_name=config_name))  # not resolved: nothing is read
+    finally:
+        GlobalHydra.instance().clear()
+    out = []
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        own = set(OmegaConf.load(path)) - {"defaults"}
+        if own <= keys:
+            out.append(path.stem)
+    return out
+
+
+def config_keys(config_name: str) -> str:
+    """The command's own keys, defaults and the choices their comments give: its YAML less the
+    package line and the defaults list."""
+    lines, skipping = [], False
+    for line in (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines():
+        if line.startswith("# @package"):
+            continue
+        if line.startswith("defaults:"):
+            skipping = True
+            continue
+        if skipping and (line.startswith((" ", "-")) or not line.strip()):
+            continue
+        skipping = False
+        lines.append("  " + line)
+    return "\n".join(lines)
+
+
+def help_text(config_name: str, doc: str, prog: str) -> str:
+    experiment = " [+experiment=NAME]" if config_name in EXPERIMENTS else ""
+    parts = [doc.strip(), "", f"usage: {prog} [--cfg] [--help]{experiment} [key=value ...]",
+             "  --cfg: print the resolved config (with your key=value overrides) and stop", ""]
+    groups = config_groups(config_name)
+    if experiment:
+        groups["+experiment"] = experiments_for(config_name)
+    if groups:
+        parts.append("groups (group=CHOICE):")
+        parts += [f"  {g}: {' | '.join(c) if c else '-'}" for g, c in groups.items()]
+        parts.append("")
+    where = "; a group's keys are in configs/<group>/<choice>.yaml" if groups else ""
+    parts += [f"keys ({CONFIG_DIR / (config_name + '.yaml')}{where}):", config_keys(config_name)]
+    return "\n".join(p for p in parts if p is not None)
 
 
 def tell_launcher(line: str) -> None:

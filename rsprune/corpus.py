@@ -90,6 +90,12 @@ def list_files(entries, exclude=()) -> pd.DataFrame:
             name = os.path.basename(root.rstrip(os.sep))
             rows += [(name, os.path.join(root, rel), rel) for rel in list_images(root, exclude)]
         else:
-            raise UsageError(f"not a folder or a {LIST_SUFFIX} list of images: {entry} "
-                             "(set data.root= or RSPRUNE_DATA)")
+            raise UsageError(missing(entry))
     return pd.DataFrame(rows, columns=["root", "path", "relpath"])
+
+
+def missing(entry: str) -> str:
+    """Why `entry` names no images: the path itself, and where a relative one was looked for."""
+    what = "is neither a folder nor a " + LIST_SUFFIX + " list of images" if os.path.exists(entry) else "does not exist"
+    where = "" if os.path.isabs(entry) else f" (a relative path, read from {os.getcwd()})"
+    return f"{entry} {what}{where}"

@@ -13,6 +13,7 @@ A run folder (train/main.py, downstream/sr.py, downstream/semantic_synthesis.py)
     samples/step_XXXXXXX.png      EMA sample grids (fixed seed)
     heldout/step_XXXXXXX.npy      per-image held-out losses (n_images, n_timesteps) float32 (+ .sha256)
     heldout/index.json            their rows (test-split paths and classes), timesteps and noise seed
+    generated/step_XXXXXXX-n<N>-s<seed>/  N samples, one PNG each (train/sample.py)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ SNAPSHOTS = "snapshots"
 SAMPLES = "samples"
 HELDOUT = "heldout"
 HELDOUT_INDEX = "index.json"
+GENERATED = "generated"  # train/sample.py: N samples of a step, one PNG each
 TMP_PREFIX = ".tmp-"  # a folder being written; renamed to its final name when complete
 
 _STEP_RE = re.compile(r"^step_(\d{7,})$")

@@ -75,3 +75,16 @@ def prune_cfg(small_corpus, small_reference, session_cache, tmp_path):
         return compose("prune", shrunk_overrides(small_corpus, small_reference, run_dir or tmp_path / "run",
                                                  cache_dir or session_cache, *extra))
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 6-step training run of the real train config, shrunk (tiny UNet, 32 px, 24 AID images):
+    checkpoints at steps 3 and 6. Read it; train a copy to change it."""
+    from train.main import run
+    from train_fixtures import aid_paths, tiny_overrides, write_kept
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    kept = write_kept(root / "prune", aid_paths(24))
+    run(compose("train", tiny_overrides(kept, root / "run", root / "cache")))
+    return root / "run"

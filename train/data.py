@@ -186,6 +186,9 @@ def cached_latents(first_stage, paths: list[str], size: int, cache_dir, batch_si
     from tqdm import tqdm
 
     lat, kept, bad = [], [], []
+    if show_progress:  # the slow part of a first run: say so before it starts (the bar gives the ETA)
+        print(f"[latents] encoding {len(paths)} images at {size} px with the {first_stage.kind} first stage, once: "
+              f"cached under {out}", flush=True)
     bar = tqdm(total=len(paths), desc="encoding latents", disable=not show_progress, unit="img")
     for idx, arr, failures in iter_images(paths, size, batch_size, num_workers, contents):
         if len(arr):
@@ -256,7 +259,7 @@ def probe_set(first_stage, paths: list[str], resolution: int, cache_dir, batch_s
               num_workers: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """(scaled latents, uint8 images, their paths) of the readable test images among `paths`, in
     order, for train.probes (the images give the data's saturation; the paths name the rows)."""
-    raw, meta = cached_latents(first_stage, paths, resolution, cache_dir, batch_size, num_workers, False)
+    raw, meta = cached_latents(first_stage, paths, resolution, cache_dir, batch_size, num_workers)
     idx, parts = [], []
     for i, arr, _ in iter_images(paths, resolution, batch_size, num_workers):
         idx += i

@@ -96,7 +96,7 @@ def make_sampler(scheduler, sampler: str):
 
 @torch.no_grad()
 def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler: str = "ddim",
-                   batch_size: int = 32) -> torch.Tensor:
+                   batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """n latents (scaled) by reverse diffusion; the noise of image i depends only on (seed, i)."""
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
@@ -104,6 +104,9 @@ def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler:
     g = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(n, c, size, size, generator=g)  # drawn once on CPU: same images on any device
     out = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc="sampling", unit="img", disable=not progress)
     for i in range(0, n, batch_size):
         sched = make_sampler(scheduler, sampler)
         sched.set_timesteps(steps)
@@ -115,11 +118,14 @@ def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler:
             kwargs = {"generator": gb} if sampler == "ddpm" else {}
             x = sched.step(pred, t, x, **kwargs).prev_sample
         out.append(x.float())
+        bar.update(len(x))
+    bar.close()
     return torch.cat(out) if out else noise
 
 
 def generate(run_dir_or_loaded, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
-             batch_size: int = 32, step: int | None = None, device: str | torch.device | None = None) -> np.ndarray:
+             batch_size: int = 32, step: int | None = None, device: str | torch.device | None = None,
+             progress: bool = False) -> np.ndarray:
     """n images as uint8 (N, H, W, 3) from a run folder (latest EMA) or a load_backbone() tuple."""
     if isinstance(run_dir_or_loaded, (str, Path)):
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,7 +133,7 @@ def generate(run_dir_or_loaded, n: int, seed: int = 0, steps: int = 50, sampler:
     else:
         loaded = run_dir_or_loaded
     unet, scheduler, first_stage = loaded[0], loaded[1], loaded[2]
-    z = sample_latents(unet, scheduler, n, seed, steps, sampler, batch_size)
+    z = sample_latents(unet, scheduler, n, seed, steps, sampler, batch_size, progress)
     imgs = []
     for i in range(0, n, batch_size):
         x = first_stage.decode(z[i:i + batch_size]).cpu()

@@ -1,8 +1,9 @@
-"""Train a latent diffusion backbone on a pruned subset: accelerate launch train/main.py [key=value ...]
+"""Train a latent diffusion backbone on a pruned subset: python train/main.py [key=value ...]
 
 Examples:
-  accelerate launch train/main.py +experiment=cpu_small data.subset=RUN_DIR/kept.txt run_dir=OUT
-  python train/main.py +experiment=cpu_small data.subset=full train.max_steps=100 run_dir=OUT
+  python train/main.py +experiment=cpu_small data.subset=RUN_DIR/kept.txt run_dir=OUT      # CPU, one process
+  accelerate launch --num_processes 1 train/main.py +experiment=cpu_small data.subset=full run_dir=OUT
+  accelerate launch train/main.py +experiment=paper_gpu ...   # GPUs, after `accelerate config`
 Rerun the same command to resume from the latest checkpoint in run_dir.
 """
 from __future__ import annotations
