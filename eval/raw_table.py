@@ -159,7 +159,7 @@ def section(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
         raise UsageError(f"raw corpus labels not found in {folder}")
     labels = rawcorpus.labels(folder)
     runs = sweep_runs(cfg.sweep, progress)
-    variants = variant_runs(Path(cfg.sweep.runs_root), cfg.variants, list(cfg.sweep.ratios), list(cfg.sweep.seeds),
+    variants = variant_runs(Path(cfg.sweep.runs_root), cfg.variants, list(cfg.sweep.ratios), list(cfg.variant_seeds),
                             list(cfg.sweep.overrides), progress, folder="variant-{name}-r{ratio}-s{seed}")
     res = evaluate(runs, labels, cfg, progress)
     vres = evaluate(list(variants), labels, cfg, progress)
@@ -179,7 +179,7 @@ def section(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
              "the kept clean tiles' source classes; FD (Lite2) to the clean test split. "
              "Rebuilt by `python eval/tables.py raw`.", "", "## Methods", ""]
     lines += table(agg, "method") + ["", "Noise kept per kind (kept / injected, mean over seeds):", ""]
-    lines += kinds_table(agg, "method") + ["", "## rsprune variants (every one tried)", ""]
+    lines += kinds_table(agg, "method") + ["", f"## rsprune variants (every one tried; seeds {list(cfg.variant_seeds)})", ""]
     lines += table(vagg, "method") + [""] + kinds_table(vagg, "method") + [""]
     out = Path(str(cfg.out))
     write_text(out.with_suffix(".md"), "\n".join(lines))

@@ -111,7 +111,7 @@ def test_fixed_permissions_are_seen_on_the_next_run():
         shutil.copy(DATA / "aid" / "Beach" / "beach_2.jpg", corpus / "b.jpg")
         os.chmod(corpus / "a.jpg", 0)
         icfg = OmegaConf.create({"shard_size": 8, "num_workers": 0})
-        ecfg = OmegaConf.create({"grid": 4, "max_side": 64})
+        ecfg = OmegaConf.create({"grid": 4, "max_side": 64, "area_grid": 8, "flat_bits": 1.0, "bright": 205})
         # Once as root on the readable file alone: every lazy import happens here (an unprivileged
         # user cannot read root's site-packages).
         warm = folder / "warm"

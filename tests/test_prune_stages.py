@@ -56,10 +56,14 @@ def test_blank_and_cloud_tiles_are_dropped_by_stage_1(tmp_path):
     yy, xx = np.mgrid[:128, :128]
     c = 235 + 15 * np.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / 3000) + rng.normal(0, 1.0, (128, 128))
     Image.fromarray(np.repeat(np.clip(c, 0, 255).astype(np.uint8)[:, :, None], 3, 2)).save(cloud)
-    rows = [scan_file(str(p), cfg.entropy.grid, cfg.entropy.max_side) for p in paths + [blank, cloud]]
+    e = cfg.entropy
+    rows = [scan_file(str(p), e.grid, e.max_side, (e.area_grid, e.flat_bits, e.bright)) for p in paths + [blank, cloud]]
     score = np.array([r["entropy_local"] for r in rows])
-    kept, cut = entropy_filter(score, np.ones(len(rows), bool), cfg.entropy.floor, cfg.entropy.percentile)
-    assert not kept[-1] and not kept[-2], f"blank/cloud not dropped: scores {score[-2:]}, cut {cut}"
+    area = np.array([r["entropy_area"] for r in rows])
+    sharp = np.array([r["entropy_sharpness"] for r in rows])
+    kept, cut = entropy_filter(score, np.ones(len(rows), bool), e.floor, e.percentile, area, e.min_area, sharp,
+                               e.min_sharpness)
+    assert not kept[-1] and not kept[-2], f"blank/cloud not dropped: scores {score[-2:]}, area {area[-2:]}, cut {cut}"
     assert kept[:-2].mean() >= 0.9  # real scenes survive
 
 
