@@ -59,10 +59,24 @@ def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "") -> 
             print(OmegaConf.to_yaml(cfg), end="")
             return
         run(cfg)
+        close_process_group()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         tell_launcher(f"error: {e}")
         sys.exit(2)
+
+
+def close_process_group() -> None:
+    """After a successful multi-process run: every process waits for the others, then tears its
+    process group down while the interpreter is alive. Left to interpreter exit, gloo's worker
+    threads can outlive it and abort the process ("terminate called without an active
+    exception", pytorch/pytorch#190489). Not on failure: a barrier there would hang on the
+    processes that already left."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 EXPERIMENTS = ("prune", "train")  # the configs `+experiment=NAME` (configs/experiment/) is written for
