@@ -8,6 +8,9 @@ complete checkpoints; `score_steps=[...]` picks some), it generates `n_samples` 
 EMA weights with a fixed seed and sampler, and scores them in the feature space `feature`
 (rsprune/features.py; the test images are first brought to the generated side):
 - FD and KID (+ std over subsets of half the smaller set) against the whole test split;
+- with `fid=true`, Inception FID (rsprune/features.py) of the same samples, whole and
+  class-balanced: the 64 px images are resized to 299 px by PIL's antialiased bicubic, as the
+  test images are;
 - the same against a class-balanced resample of the test split (classes = folders; every
   class drawn down to the smallest class's count, seeded), so a model is not rewarded for the
   test split's class mix;
@@ -55,7 +58,8 @@ CSV = "convergence.csv"
 YARDSTICK = "yardstick.json"  # real training images scored like samples (write_yardstick)
 SETTINGS = ["metric", "side", "n_fake", "sampler", "steps", "seed", "test_sha256"]  # equal in compared rows
 COLUMNS = ["step", "fd", "kid", "kid_std", "fd_balanced", "kid_balanced", "kid_balanced_std", "memorisation",
-           "n_test", "n_balanced", "n_train", *SETTINGS]
+           "fid", "fid_balanced", "n_test", "n_balanced", "n_train", *SETTINGS]
+FID_COLUMNS = ["fid", "fid_balanced"]  # Inception FID beside the FD of `feature` (fid=true); absent in older CSVs
 
 
 def run_groups(cfg) -> dict[str, list[Path]]:
@@ -149,6 +153,9 @@ def balanced_index(paths: list[str], readable: np.ndarray, seed: int) -> np.ndar
 def read_rows(run_dir: Path) -> pd.DataFrame:
     path = run_dir / CSV
     rows = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+    for c in FID_COLUMNS:  # CSVs scored before FID was added: their FD rows stand, FID is scored on top
+        if c not in rows.columns:
+            rows[c] = np.nan
     missing = [c for c in COLUMNS if c not in rows.columns]
     if missing:  # a CSV of the old protocol (per-run holdout): its numbers compare with nothing here
         raise UsageError(f"{path} lacks {', '.join(missing)} (scored under the old protocol); delete it to rescore")
@@ -171,7 +178,8 @@ class Scorer:
     a report from saved CSVs needs no network and no image."""
 
     def __init__(self, cfg):
-        self.cfg, self._extractor, self._memo = cfg, None, {}
+        self.cfg, self._extractor, self._inception, self._memo = cfg, None, None, {}
+        self.fid = bool(cfg.get("fid", False)) and str(cfg.feature) != "inception"
 
     @property
     def extractor(self):
@@ -181,11 +189,20 @@ class Scorer:
                                               overrides=encoder_overrides(c), device=c.get("device"))
         return self._extractor
 
-    def stats(self, paths: list[str], side: int) -> dict:
-        key = (tuple(paths), side)
+    @property
+    def inception(self):
+        if self._inception is None:
+            c = self.cfg
+            self._inception = build_extractor("inception", inception_weights=c.get("inception_weights"),
+                                              device=c.get("device"))
+        return self._inception
+
+    def stats(self, paths: list[str], side: int, extractor=None) -> dict:
+        extractor = extractor or self.extractor
+        key = (tuple(paths), side, extractor.name)
         if key not in self._memo:
             c = self.cfg
-            self._memo[key] = reference_stats(paths, self.extractor, c.cache_dir, batch_size=int(c.batch_size),
+            self._memo[key] = reference_stats(paths, extractor, c.cache_dir, batch_size=int(c.batch_size),
                                               num_workers=int(c.num_workers), pre_size=side)
         return self._memo[key]
 
@@ -194,13 +211,24 @@ class Scorer:
         if ref["n_unreadable"]:
             warn(f"test split: {ref['n_unreadable']} unreadable image(s) skipped")
         check_count(ref["n"], f"test split {split['entry']}", int(self.cfg.warn_below))
-        return ref | {"balanced": balanced_index(split["paths"], ref["readable"], int(self.cfg.seed))}
+        out = ref | {"balanced": balanced_index(split["paths"], ref["readable"], int(self.cfg.seed))}
+        if self.fid:  # the same images decoded the same way: the same readable rows, the same resample
+            out["inception"] = self.stats(split["paths"], side, self.inception)["features"]
+        return out
 
     def score(self, fake: np.ndarray, test: dict, train: dict | None) -> dict:
         ff, _ = extract_features(fake, self.extractor, int(self.cfg.batch_size))
-        return self.score_features(ff, test, train)
+        fi = extract_features(fake, self.inception, int(self.cfg.batch_size))[0] if self.fid else None
+        return self.score_features(ff, test, train, fi)
 
-    def score_features(self, ff: np.ndarray, test: dict, train: dict | None) -> dict:
+    def fid_row(self, fi: np.ndarray | None, test: dict) -> dict:
+        """FID of Inception features `fi` against the whole and the class-balanced test split."""
+        if fi is None:
+            return {c: None for c in FID_COLUMNS}
+        whole, bal = (fd_kid(t, fi, kid=False)["fd"] for t in (test["inception"], test["inception"][test["balanced"]]))
+        return {"fid": whole, "fid_balanced": bal}
+
+    def score_features(self, ff: np.ndarray, test: dict, train: dict | None, fi: np.ndarray | None = None) -> dict:
         """The CSV row's metrics of features `ff` (samples, or real images for the yardstick)."""
         c = self.cfg
         kw = dict(kid=bool(c.kid), kid_subsets=int(c.kid_subsets), kid_subset_size=int(c.kid_subset_size),
@@ -209,7 +237,7 @@ class Scorer:
         bal = fd_kid(test["features"][test["balanced"]], ff, **kw)
         row = {"fd": whole["fd"], "kid": whole["kid"], "kid_std": whole["kid_std"], "fd_balanced": bal["fd"],
                "kid_balanced": bal["kid"], "kid_balanced_std": bal["kid_std"], "n_test": test["n"],
-               "n_balanced": len(test["balanced"]), "memorisation": None, "n_train": None}
+               "n_balanced": len(test["balanced"]), "memorisation": None, "n_train": None, **self.fid_row(fi, test)}
         if train is not None:
             row |= {"memorisation": memorisation_rate(train["features"], ff, train["q"]), "n_train": train["n"]}
         return row
@@ -217,9 +245,10 @@ class Scorer:
     def train(self, run_dir: Path, test: dict, side: int) -> dict | None:
         if not self.cfg.memorisation:
             return None
-        ref = self.stats(training_paths(run_dir), side)
+        paths = sorted(training_paths(run_dir))
+        ref = self.stats(paths, side)
         q = threshold(ref["features"], test["features"], float(self.cfg.memorisation_percentile))
-        return {"features": ref["features"], "q": q, "n": ref["n"]}
+        return {"features": ref["features"], "q": q, "n": ref["n"], "paths": np.array(paths)[ref["readable"]]}
 
 
 def wanted_steps(cfg, snaps: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
@@ -240,7 +269,10 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
     say(f"{name}: {len(todo)} step(s) to score or reuse: {', '.join(str(s) for s, _ in todo)}")
     split, side = test_split(cfg, run_dir), snapshot_image_size(todo[-1][1])
     now = settings(cfg, metric_label(str(cfg.feature)), side, split["sha256"])
-    done = set(rows.loc[(rows[SETTINGS].astype(str) == pd.Series(now).astype(str)).all(axis=1), "step"].astype(int))
+    same = (rows[SETTINGS].astype(str) == pd.Series(now).astype(str)).all(axis=1)
+    if scorer.fid:  # a step scored before FID was asked for is sampled again (same seed: the same images)
+        same &= rows["fid"].notna()
+    done = set(rows.loc[same, "step"].astype(int))
     test = train = None
     for step, _ in todo:
         if step in done:
@@ -261,10 +293,12 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
         with atomic_path(run_dir / CSV) as tmp:  # after every step: a killed run resumes here
             rows.to_csv(tmp, index=False)
         print(f"{name} step {step}: fd={row['fd']:.6g} fd_balanced={row['fd_balanced']:.6g}"
+              + (f" fid={row['fid']:.6g}" if row["fid"] is not None else "")
               + (f" memorisation={row['memorisation']:.3f}" if row["memorisation"] is not None else ""))
     if int(cfg.sheet_n) > 0:
         write_sheet(cfg, run_dir, todo[-1][0], side, split["paths"], results_dir, name)
-    if cfg.memorisation and not (run_dir / YARDSTICK).is_file():  # cached features: cheap once scored
+    stale = (run_dir / YARDSTICK).is_file() and scorer.fid and read_json(run_dir / YARDSTICK).get("fid") is None
+    if cfg.memorisation and (stale or not (run_dir / YARDSTICK).is_file()):  # cached features: cheap once scored
         test = test if test is not None else scorer.test(split, side)
         train = train if train is not None else scorer.train(run_dir, test, side)
         write_yardstick(cfg, run_dir, scorer, test, train, now)
@@ -276,9 +310,13 @@ def write_yardstick(cfg, run_dir: Path, scorer: Scorer, test: dict, train: dict,
     against the same test split, scored as samples are: the score a perfect model would approach."""
     n = min(int(cfg.n_samples), len(train["features"]))
     idx = np.random.default_rng(int(cfg.seed)).choice(len(train["features"]), n, replace=False)
-    row = scorer.score_features(train["features"][idx], test, None)
-    write_json(run_dir / YARDSTICK, {"n_real": n, **{k: row[k] for k in ("fd", "kid", "fd_balanced", "kid_balanced")},
-                                     **now})
+    fi = None
+    if scorer.fid:  # the same images' Inception features: cached by content, so once per training set
+        drawn = list(train["paths"][idx])
+        fi = scorer.stats(drawn, now["side"], scorer.inception)["features"][np.argsort(np.argsort(drawn))]
+    row = scorer.score_features(train["features"][idx], test, None, fi)
+    write_json(run_dir / YARDSTICK, {"n_real": n, **{k: row[k] for k in ("fd", "kid", "fd_balanced", "kid_balanced",
+                                                                          *FID_COLUMNS)}, **now})
 
 
 def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_dir: Path, name: str) -> Path:

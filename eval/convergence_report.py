@@ -22,6 +22,8 @@ from eval import paired
 # (column, table heading, format) of each reported metric, in the order of the tables and panels
 METRICS = [("fd", "{metric} against the whole test split", "{:.2f}"),
            ("fd_balanced", "{metric} against the class-balanced test split", "{:.2f}"),
+           ("fid", "FID (Inception-v3 pool3, 299 px) against the whole test split", "{:.2f}"),
+           ("fid_balanced", "FID (Inception-v3 pool3, 299 px) against the class-balanced test split", "{:.2f}"),
            ("kid", "KID x 1000 against the whole test split (std over subsets in the CSV)", "{:.2f}"),
            ("memorisation", "memorisation rate (share of samples nearer a training image than the {pct}th "
                             "percentile of test-to-train distances)", "{:.3f}"),
@@ -172,7 +174,8 @@ def figure(agg: pd.DataFrame, arms: list[str], metric: str, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    titles = {"fd": metric, "fd_balanced": f"{metric}, balanced test", "kid": "KID x 1000",
+    titles = {"fd": metric, "fd_balanced": f"{metric}, balanced test", "fid": "FID (Inception)",
+              "fid_balanced": "FID (Inception), balanced test", "kid": "KID x 1000",
               "memorisation": "memorisation rate", "heldout_loss": "held-out loss",
               "heldout_loss_balanced": "held-out loss, class-balanced",
               "heldout_loss_worst_class": "held-out loss, worst class"}
@@ -201,13 +204,17 @@ def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list
              f"{metric} and KID of as many REAL training images of each run (a seeded draw) as samples, against "
              "the same test split under the same settings: where a perfect model of that training set would land "
              "(runs of one arm share their training set, hence one value).", "",
-             "| arm | FD, whole test split | FD, class-balanced | KID x 1000 | runs |", "|---|---:|---:|---:|---:|"]
+             "| arm | FD, whole test split | FD, class-balanced | FID, whole | FID, class-balanced | KID x 1000 | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for a in arms:
         ys = [y for y in yard.values() if y["arm"] == a]
         if not ys:
             continue
         cells = []
-        for key, k in (("fd", 1.0), ("fd_balanced", 1.0), ("kid", 1000.0)):
+        for key, k in (("fd", 1.0), ("fd_balanced", 1.0), ("fid", 1.0), ("fid_balanced", 1.0), ("kid", 1000.0)):
+            if any(y.get(key) is None for y in ys):
+                cells.append("-")
+                continue
             v = pd.Series([y[key] * k for y in ys], dtype=float)
             sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
             cells.append(f"{v.mean():.2f} ± {sd:.2f}" if sd >= 0.005 else f"{v.mean():.2f}")  # 0.00: one value

