@@ -12,5 +12,6 @@ export ARMS=${ARMS:-"full rsprune random kmeans_uniform_filtered"}
 export RUNS=${RUNS:-$HOME/runs/raw}
 export RESULTS=${RESULTS:-results/raw}
 export STEPS=${STEPS:-2000}                          # what 12 runs allow on 2 cores (docs/reproduce.md)
-export SCORE_STEPS=${SCORE_STEPS:-"[1000,2000]"}     # the middle and the last snapshot
+export SCORE_STEPS=${SCORE_STEPS:-"[2000]"}          # the last snapshot: what scoring 12 runs allowed on 2 cores
+export N_SAMPLES=${N_SAMPLES:-500}                   # EMA samples per scored step (FD, FID, KID, memorisation)
 exec bash results/reproduce_cpu.sh
