@@ -165,6 +165,8 @@ def _save_atomic(model, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
+        from rsprune.cache import follow_umask
+        follow_umask(tmp, folder=True)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

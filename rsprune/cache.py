@@ -35,6 +35,24 @@ def stable_hash(*parts: Any, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
+def umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode a plain open/mkdir gives."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -44,6 +62,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        if os.path.isfile(tmp):  # shared run and cache folders stay readable by the team
+            follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
