@@ -87,3 +87,37 @@ CACHE_FINGERPRINTS = "fingerprints"  # content hashes of files, memoised by stat
 def cache_path(cache_dir, kind: str, *parts: str) -> Path:
     """`cache_dir/<kind>/<parts...>` for one of the CACHE_* kinds above."""
     return Path(cache_dir, kind, *parts)
+
+
+MAX_RECORD = 1 << 20  # bytes: a metrics record is a few kB; a longer line is not read whole
+
+
+def read_metrics(path, max_record: int = MAX_RECORD):
+    """Yield (line, record) of a metrics.jsonl, streaming: memory stays bounded by `max_record`.
+    A line longer than that is skipped with a warning; a line that is not a JSON object (torn by a
+    kill mid-write) ends the log with a warning, as training's resume treats it."""
+    import json
+
+    from rsprune.errors import warn
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(max_record + 1), b""), 1):
+            if len(raw) > max_record:
+                while raw and not raw.endswith(b"\n"):  # drain the rest of the long line
+                    raw = f.readline(max_record)
+                warn(f"{path}: skipped line {n}, a record over {max_record} bytes")
+                continue
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                warn(f"{path}: dropped a torn line {n} and everything after it")
+                return
+            yield line, record

@@ -31,18 +31,11 @@ class MetricsLog:
         starts an empty log."""
         if not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text().splitlines() if step > 0 else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropped a torn line and everything after it", self.path)
-                break
-            if not isinstance(record, dict) or int(record.get("step", 0)) > step:
-                break
-            keep.append(line)
-        with atomic_path(self.path) as tmp:
-            Path(tmp).write_text("".join(ln + "\n" for ln in keep))
+        with atomic_path(self.path) as tmp, open(tmp, "w") as out:  # streamed: a huge line is not loaded
+            for line, record in layout.read_metrics(self.path) if step > 0 else ():
+                if int(record.get("step", 0)) > step:
+                    break
+                out.write(line + "\n")
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
