@@ -273,7 +273,10 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
     if scorer.fid:  # a step scored before FID was asked for is sampled again (same seed: the same images)
         same &= rows["fid"].notna()
     done = set(rows.loc[same, "step"].astype(int))
+    from train.checkpoint import load_errors
+
     test = train = None
+    bad: set[int] = set()
     for step, _ in todo:
         if step in done:
             continue
@@ -283,7 +286,12 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
             test = scorer.test(split, side)
             train = scorer.train(run_dir, test, side)
         say(f"{name} step {step}: sampling {int(cfg.n_samples)} images ({cfg.sampler}, {int(cfg.steps)} steps)")
-        loaded = load_backbone(run_dir, step=step, ema=True, device=device(cfg))
+        try:
+            loaded = load_backbone(run_dir, step=step, ema=True, device=device(cfg))
+        except load_errors() as e:  # one damaged snapshot costs its row, not the steps scored
+            warn(f"{name} step {step}: snapshot does not load ({' '.join(str(e).split())[:160]}); skipped")
+            bad.add(step)
+            continue
         fake = generate(loaded, int(cfg.n_samples), seed=int(cfg.seed), steps=int(cfg.steps),
                         sampler=str(cfg.sampler), batch_size=int(cfg.batch_size), progress=True)
         row = {"step": step, **scorer.score(fake, test, train), **now}
@@ -295,8 +303,9 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
         print(f"{name} step {step}: fd={row['fd']:.6g} fd_balanced={row['fd_balanced']:.6g}"
               + (f" fid={row['fid']:.6g}" if row["fid"] is not None else "")
               + (f" memorisation={row['memorisation']:.3f}" if row["memorisation"] is not None else ""))
-    if int(cfg.sheet_n) > 0:
-        write_sheet(cfg, run_dir, todo[-1][0], side, split["paths"], results_dir, name)
+    good = [s for s, _ in todo if s not in bad]
+    if int(cfg.sheet_n) > 0 and good:
+        write_sheet(cfg, run_dir, good[-1], side, split["paths"], results_dir, name)
     stale = (run_dir / YARDSTICK).is_file() and scorer.fid and read_json(run_dir / YARDSTICK).get("fid") is None
     if cfg.memorisation and (stale or not (run_dir / YARDSTICK).is_file()):  # cached features: cheap once scored
         test = test if test is not None else scorer.test(split, side)

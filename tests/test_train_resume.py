@@ -77,6 +77,34 @@ def test_incomplete_latest_checkpoint_falls_back_to_the_newest_complete(base, st
     _assert_same_weights(run_dir / "checkpoints/step_0000004", straight)
 
 
+def _truncate(ck):
+    f = ck / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])  # a copy cut short
+
+
+def _huge_header(ck):
+    f = ck / "optimizer.safetensors"
+    f.write_bytes((2 ** 62).to_bytes(8, "little") + f.read_bytes()[8:])  # a header length of 2^62
+
+
+def _state_list(ck):
+    (ck / "trainer_state.json").write_text("[]")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _huge_header, _state_list], ids=lambda f: f.__name__[1:])
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(base, straight, caplog, damage):
+    root, kept, cache = base
+    run_dir = root / f"damaged{damage.__name__}"
+    over = {**FAST, "train.checkpoint_every": 1, "train.checkpoints_total_limit": 0}
+    _run(tiny_overrides(kept, run_dir, cache, **over, **{"train.max_steps": 3}))
+    damage(run_dir / "checkpoints/step_0000003")
+    with caplog.at_level("WARNING"):
+        out = _run(tiny_overrides(kept, run_dir, cache, **over, **{"train.max_steps": 4}))
+    assert "step_0000003 does not load" in caplog.text
+    assert out["step"] == 4 and _steps(run_dir) == [0, 1, 2, 3, 4]  # steps 3-4 redone from step 2
+    _assert_same_weights(run_dir / "checkpoints/step_0000004", straight)
+
+
 class _Planted:
     """Unpickling this creates `marker`: the proof that something ran code from the run folder."""
 

@@ -113,6 +113,14 @@ def rotate(run_dir, total_limit: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged checkpoint or snapshot raises on load: a truncated or oversized safetensors
+    file (SafetensorError), JSON of the wrong shape (TypeError, AttributeError, KeyError), I/O."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError)
+
+
 def resume(run_dir, model, ema, optimizer, lr_scheduler, scaler=None) -> int:
     """Load the newest complete checkpoint into the (unwrapped) objects; its step, 0 if none.
 
@@ -126,7 +134,7 @@ def resume(run_dir, model, ema, optimizer, lr_scheduler, scaler=None) -> int:
             continue
         try:
             return _load(path, model, ema, optimizer, lr_scheduler, scaler)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # safetensors/JSON damage
+        except load_errors() as e:
             log.warning("checkpoint %s does not load (%s); trying an older one", path, " ".join(str(e).split())[:200])
     return 0
 
@@ -135,6 +143,8 @@ def _load(path: Path, model, ema, optimizer, lr_scheduler, scaler) -> int:
     from safetensors.torch import load_file
 
     state = read_json(path / TRAINER_STATE)
+    if not isinstance(state, dict):
+        raise TypeError(f"{TRAINER_STATE} holds a {type(state).__name__}, not an object")
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / "unet" / WEIGHTS), device=str(device)))
     ema_sd = load_file(str(path / "unet_ema" / WEIGHTS))
