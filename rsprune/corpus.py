@@ -28,11 +28,21 @@ def is_list(entry) -> bool:
 
 
 def _parse(path) -> tuple[str | None, list[str]]:
-    base, lines = None, []
-    for line in Path(path).read_text().splitlines():
+    """(base, path lines) of a list file; a UsageError names the line a user must fix."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")  # a BOM from an editor is not part of a path
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not a UTF-8 list file (byte {e.start}: {e.reason}); save it as UTF-8")
+    base, lines, seen = None, [], {}
+    for n, line in enumerate(text.splitlines(), 1):
         if line.startswith(BASE_HEADER) and base is None and not lines:
             base = line[len(BASE_HEADER):].strip()
         elif line.strip() and not line.startswith("#"):
+            if line != line.rstrip():
+                raise UsageError(f"{path}:{n}: the line ends in whitespace ({line!r}); a path is the whole line")
+            if line in seen:
+                raise UsageError(f"{path}:{n}: {line} is listed twice (first at line {seen[line]})")
+            seen[line] = n
             lines.append(line)
     return base, lines
 
