@@ -121,3 +121,37 @@ def read_metrics(path, max_record: int = MAX_RECORD):
                 warn(f"{path}: dropped a torn line {n} and everything after it")
                 return
             yield line, record
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder (fcntl.flock on RUN/.lock, holding the holder's pid): two
+    runs started into one folder would interleave their logs and delete each other's checkpoints.
+    The kernel frees it when the holder exits, however it exits."""
+
+    def __init__(self, run_dir):
+        import fcntl
+        import os
+
+        from rsprune.errors import UsageError
+
+        path = Path(run_dir) / LOCK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a+")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "unknown"
+            self._f.close()
+            raise UsageError(f"{run_dir} is in use by another run (pid {holder}); wait for it to end "
+                             "or choose another run_dir") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"{os.getpid()}\n")
+        self._f.flush()
+
+    def release(self) -> None:
+        self._f.close()  # closing the file drops the flock

@@ -32,8 +32,6 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
     latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
     """
-    from accelerate.utils import set_seed
-
     engine.check_sizes(cfg)
     if int(cfg.data.resolution) % 8:
         raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
@@ -42,6 +40,17 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     acc = engine.accelerator(cfg)
     run_dir = Path(str(cfg.run_dir))
     check_config(run_dir, cfg, write=False)  # refuse another run's folder before encoding anything
+    lock = layout.RunLock(run_dir) if acc.is_main_process else None  # one run per run folder
+    try:
+        return _train(cfg, acc, run_dir, subset, probes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, acc, run_dir: Path, subset, probes) -> dict:
+    from accelerate.utils import set_seed
+
     if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
         write_json(run_dir / layout.SPLIT, split_record(cfg.data))
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
