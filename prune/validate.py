@@ -19,6 +19,7 @@ from prune.budget import budget as budget_of
 from prune.index import walk
 from prune.scenes import check_scenes, reference_labels
 from rsprune import knn
+from rsprune.checks import check_choice, check_number, check_table, get  # noqa: F401 (re-exported)
 from rsprune.corpus import is_list
 from rsprune.errors import UsageError
 
@@ -90,25 +91,7 @@ class Plan:
     reference: str | None      # the reference folder, when the method needs scenes
 
 
-def _get(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, key, default=None)
-
-
-def check_choice(key: str, value, allowed) -> None:
-    # `True in ("auto", 1)` is True in Python: compare types too, so 1 is not taken for true.
-    if not any(value == a and type(value) is type(a) for a in allowed):
-        shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
-        raise UsageError(f"{key} must be one of {shown}; got {value!r}")
-
-
-def check_number(key: str, value, kind, lo, hi, lo_ok: bool, hi_ok: bool) -> None:
-    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or (kind is float and not math.isfinite(value)):
-        raise UsageError(f"{key} must be {'an integer' if kind is int else 'a number'}; got {value!r}")
-    if value < lo or value > hi or (value == lo and not lo_ok) or (value == hi and not hi_ok):
-        low = f"{'>=' if lo_ok else '>'} {lo}"
-        high = "" if hi == math.inf else f" and {'<=' if hi_ok else '<'} {hi}"
-        raise UsageError(f"{key} must be {low}{high}; got {value!r}")
+_get = get  # the stage checks below read keys the same way
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -116,12 +99,7 @@ def check_values(cfg: DictConfig) -> None:
     ratio = cfg.ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < float(ratio) < 1:
         raise UsageError(f"ratio must be a number strictly between 0 and 1 (the fraction pruned), got {ratio!r}")
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) is not None:
-            check_choice(key, _get(cfg, key), allowed)
-    for key, spec in NUMBERS.items():
-        if _get(cfg, key) is not None:
-            check_number(key, _get(cfg, key), *spec)
+    check_table(cfg, CHOICES, NUMBERS)
     if _get(cfg, "scenes") is not None:
         check_scenes(cfg.scenes)  # threshold: reference | corpus | a cosine; quantile; pseudo_size
     dim = _get(cfg, "selection.volume.dim")

@@ -21,6 +21,7 @@ from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
 from train.generate import sample_latents
+from train.validate import check_values
 from train.hooks import FDHook, check_config
 
 log = logging.getLogger("train")
@@ -32,6 +33,7 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
     latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
     """
+    check_values(cfg)  # before anything is read or written
     engine.check_sizes(cfg)
     if int(cfg.data.resolution) % 8:
         raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
