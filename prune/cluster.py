@@ -7,7 +7,12 @@ members follow (centroid = normalised mean of its members, then assign again), f
 assignment pass each: at 10^6 synthetic points one step took the k-means objective of a 25%
 sample fit from 1.03x to 1.00x that of a fit on every member (benchmarks/kmeans_sample.py).
 The number of clusters follows the stratum size: `k_rule=size` gives round(n / cluster_size),
-`k_rule=sqrt` gives round(sqrt_scale * sqrt(n)); both clipped to [1, max_k].
+`k_rule=sqrt` gives round(sqrt_scale * sqrt(n)); both clipped to [1, n], never capped. `max_k`
+is the most clusters one k-means fits: a stratum that needs k > max_k is first split into
+ceil(k / max_k) cells by a k-means of its own, and each cell gets its share of the k clusters
+(the same rule, so the mean cluster size stays `cluster_size` at any N). A flat fit costs
+O(n x k x d) per stratum, so without the split a stratum of 10^6 would cost 25,000 centroids
+per row; with it, at most about max_k + k / max_k (docs/scaling.md). `max_k=null`: always flat.
 
 `cluster_stage` is the cached wrapper the pipeline calls, keyed by the embedding store, the
 strata, the pool's content, the `clustering` config and the seed.
@@ -20,19 +25,31 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from rsprune.cache import cached_table, save_npy, stable_hash, verified
+from rsprune.cache import cached_table, rows_digest, save_npy, stable_hash, verified
+from rsprune.errors import warn
 from rsprune.knn import kmeans, search
 from rsprune.layout import CACHE_CLUSTERS, cache_path
 
 
-def n_clusters(n: int, rule: str, cluster_size: float, sqrt_scale: float, max_k: int) -> int:
+def n_clusters(n: int, rule: str, cluster_size: float, sqrt_scale: float, max_k: int | None = None) -> int:
+    """Clusters for a stratum of n by the rule, in [1, n]; `max_k` caps it (only for callers
+    that want one flat fit: the pipeline splits instead, see cluster_stratum)."""
     if rule == "size":
         k = round(n / cluster_size)
     elif rule == "sqrt":
         k = round(sqrt_scale * math.sqrt(n))
     else:
         raise ValueError(f"unknown clustering.k_rule {rule!r}; choose size or sqrt")
-    return int(max(1, min(k, max_k, n)))
+    return int(max(1, min(k, n) if max_k is None else min(k, max_k, n)))
+
+
+def split_strata(strata: np.ndarray, cfg) -> dict[int, int]:
+    """{stratum: k} for the strata whose k exceeds `cfg.max_k` (what cluster_stratum splits)."""
+    if cfg.max_k is None:
+        return {}
+    ids, n = np.unique(strata, return_counts=True)
+    ks = {int(s): n_clusters(int(m), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale) for s, m in zip(ids, n)}
+    return {s: k for s, k in ks.items() if k > int(cfg.max_k)}
 
 
 def member_means(x: np.ndarray, label: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -47,8 +64,11 @@ def member_means(x: np.ndarray, label: np.ndarray, centroids: np.ndarray) -> np.
 
 
 def cluster_stratum(x: np.ndarray, k: int, fraction: float, min_sample: int, niter: int, seed: int,
-                    refine: int = 0):
-    """Cluster one stratum: (label per row, cosine distance to its centroid, centroids)."""
+                    refine: int = 0, max_k: int | None = None):
+    """Cluster one stratum: (label per row, cosine distance to its centroid, centroids); over
+    `max_k` clusters, in two levels (split_cells)."""
+    if max_k is not None and k > max_k:
+        return split_cells(x, k, fraction, min_sample, niter, seed, refine, int(max_k))
     n = len(x)
     m = min(n, max(int(min_sample), int(math.ceil(fraction * n)), k))
     rng = np.random.default_rng(seed)
@@ -59,6 +79,33 @@ def cluster_stratum(x: np.ndarray, k: int, fraction: float, min_sample: int, nit
         centroids = member_means(x, idx[:, 0], centroids)
         sim, idx = search(centroids, x, 1)
     return idx[:, 0], (1.0 - sim[:, 0]).astype(np.float32), centroids
+
+
+def split_cells(x: np.ndarray, k: int, fraction: float, min_sample: int, niter: int, seed: int, refine: int,
+                max_k: int):
+    """k clusters of a stratum too large for one fit: a k-means into ceil(k / max_k) cells,
+    then each cell its share round(k * n_cell / n) of the clusters (at least 1), cells in
+    order. A cell holding every row (the split found no structure) is fitted flat, capped."""
+    n = len(x)
+    cells = math.ceil(k / max_k)
+    cell, _, _ = cluster_stratum(x, cells, fraction, min_sample, niter, seed, refine, max_k)
+    label = np.empty(n, np.int64)
+    dist = np.empty(n, np.float32)
+    cents, offset = [], 0
+    for j in range(cells):
+        rows = np.flatnonzero(cell == j)
+        if not len(rows):
+            continue
+        kj = int(min(len(rows), max(1, round(k * len(rows) / n))))
+        if len(rows) == n:  # the split found no structure: one flat fit, capped (no endless recursion)
+            warn(f"a stratum of {n} rows did not split into cells: {max_k} clusters, not {k}")
+            kj = min(kj, max_k)
+        lab, d, cj = cluster_stratum(x[rows], kj, fraction, min_sample, niter, seed + 7919 * (j + 1), refine,
+                                     max_k if len(rows) < n else None)
+        label[rows], dist[rows] = lab + offset, d
+        cents.append(cj)
+        offset += len(cj)
+    return label, dist, np.concatenate(cents)
 
 
 def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, progress: bool = False,
@@ -73,9 +120,11 @@ def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, pro
 
     for s in tqdm(np.unique(strata), desc="clusters", unit="stratum", disable=not progress, leave=False):
         rows = np.flatnonzero(strata == s)
-        k = n_clusters(len(rows), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale, cfg.max_k)
+        k = n_clusters(len(rows), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale)
         lab, d, cent_s = cluster_stratum(emb[rows], k, cfg.sample_fraction, cfg.min_sample, cfg.niter,
-                                         seed + int(s) + 1, int(cfg.refine))
+                                         seed + int(s) + 1, int(cfg.refine),
+                                         None if cfg.max_k is None else int(cfg.max_k))
+        k = len(cent_s)
         cluster[rows] = lab + offset
         dist[rows] = d
         sizes = np.bincount(lab, minlength=k)
@@ -94,7 +143,8 @@ def cluster_stage(emb: np.ndarray, strata: np.ndarray, ids, hashes: list[str], e
     hashes. The centroids (`<key>.centroids.npy`, checksummed, written before the table) are what
     density's d_inter and hkmeans's upper levels read; a table without valid centroids is
     computed again."""
-    key = stable_hash("clusters", embed_key, strata.tolist(), hashes, OmegaConf.to_container(clustering_cfg), seed)
+    key = stable_hash("clusters", embed_key, rows_digest(strata, hashes), OmegaConf.to_container(clustering_cfg),
+                      seed)
     path = cache_path(cache_dir, CACHE_CLUSTERS, f"{key}.parquet")
     cpath = path.with_name(f"{key}.centroids.npy")
     if path.exists() and not verified(cpath):

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from rsprune.cache import cached_table, read_json, stable_hash, write_json
+from rsprune.cache import cached_table, read_json, rows_digest, stable_hash, write_json
 from rsprune.errors import UsageError, warn
 from rsprune.knn import kmeans, normalize, search
 from rsprune.layout import CACHE_SCENES, cache_path
@@ -215,7 +215,7 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
         warn(f"reference class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
              "with no readable image dropped from the scenes")
     c = scenes_cfg
-    key = stable_hash("scenes", store.key, ref_key, hashes, OmegaConf.to_container(c), seed)
+    key = stable_hash("scenes", store.key, ref_key, rows_digest(hashes), OmegaConf.to_container(c), seed)
     path = cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet")
     info_path = path.with_suffix(".json")
     if path.exists() and (not info_path.is_file() or read_json(info_path).get("key") != key):

@@ -46,27 +46,44 @@ def neighbour_distances(emb: np.ndarray, cluster: np.ndarray, k: int) -> np.ndar
     return out
 
 
-def intrinsic_dim(dist: np.ndarray) -> float:
-    """Levina-Bickel MLE of the intrinsic dimension from (N, k) ascending neighbour distances
-    (NaN past a small cluster's members): per row over the k_i >= 3 neighbours it has, all at a
-    positive distance; pooled as 1 / mean(1 / m_i). NaN when no row qualifies."""
+ROWS = 1 << 18  # rows per chunk of the per-row steps below: temporaries O(ROWS x k), not O(N x k)
+
+
+def _row_chunks(n: int):
+    return (slice(s, s + ROWS) for s in range(0, n, ROWS))
+
+
+def _inverse_dims(dist: np.ndarray) -> np.ndarray:
+    """Per row, 1 / m_i of the Levina-Bickel rule (NaN where the row does not qualify)."""
     finite = np.isfinite(dist)
     k = finite.sum(axis=1)
     ok = (k >= 3) & (np.where(finite, dist, 1.0).min(axis=1, initial=1.0) > 0)
-    if not ok.any():
-        return float("nan")
-    d, k = dist[ok], k[ok]
-    last = d[np.arange(len(d)), k - 1]
-    logs = np.where(np.isfinite(d), np.log(last[:, None] / np.where(np.isfinite(d), d, 1.0)), 0.0)
-    inv = logs.sum(axis=1) / (k - 1)  # 1 / m_i (the k-th term is log 1 = 0)
-    return float(1.0 / inv.mean())
+    out = np.full(len(dist), np.nan)
+    if ok.any():
+        d, k = dist[ok], k[ok]
+        last = d[np.arange(len(d)), k - 1]
+        logs = np.where(np.isfinite(d), np.log(last[:, None] / np.where(np.isfinite(d), d, 1.0)), 0.0)
+        out[ok] = logs.sum(axis=1) / (k - 1)  # the k-th term is log 1 = 0
+    return out
+
+
+def intrinsic_dim(dist: np.ndarray) -> float:
+    """Levina-Bickel MLE of the intrinsic dimension from (N, k) ascending neighbour distances
+    (NaN past a small cluster's members): per row over the k_i >= 3 neighbours it has, all at a
+    positive distance; pooled as 1 / mean(1 / m_i). NaN when no row qualifies. Rows are taken
+    in chunks (each row's value does not depend on the others)."""
+    inv = np.concatenate([_inverse_dims(dist[c]) for c in _row_chunks(len(dist))] or [np.zeros(0)])
+    inv = inv[np.isfinite(inv)]
+    return float(1.0 / inv.mean()) if len(inv) else float("nan")
 
 
 def image_volumes(dist: np.ndarray, dim: float) -> np.ndarray:
     """Per row (r / median r)^dim, r = mean neighbour distance. A row without neighbours (a
     singleton cluster) or at distance 0 (a near-duplicate pair) gets the median's volume, 1."""
-    n = np.isfinite(dist).sum(axis=1)
-    r = np.where(n > 0, np.nansum(dist, axis=1) / np.maximum(n, 1), np.nan)
+    r = np.empty(len(dist))
+    for c in _row_chunks(len(dist)):
+        n = np.isfinite(dist[c]).sum(axis=1)
+        r[c] = np.where(n > 0, np.nansum(dist[c], axis=1) / np.maximum(n, 1), np.nan)
     good = np.isfinite(r) & (r > 0)
     if not good.any():
         return np.ones(len(dist))

@@ -53,6 +53,33 @@ def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~umask())
 
 
+def rows_digest(*columns: Any, chunk: int = 1 << 16) -> str:
+    """SHA-256 hex of per-row columns (arrays, Series or lists of one length), streamed in
+    chunks: what a cache key takes for per-row content, in place of a JSON dump of every row
+    (at 10^6 rows 0.2 s and no copy of the table, against seconds and a string of every row).
+    Integers hash as int64 bytes, floats as float64, anything else as its text joined by NUL."""
+    h = hashlib.sha256()
+    for col in columns:
+        if not isinstance(col, (list, tuple)):
+            col = col.to_numpy() if hasattr(col, "to_numpy") else np.asarray(col)
+        kind = col.dtype.kind if isinstance(col, np.ndarray) else "O"
+        h.update(f"{kind}:{len(col)}\0".encode())
+        for s in range(0, len(col), chunk):
+            part = col[s:s + chunk]
+            if kind in "biu":
+                h.update(np.ascontiguousarray(part, "<i8").tobytes())
+            elif kind == "f":
+                h.update(np.ascontiguousarray(part, "<f8").tobytes())
+            else:  # text (paths and hashes hold no NUL)
+                items = part.tolist() if isinstance(part, np.ndarray) else part
+                try:
+                    text = "\0".join(items)
+                except TypeError:  # not all str
+                    text = "\0".join(map(str, items))
+                h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

@@ -40,7 +40,8 @@ def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, 
     chosen, notes = [], {}
     for i, c in enumerate(sorted(quotas)):
         rows = order[bounds[i]:bounds[i + 1]]
-        got, dup = pick(pool.emb[rows], pool.dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
+        emb = pool.emb[rows].astype(np.float32, copy=False)  # a float16 pool is widened one cluster at a time
+        got, dup = pick(emb, pool.dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
         chosen.append(rows[got])
         notes.update({int(r): "pruned_near_duplicate" for r in rows[dup]})
     return np.concatenate(chosen) if chosen else np.zeros(0, np.int64), notes
