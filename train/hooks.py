@@ -53,7 +53,8 @@ class MetricsLog:
 # follows it stretches the schedule from the resumed step on). A prefix ending in "." covers a section.
 # The kept list's sha256 is the subset's identity; its prune run's summary.json also carries timings and
 # cache hits, which change each time the same prune is rerun, so its hash is provenance only.
-MAY_DIFFER = ("data.subset_hash.summary_sha256", "train.max_steps", "optim.decay_steps", "train.log_every", "train.cpu_threads",
+MAY_DIFFER = ("data.subset_hash.summary_sha256",
+              "train.max_steps", "optim.decay_steps", "train.log_every", "train.cpu_threads",
               "train.checkpoint_every", "train.checkpoints_total_limit", "train.snapshot_steps",
               "train.sample_every", "train.sample_n", "train.sample_steps", "train.sample_seed",
               "data.num_workers", "data.encode_batch_size", "cache_dir", "run_dir",
