@@ -19,7 +19,7 @@ from prune.budget import budget as budget_of
 from prune.index import walk
 from prune.scenes import check_scenes, reference_labels
 from rsprune import knn
-from rsprune.checks import check_choice, check_number, check_table, get  # noqa: F401 (re-exported)
+from rsprune.checks import check_table, get
 from rsprune.corpus import is_list
 from rsprune.errors import UsageError
 
@@ -91,18 +91,15 @@ class Plan:
     reference: str | None      # the reference folder, when the method needs scenes
 
 
-_get = get  # the stage checks below read keys the same way
-
-
 def check_values(cfg: DictConfig) -> None:
     """Every enumerated and numeric value (keys absent from this config are skipped)."""
     ratio = cfg.ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < float(ratio) < 1:
         raise UsageError(f"ratio must be a number strictly between 0 and 1 (the fraction pruned), got {ratio!r}")
     check_table(cfg, CHOICES, NUMBERS)
-    if _get(cfg, "scenes") is not None:
+    if get(cfg, "scenes") is not None:
         check_scenes(cfg.scenes)  # threshold: reference | corpus | a cosine; quantile; pseudo_size
-    dim = _get(cfg, "selection.volume.dim")
+    dim = get(cfg, "selection.volume.dim")
     if dim is not None and dim != "auto" and (isinstance(dim, bool) or not isinstance(dim, (int, float))
                                               or not 0 < dim < math.inf):
         raise UsageError(f"selection.volume.dim must be auto or a number > 0, got {dim!r}")

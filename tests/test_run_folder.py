@@ -28,7 +28,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_folder_frees(tmp_p
 
 @pytest.mark.parametrize("bad, match", [
     ("seed=-1", "seed must be >= 0"), ("data.resolution=0", "data.resolution must be >= 8"),
-    ("data.resolution=-8", "data.resolution must be >= 8"), ("optim.lr=nan", "optim.lr must be a number"),
+    ("data.resolution=-8", "data.resolution must be >= 8"), ("data.resolution=12", "must be a multiple of 8"), ("optim.lr=nan", "optim.lr must be a number"),
     ("optim.schedule=linear", "optim.schedule must be one of constant, cosine"),
 ])
 def test_bad_training_values_are_refused_before_anything_is_written(tmp_path, bad, match):

@@ -35,8 +35,6 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     """
     check_values(cfg)  # before anything is read or written
     engine.check_sizes(cfg)
-    if int(cfg.data.resolution) % 8:
-        raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
     setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
     cfg, subset = _with_subset_hash(cfg)
     acc = engine.accelerator(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from rsprune.checks import check_table
+from rsprune.errors import UsageError
 
 INF = math.inf
 CHOICES = {
@@ -46,3 +47,5 @@ NUMBERS = {
 def check_values(cfg) -> None:
     """Every value of CHOICES and NUMBERS that this config holds (the step counts: engine.check_sizes)."""
     check_table(cfg, CHOICES, NUMBERS)
+    if int(cfg.data.resolution) % 8:
+        raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
