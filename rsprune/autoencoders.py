@@ -10,7 +10,8 @@ Three kinds, chosen by `autoencoder.kind` (configs/autoencoder/*.yaml):
   steps and cached under `cache_dir/autoencoders/` (max_steps=0: use the cached one).
 
 Every kind is wrapped in `FirstStage`, whose `encode(x01)` returns *scaled* latents
-((raw - shift) * scale, unit std on the training set) and `decode(z)` returns RGB in [0, 1].
+((raw - shift) * scale, unit std on the training set), `decode(z)` returns RGB in [0, 1] and
+`decode_uint8(z)` uint8 NHWC images.
 `describe()` gives the JSON that `from_description()` rebuilds it from (first_stage.json).
 """
 from __future__ import annotations
@@ -67,12 +68,25 @@ class FirstStage(nn.Module):
         """RGB in [0, 1] from scaled latents."""
         return self.decode_raw(z / self.scale + self.shift)
 
+    def decode_uint8(self, z: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+        """Scaled latents -> uint8 NHWC images (the one decode every sample path uses)."""
+        out = [to_uint8(self.decode(z[i:i + batch_size]).cpu()) for i in range(0, len(z), batch_size)]
+        if not out:
+            side = int(z.shape[-1]) * self.downscale
+            return np.zeros((0, side, side, 3), np.uint8)
+        return np.concatenate(out)
+
     def describe(self) -> dict:
         out = {"kind": self.kind, "source": self.source, "latent_channels": self.latent_channels,
                "downscale": self.downscale, "scale": self.scale, "shift": self.shift}
         if getattr(self, "scale_from", None):  # where scale/shift came from (train: the corpus sample)
             out["scale_from"] = self.scale_from
         return out
+
+
+def to_uint8(x01: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1] (N, 3, H, W) -> uint8 NHWC; values beyond [0, 1] land on 0 / 255."""
+    return (x01.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def from_description(d: dict, device: str | torch.device = "cpu") -> FirstStage:

@@ -92,3 +92,22 @@ def test_one_module_steps_an_optimizer_with_gradient_clipping():
     clipping = [m for m, p in _modules().items() if "clip_grad_norm" in p.read_text()
                 and not m.startswith("benchmarks")]
     assert len(clipping) == 1, f"gradient clipping in {clipping}: one training engine should own it"
+
+
+def _attribute_readers(attr: str) -> set[str]:
+    """Project modules (benchmarks aside) that read `<something>.<attr>`."""
+    out = set()
+    for mod, path in _modules().items():
+        if mod.startswith("benchmarks"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        if any(isinstance(n, ast.Attribute) and n.attr == attr for n in ast.walk(tree)):
+            out.add(mod)
+    return out
+
+
+def test_one_sampler():
+    """Reverse diffusion (a scheduler's step(...).prev_sample) happens in train.generate only:
+    unconditional samples, downstream conditions and evaluation all go through sample_latents.
+    (benchmarks/protocol_demo.py replays the old clipped sampler on purpose.)"""
+    assert _attribute_readers("prev_sample") == {"train.generate"}

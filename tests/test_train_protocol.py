@@ -31,7 +31,7 @@ class OracleDenoiser(torch.nn.Module):
         super().__init__()
         self.x0, self.alpha_bar = x0, scheduler.alphas_cumprod
         self.pred = scheduler.config.prediction_type
-        self.config = SimpleNamespace(in_channels=x0.shape[1], sample_size=x0.shape[-1])
+        self.config = SimpleNamespace(in_channels=x0.shape[1], out_channels=x0.shape[1], sample_size=x0.shape[-1])
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device and dtype
 
     def forward(self, xt, t):

@@ -12,7 +12,8 @@ import torch
 from rsprune import layout
 from rsprune.cache import atomic_path, stable_hash, write_text
 from rsprune.cli import UsageError
-from train.generate import generate, image_grid
+from rsprune.sheets import grid, write_png
+from train.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,10 @@ def _start_wandb(run_dir, cfg):
 
 def save_sample_grid(run_dir, step: int, latents: torch.Tensor, first_stage, batch_size: int = 32) -> np.ndarray:
     """Decode scaled sample latents into samples/step_XXXXXXX.png (one grid); the uint8 NHWC images."""
-    from PIL import Image
-
-    imgs = np.concatenate([(first_stage.decode(latents[i:i + batch_size]).cpu() * 255).round().clamp(0, 255)
-                           .to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, len(latents), batch_size)])
+    imgs = first_stage.decode_uint8(latents, batch_size)
     out = layout.sample_path(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        Image.fromarray(image_grid(imgs)).save(tmp, format="PNG")
+    write_png(grid(imgs), out)
     return imgs
 
 
