@@ -33,7 +33,7 @@ def load_start(cfg, resolution: int | None):
     `resolution` None means the backbone's training resolution. For `backbone=none` the first stage comes unscaled; `fit_latent_scale` sets its scale from
     the training latents, as train/ does.
     """
-    from rsprune.autoencoders import build_first_stage
+    from train.first_stage import build_first_stage
     from train.setup import build_noise_scheduler, build_unet
 
     if cfg.train.get("cpu_threads"):  # fewer threads than cores avoids spin-wait contention on a shared CPU

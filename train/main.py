@@ -97,7 +97,7 @@ def _latent_batches(latents, first_stage):
 
 def _prepare_data(cfg, acc, run_dir: Path):
     """First stage (scaled by the corpus's latent std) and the cached latents, computed by the main process first."""
-    from rsprune.autoencoders import build_first_stage
+    from train.first_stage import build_first_stage
 
     res = int(cfg.data.resolution)
     train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed), cfg.cache_dir)
