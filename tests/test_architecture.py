@@ -152,3 +152,11 @@ def test_one_sampler():
     unconditional samples, downstream conditions and evaluation all go through sample_latents.
     (benchmarks/protocol_demo.py replays the old clipped sampler on purpose.)"""
     assert _attribute_readers("prev_sample") == {"train.generate"}
+
+
+def test_tables_never_import_the_commands_that_wrote_them():
+    """eval/ reads run folders: no eval module imports prune (prune/sweep.py runs the sweeps, and
+    rsprune/sweeps.py names their folders for both)."""
+    bad = sorted(f"{m} -> {d}" for m, deps in _graph().items() if m.startswith("eval")
+                 for d in deps if d.startswith("prune"))
+    assert not bad, f"eval runs prune: {bad}"

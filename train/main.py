@@ -17,11 +17,12 @@ from rsprune import layout
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.fingerprint import fingerprints
+from rsprune.layout import check_config
 from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
 from train.generate import sample_latents
-from train.hooks import FDHook, check_config
+from train.hooks import FDHook
 
 log = logging.getLogger("train")
 
