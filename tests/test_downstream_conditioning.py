@@ -6,7 +6,7 @@ import torch
 
 from downstream import finetune as ft
 from downstream.conditioning import mask_condition, pixels_condition, widen_conv_in
-from downstream_fixtures import backbone_run, small_cfg, tiny_unet
+from conftest import backbone_run, small_cfg, tiny_unet
 
 
 def _out(unet, x, t):

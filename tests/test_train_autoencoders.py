@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from train_fixtures import TAEF2_DIR, aid_paths
+from conftest import TAEF2_DIR, aid_paths
 
 from rsprune.autoencoders import build_first_stage, from_description, reconstruction_psnr
 from rsprune.cli import UsageError
