@@ -160,3 +160,13 @@ def test_tables_never_import_the_commands_that_wrote_them():
     bad = sorted(f"{m} -> {d}" for m, deps in _graph().items() if m.startswith("eval")
                  for d in deps if d.startswith("prune"))
     assert not bad, f"eval runs prune: {bad}"
+
+
+def test_top_level_names_import_from_this_checkout():
+    """prune, train, eval and downstream are generic names (docs/architecture.md): another
+    distribution claiming one in this environment would shadow or overwrite ours."""
+    import importlib
+
+    for name in ("rsprune", "prune", "train", "eval", "downstream"):
+        origin = Path(importlib.import_module(name).__file__).resolve()
+        assert origin.is_relative_to(ROOT), f"`import {name}` finds {origin}, not this checkout"
