@@ -36,7 +36,7 @@ def load_start(cfg, resolution: int | None):
     from train.first_stage import build_first_stage
     from train.setup import build_noise_scheduler, build_unet
 
-    if cfg.train.get("cpu_threads"):  # fewer threads than cores avoids spin-wait contention on a shared CPU
+    if cfg.train.cpu_threads:  # fewer threads than cores avoids spin-wait contention on a shared CPU
         torch.set_num_threads(int(cfg.train.cpu_threads))
     src = cfg.backbone
     if src not in (None, "none", "None", ""):
@@ -44,7 +44,7 @@ def load_start(cfg, resolution: int | None):
 
         if not Path(str(src)).is_dir():
             raise UsageError(f"backbone folder not found: {src} (backbone=RUN_DIR of a train run, or none)")
-        unet, scheduler, fs, info = load_backbone(str(src), step=cfg.get("backbone_step"), ema=True)
+        unet, scheduler, fs, info = load_backbone(str(src), step=cfg.backbone_step, ema=True)
         if resolution is not None and info["image_size"] != int(resolution):
             raise UsageError(f"backbone {src} was trained at {info['image_size']} px but {cfg.task} asks for "
                              f"{resolution} px; set resolution={info['image_size']}")
@@ -65,7 +65,7 @@ def start_name(cfg) -> str:
     if str(cfg.backbone) in ("none", "None", ""):
         return "scratch"
     name = Path(str(cfg.backbone)).resolve().name
-    return name if cfg.get("backbone_step") is None else f"{name}-step{int(cfg.backbone_step)}"
+    return name if cfg.backbone_step is None else f"{name}-step{int(cfg.backbone_step)}"
 
 
 def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32) -> np.ndarray:
