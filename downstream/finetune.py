@@ -60,6 +60,12 @@ def load_start(cfg, resolution: int | None):
                                  "first_stage": fs.describe()}
 
 
+def default_run_dir(cfg, *parts) -> str:
+    """`outputs/downstream/<task>/<start>[-<part>...]-s<seed>`: every downstream run folder's name
+    when run_dir is not given (the task adds what tells its runs apart, e.g. sr's condition)."""
+    return f"outputs/downstream/{cfg.task}/" + "-".join([start_name(cfg), *map(str, parts), f"s{cfg.seed}"])
+
+
 def start_name(cfg) -> str:
     """Run-folder name of the start point: the backbone folder's name (and step), or scratch."""
     if str(cfg.backbone) in ("none", "None", ""):

@@ -38,7 +38,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if int(d.crop) < 8 or int(d.stride) < 1:
         raise UsageError(f"dubai.crop={d.crop} / dubai.stride={d.stride}: crop must be >= 8 px, stride >= 1")
     if not cfg.run_dir:
-        cfg.run_dir = f"outputs/downstream/semantic_synthesis/{ft.start_name(cfg)}-s{cfg.seed}"
+        cfg.run_dir = ft.default_run_dir(cfg)
     return cfg
 
 

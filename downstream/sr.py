@@ -83,7 +83,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if cfg.sr.condition not in ("latent", "pixels"):
         raise UsageError(f"sr.condition={cfg.sr.condition!r}; expected latent | pixels")
     if not cfg.run_dir:
-        cfg.run_dir = f"outputs/downstream/sr/{ft.start_name(cfg)}-{cfg.sr.condition}-s{cfg.seed}"
+        cfg.run_dir = ft.default_run_dir(cfg, cfg.sr.condition)
     return cfg
 
 

@@ -47,3 +47,17 @@ def test_every_evaluation_reads_the_one_feature():
         assert OmegaConf.select(compose(name), key) == want, name
     want_encoder = OmegaConf.to_container(compose("prune", [f"encoder={want}"]).encoder)
     assert OmegaConf.to_container(compose("eval/subset_quality").encoder) == want_encoder
+
+
+def test_downstream_shares_one_base_and_one_run_folder_rule():
+    from downstream import semantic_synthesis, sr
+
+    a, b = compose("downstream/sr"), compose("downstream/semantic_synthesis")
+    for key in ("backbone", "seed", "cache_dir", "train", "optim", "eval.steps", "eval.fd_feature", "unet"):
+        from omegaconf import OmegaConf
+
+        assert OmegaConf.select(a, key) == OmegaConf.select(b, key), key
+    got = sr.resolve(compose("downstream/sr", ["backbone=/runs/full-s0", "backbone_step=7", "seed=2"])).run_dir
+    assert got == "outputs/downstream/sr/full-s0-step7-latent-s2"
+    assert semantic_synthesis.resolve(b).run_dir == "outputs/downstream/semantic_synthesis/scratch-s0"
+    assert sr.resolve(compose("downstream/sr", ["run_dir=/x/y"])).run_dir == "/x/y"
