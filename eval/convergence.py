@@ -45,14 +45,15 @@ from omegaconf import DictConfig, OmegaConf
 from rsprune import layout
 from rsprune.cache import atomic_path, read_json, write_json
 from rsprune.cli import UsageError, main
+from rsprune.device import resolve as resolve_device
 from rsprune.features import build_extractor, extract_features, metric_label, reference_stats, warn
 from rsprune.frechet import check_count, fd_kid
+from rsprune.sheets import sample_sheet
 
 from eval import convergence_report as report
 from eval.heldout import check_pairing, per_image_losses, run_seed, with_heldout_loss
 from eval.fid import encoder_overrides
 from eval.memorisation import memorisation_rate, threshold
-from eval.sheets import sample_sheet
 
 CSV = "convergence.csv"
 YARDSTICK = "yardstick.json"  # real training images scored like samples (write_yardstick)
@@ -287,7 +288,7 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
             train = scorer.train(run_dir, test, side)
         say(f"{name} step {step}: sampling {int(cfg.n_samples)} images ({cfg.sampler}, {int(cfg.steps)} steps)")
         try:
-            loaded = load_backbone(run_dir, step=step, ema=True, device=device(cfg))
+            loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.get("device")))
         except load_errors() as e:  # one damaged snapshot costs its row, not the steps scored
             warn(f"{name} step {step}: snapshot does not load ({' '.join(str(e).split())[:160]}); skipped")
             bad.add(step)
@@ -334,8 +335,9 @@ def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_di
     from train.data import load_images
 
     n = int(cfg.sheet_n)
-    fake = generate(load_backbone(run_dir, step=step, ema=True, device=device(cfg)), n, seed=int(cfg.seed),
-                    steps=int(cfg.steps), sampler=str(cfg.sampler), batch_size=int(cfg.batch_size))
+    loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.get("device")))
+    fake = generate(loaded, n, seed=int(cfg.seed), steps=int(cfg.steps), sampler=str(cfg.sampler),
+                    batch_size=int(cfg.batch_size))
     real = load_images(test_paths[:: max(1, len(test_paths) // n)][:n], side)  # spread over the sorted classes
     path = results_dir / "samples" / f"{name.replace('/', '_')}.png"
     sample_sheet(fake, real, path, captions=(f"generated, step {step}", "test split"))
@@ -344,12 +346,6 @@ def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_di
 
 def say(msg: str) -> None:
     print(f"[convergence] {msg}", flush=True)
-
-
-def device(cfg) -> str:
-    import torch
-
-    return str(cfg.device) if cfg.get("device") else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -202,7 +202,7 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
                 cache_dir: str) -> tuple[pd.DataFrame, list[str], dict, bool]:
     """(table content_hash -> scene (stratum), scene_similarity; class names; diagnostics; was
     cached) for the sorted corpus content `hashes`, against the readable images of the reference
-    index `ref`. `store` is the embedding store (prune/embed.py:Store).
+    index `ref`. `store` is the embedding store (rsprune/embed_store.py:Store).
 
     The best scene is found in chunks of CHUNK rows (a second full N x d copy would break the
     memory bound at 1e6); the threshold is calibrated on the whole set, then the unmatched rows

@@ -26,6 +26,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
 
     from rsprune import rawcorpus, split
 
+    _register_project_resolver()  # ${project:cache}, ${project:eval_feature} (configs/project.yaml)
     split.register_resolver()  # ${split:NAME} in configs/data/default.yaml
     rawcorpus.register_resolver()  # ${raw:NAME} in configs/data/raw.yaml
     GlobalHydra.instance().clear()
@@ -38,6 +39,22 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     return cfg
+
+
+def project_value(key: str):
+    """A value of configs/project.yaml (written once, read by every config); `cache` yields to the
+    RSPRUNE_CACHE environment variable."""
+    if key == "cache" and os.environ.get("RSPRUNE_CACHE"):
+        return os.environ["RSPRUNE_CACHE"]
+    values = OmegaConf.load(CONFIG_DIR / "project.yaml")
+    if key not in values:
+        raise UsageError(f"configs/project.yaml has no {key!r}; it has {', '.join(values)}")
+    return values[key]
+
+
+def _register_project_resolver() -> None:
+    if not OmegaConf.has_resolver("project"):
+        OmegaConf.register_new_resolver("project", project_value)
 
 
 def one_line(e: BaseException) -> str:

@@ -43,6 +43,7 @@ from PIL import Image
 
 from rsprune.cache import atomic_path, stable_hash, verified, write_checksum
 from rsprune.cli import CONFIG_DIR, UsageError
+from rsprune.device import resolve as resolve_device
 from rsprune.frechet import check_count, fd_kid, gaussian_stats
 from rsprune.imageio import UnreadableImage, load_rgb, resize
 from rsprune.inception import InceptionFeatures, fid_helper_weights  # noqa: F401  (re-exported)
@@ -109,13 +110,13 @@ def build_extractor(feature: str | torch.nn.Module = "efficientnet_lite2", incep
                     overrides: dict | None = None, device: str | None = None) -> torch.nn.Module:
     """A feature extractor module by name (built once per process), or pass a module through.
 
-    It runs on `device` (default: cuda if available, else cpu) and returns features on the CPU."""
+    It runs on `device` (None: rsprune.device.resolve's auto) and returns features on the CPU."""
     if isinstance(feature, torch.nn.Module):
         return feature
     import json
 
     ov = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else dict(overrides or {})
-    device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     return _build(str(feature), None if inception_weights is None else str(inception_weights),
                   json.dumps(ov, sort_keys=True), device)
 

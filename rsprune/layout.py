@@ -14,6 +14,9 @@ A run folder (train/main.py, downstream/sr.py, downstream/semantic_synthesis.py)
     heldout/step_XXXXXXX.npy      per-image held-out losses (n_images, n_timesteps) float32 (+ .sha256)
     heldout/index.json            their rows (test-split paths and classes), timesteps and noise seed
     generated/step_XXXXXXX-n<N>-s<seed>/  N samples, one PNG each (train/sample.py)
+
+A rerun in a run folder must match its config.yaml, except for the keys in MAY_DIFFER
+(`check_config`, called by train/ and downstream/ before anything is written).
 """
 from __future__ import annotations
 
@@ -155,3 +158,57 @@ class RunLock:
 
     def release(self) -> None:
         self._f.close()  # closing the file drops the flock
+# --- the config a run folder holds ---
+# Config keys a rerun in the same run_dir may change: none alters the training trajectory up to the
+# resumed step (max_steps may grow, which is how a run is extended; a cosine decay_steps that
+# follows it stretches the schedule from the resumed step on). A prefix ending in "." covers a section.
+# The kept list's sha256 is the subset's identity; its prune run's summary.json also carries timings and
+# cache hits, which change each time the same prune is rerun, so its hash is provenance only.
+MAY_DIFFER = ("data.subset_hash.summary_sha256",
+              "train.max_steps", "optim.decay_steps", "train.log_every", "train.cpu_threads",
+              "train.checkpoint_every", "train.checkpoints_total_limit", "train.snapshot_steps",
+              "train.sample_every", "train.sample_n", "train.sample_steps", "train.sample_seed",
+              "data.num_workers", "data.encode_batch_size", "cache_dir", "run_dir",
+              "wandb.", "eval.", "report.", "segnet.", "sr.test", "sr.max_test")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _may_differ(key: str) -> bool:
+    return any(key.startswith(m) if m.endswith(".") else key == m for m in MAY_DIFFER)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs and may not (MAY_DIFFER)."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and not _may_differ(k))
+
+
+def check_config(run_dir, cfg, write: bool) -> None:
+    """Refuse (UsageError, exit 2) a run_dir that holds a run of another config; then (if `write`)
+    store this config as config.yaml."""
+    from omegaconf import OmegaConf
+
+    from rsprune.cache import write_text
+    from rsprune.errors import UsageError
+
+    path = Path(run_dir) / CONFIG
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if path.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        bad = config_changes(old, new)
+        if bad:
+            fa, fb = _flat(old), _flat(new)
+            shown = "; ".join(f"{k}: {fa.get(k, '<absent>')} -> {fb.get(k, '<absent>')}" for k in bad[:6])
+            raise UsageError(f"{run_dir} holds a run with another config ({shown}{' ...' if len(bad) > 6 else ''}); "
+                             "rerun with its values or choose another run_dir")
+    if write:
+        write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

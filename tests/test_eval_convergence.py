@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from train_fixtures import DATA
+from conftest import DATA
 from PIL import Image
 
 from eval import convergence, tables
@@ -151,7 +151,7 @@ def test_tables_cli_missing_run_folder_exits_2(tmp_path):
 @pytest.mark.slow
 def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_split(tmp_path):
     from train.main import run as train
-    from train_fixtures import aid_paths, tiny_overrides, write_kept
+    from conftest import aid_paths, tiny_overrides, write_kept
 
     kept = write_kept(tmp_path / "prune", aid_paths(24))
     test = tmp_path / "test"  # a test split of 4 classes x 6 real AID images, none of them trained on

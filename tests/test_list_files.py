@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from train_fixtures import aid_paths
+from conftest import aid_paths
 
 from rsprune.corpus import read_list
 from rsprune.errors import UsageError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from train_fixtures import aid_paths, tiny_overrides, write_kept
+from conftest import aid_paths, tiny_overrides, write_kept
 
 from rsprune import layout
 from rsprune.cli import UsageError, compose

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from train_fixtures import aid_paths, tiny_overrides, write_kept
+from conftest import aid_paths, tiny_overrides, write_kept
 
 from rsprune.cli import UsageError, compose
 

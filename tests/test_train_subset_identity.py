@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from prune.run import run as prune
 from rsprune.cli import UsageError
 from rsprune.manifest import prune_run_hash
-from train.hooks import check_config
+from rsprune.layout import check_config
 
 
 def _cfg(h: dict):

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from rsprune.cli import UsageError
+from rsprune.layout import check_config
 from train import checkpoint as ckpt
 from train import setup
 from train.data import batch_indices
-from train.hooks import MetricsLog, check_config, save_sample_grid
+from train.hooks import MetricsLog, save_sample_grid
 
 log = logging.getLogger("train")
 

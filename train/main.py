@@ -17,12 +17,13 @@ from rsprune import layout
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.fingerprint import fingerprints
+from rsprune.layout import check_config
 from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
 from train.generate import sample_latents
+from train.hooks import FDHook
 from train.validate import check_values
-from train.hooks import FDHook, check_config
 
 log = logging.getLogger("train")
 
@@ -106,7 +107,7 @@ def _latent_batches(latents, first_stage):
 
 def _prepare_data(cfg, acc, run_dir: Path):
     """First stage (scaled by the corpus's latent std) and the cached latents, computed by the main process first."""
-    from rsprune.autoencoders import build_first_stage
+    from train.first_stage import build_first_stage
 
     res = int(cfg.data.resolution)
     train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed), cfg.cache_dir)
