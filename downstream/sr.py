@@ -22,7 +22,7 @@ from downstream.conditioning import condition_channels, pixels_condition, widen_
 from downstream.metrics import FDScorer, psnr_ssim, sample_sheet, summary, to01
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
-from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
+from rsprune.imageio import UnreadableImage, list_images, load_sized, resize
 from rsprune.manifest import read_kept
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_hr_lr(paths, resolution: int, scale: int) -> tuple[np.ndarray, np.ndarr
     hr, lr, bic, bad = [], [], [], 0
     for p in paths:
         try:
-            h = resize(load_rgb(p), resolution)
+            h = load_sized(p, resolution)
         except UnreadableImage as e:
             log.warning("skipped %s: %s", p, e)
             bad += 1

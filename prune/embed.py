@@ -35,13 +35,14 @@ import torch
 from tqdm import tqdm
 
 from prune.index import index_inputs
-from prune.validate import validate
+from prune.validate import precheck, validate
 from rsprune.cache import CHECKSUM_SUFFIX, save_npy, stable_hash, verified
 from rsprune.errors import UsageError
 from rsprune.encoders import build_encoder, stack_uint8
 from rsprune.fingerprint import digest
-from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.imageio import UnreadableImage, load_sized
 from rsprune.layout import CACHE_EMBED, cache_path
+from rsprune.markers import mark_cache
 
 
 DTYPES = ("float16", "float32")  # storage of the embeddings
@@ -91,7 +92,7 @@ class _Verified(torch.utils.data.Dataset):
                 refused.append((path, CHANGED))
                 continue
             try:
-                return i, torch.from_numpy(resize(load_rgb(path, data), self.resolution)), refused
+                return i, torch.from_numpy(load_sized(path, self.resolution, data)), refused
             except UnreadableImage as e:  # the indexed bytes decoded then; not now (memory)
                 refused.append((path, str(e)))
         return i, None, refused
@@ -280,6 +281,7 @@ def run(cfg, progress: bool = True) -> dict:
     {images, shards, store, encoder_key} on the main process, {} on the others."""
     plan = validate(cfg)
     state = dist_state()
+    mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
     store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
     if state is not None and not state.is_main_process:
@@ -296,4 +298,4 @@ def run(cfg, progress: bool = True) -> dict:
 if __name__ == "__main__":
     from rsprune.cli import main
 
-    main("prune", run, __doc__)
+    main("prune", run, __doc__, precheck)
