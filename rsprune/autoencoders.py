@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rsprune.cli import UsageError
+from rsprune.cache import share_mode
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def _save_atomic(model, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    share_mode(tmp, folder=True)  # mkdtemp makes it owner-only; the cache may be shared
     try:
         model.save_pretrained(tmp)
         tmp.rename(out)
