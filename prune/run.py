@@ -24,9 +24,10 @@ from prune.entropy import stage1_pool
 from prune.index import index_inputs, mark_duplicates
 from prune.outputs import Columns, build_manifest, build_summary, reasons, write_outputs
 from prune.scenes import folder_scenes, scene_stage
-from prune.validate import validate
+from prune.validate import precheck, validate
 from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
+from rsprune.markers import mark_cache
 
 
 def log(msg: str) -> None:
@@ -160,6 +161,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     than the main one under `accelerate launch`)."""
     plan = validate(cfg)
     state = dist_state()
+    mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     t, cached = Timings(), {}
     with t("index"):
         inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
@@ -207,4 +209,4 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    main("prune", run, __doc__)
+    main("prune", run, __doc__, precheck)
