@@ -23,7 +23,7 @@ from downstream.metrics import FDScorer, psnr_ssim, summary, to01
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.device import resolve as resolve_device
-from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
+from rsprune.imageio import UnreadableImage, list_images, load_sized, resize
 from rsprune.manifest import read_kept
 from rsprune.sheets import column_sheet
 from train.generate import sample_latents
@@ -57,7 +57,7 @@ def load_hr_lr(paths, resolution: int, scale: int) -> tuple[np.ndarray, np.ndarr
     hr, lr, bic, bad = [], [], [], 0
     for p in paths:
         try:
-            h = resize(load_rgb(p), resolution)
+            h = load_sized(p, resolution)
         except UnreadableImage as e:
             log.warning("skipped %s: %s", p, e)
             bad += 1

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from prune.index import index_inputs
-from prune.validate import validate
+from prune.validate import precheck, validate
+from rsprune.markers import mark_cache
 from rsprune.embed_store import Store, embed_stage
 
 
@@ -79,6 +80,7 @@ def run(cfg, progress: bool = True) -> dict:
     {images, shards, store, encoder_key} on the main process, {} on the others."""
     plan = validate(cfg)
     state = dist_state()
+    mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
     store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
     if state is not None and not state.is_main_process:
@@ -95,4 +97,4 @@ def run(cfg, progress: bool = True) -> dict:
 if __name__ == "__main__":
     from rsprune.cli import main
 
-    main("prune", run, __doc__)
+    main("prune", run, __doc__, precheck)

@@ -15,6 +15,7 @@ from prune.scenes import UNMATCHED, scene_names
 from rsprune import knn
 from rsprune.cache import stable_hash, write_json, write_text
 from rsprune.manifest import write_manifest
+from rsprune.markers import mark_run
 
 PACKAGES = ("torch", "numpy", "faiss-cpu", "faiss-gpu", "pandas", "hydra-core", "transformers", "accelerate")
 
@@ -113,7 +114,7 @@ def _versions() -> dict:
 
 def write_outputs(cfg, manifest: pd.DataFrame, summary: dict, cut: float) -> None:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run(run_dir)  # its report PNGs never become corpus images of a later walk
     write_manifest(run_dir / "manifest.parquet", manifest)
     write_text(run_dir / "kept.txt", "".join(p + "\n" for p in sorted(manifest.path[manifest.selected])))
     write_json(run_dir / "summary.json", summary)

@@ -23,9 +23,10 @@ from prune.index import index_inputs, mark_duplicates
 from prune.outputs import Columns, build_manifest, build_summary, reasons, tally, write_outputs
 from prune.scenes import folder_scenes, scene_stage
 from prune.state import RunState
-from prune.validate import validate
+from prune.validate import precheck, validate
 from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
+from rsprune.markers import mark_cache
 
 
 def log(msg: str) -> None:
@@ -174,6 +175,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     """Run the whole pipeline for one config; returns the summary dict ({} on a process other
     than the main one under `accelerate launch`)."""
     r = RunState(cfg, validate(cfg), progress, dist_state())
+    mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     with r.timings("index"):
         r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist)  # shards split over processes
     idx = r.corpus
@@ -202,4 +204,4 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    main("prune", run, __doc__)
+    main("prune", run, __doc__, precheck)

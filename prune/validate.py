@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from prune import methods
 from prune.budget import budget as budget_of
@@ -20,6 +20,7 @@ from prune.index import walk
 from prune.scenes import check_scenes, reference_labels
 from rsprune import knn
 from rsprune.checks import check_table, get
+from rsprune.cache import check_writable
 from rsprune.corpus import is_list
 from rsprune.errors import UsageError
 
@@ -75,6 +76,7 @@ NUMBERS = {
     "selection.volume.min_stratum": (int, 1, math.inf, True, False),
     "report.montage_scenes": (int, 0, math.inf, True, False),
     "encoder.batch_size": (int, 1, math.inf, True, False),
+    "encoder.resolution": (int, 32, math.inf, True, False),  # EfficientNet's stride: smaller inputs fail in a conv
     "encoder.num_workers": (int, 0, math.inf, True, False),
     "method.neighbours": (int, 1, math.inf, True, False),
     "method.temperature": (float, 0, math.inf, False, False),
@@ -116,9 +118,17 @@ def check_reference(ref: str) -> None:
     reference_labels(walk([ref]).relpath.tolist())
 
 
+def precheck(cfg: DictConfig) -> None:
+    """What needs neither the data nor its split: every value, and that run_dir and cache_dir can
+    be written (rsprune.cli.compose runs it before the default split is drawn)."""
+    check_values(cfg)
+    check_writable(str(cfg.run_dir), "run_dir")
+    check_writable(str(cfg.cache_dir), "cache_dir")
+
+
 def validate(cfg: DictConfig) -> Plan:
     """Every check that can fail on user input, before anything is written."""
-    check_values(cfg)
+    precheck(cfg)
     corpus = cfg.data.corpus
     corpus = [corpus] if isinstance(corpus, str) else list(corpus or [])
     if not corpus:

@@ -28,7 +28,7 @@ from rsprune.cache import CHECKSUM_SUFFIX, save_npy, stable_hash, verified
 from rsprune.encoders import build_encoder, stack_uint8
 from rsprune.errors import UsageError
 from rsprune.fingerprint import digest
-from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.imageio import UnreadableImage, load_sized
 from rsprune.layout import CACHE_EMBED, cache_path
 
 DTYPES = ("float16", "float32")  # storage of the embeddings
@@ -78,7 +78,7 @@ class _Verified(torch.utils.data.Dataset):
                 refused.append((path, CHANGED))
                 continue
             try:
-                return i, torch.from_numpy(resize(load_rgb(path, data), self.resolution)), refused
+                return i, torch.from_numpy(load_sized(path, self.resolution, data)), refused
             except UnreadableImage as e:  # the indexed bytes decoded then; not now (memory)
                 refused.append((path, str(e)))
         return i, None, refused

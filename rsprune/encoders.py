@@ -223,9 +223,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from rsprune.imageio import load_rgb, resize
+        from rsprune.imageio import load_sized
 
-        return torch.from_numpy(resize(load_rgb(self.paths[i]), self.resolution))
+        return torch.from_numpy(load_sized(self.paths[i], self.resolution))
 
 
 def stack_uint8(batch: list[torch.Tensor]) -> torch.Tensor:

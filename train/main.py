@@ -18,6 +18,7 @@ from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.fingerprint import fingerprints
 from rsprune.layout import check_config
+from rsprune.markers import mark_cache, mark_run
 from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
@@ -54,6 +55,8 @@ def _train(cfg, acc, run_dir: Path, subset, probes) -> dict:
 
     if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
         write_json(run_dir / layout.SPLIT, split_record(cfg.data))
+        mark_run(run_dir)  # sample grids never become corpus images of a later walk
+        mark_cache(cfg.cache_dir)
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
     if probes is None:  # protocol's held-out loss and sample statistics on the test split (main process)
         probes = _build_probes(cfg, first_stage, run_dir) if acc.is_main_process else engine.NoProbes()
