@@ -22,11 +22,13 @@ from downstream import dubai, segnet
 from downstream import finetune as ft
 from downstream.conditioning import mask_condition, widen_conv_in
 from downstream.metrics import FDScorer, confusion, iou_scores
+from rsprune import runlock
 from rsprune.cache import stable_hash, write_json
 from rsprune.cli import UsageError, main
 from rsprune.device import resolve as resolve_device
 from rsprune.sheets import column_sheet
 from train.generate import sample_latents
+from train.validate import check_engine
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,12 @@ def conditions(labels: np.ndarray, latent_size: int) -> torch.Tensor:
 
 def run(cfg: DictConfig) -> dict:
     cfg = resolve(cfg)
+    check_engine(cfg)  # the trainer's values, before any image is read
+    with runlock.hold(cfg.run_dir):  # one run per folder: a second one exits 2 naming this pid
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
     key, done = ft.finished(cfg)

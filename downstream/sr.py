@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from downstream import finetune as ft
 from downstream.conditioning import condition_channels, pixels_condition, widen_conv_in, with_flips
 from downstream.metrics import FDScorer, psnr_ssim, summary, to01
+from rsprune import runlock
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.device import resolve as resolve_device
@@ -27,6 +28,7 @@ from rsprune.imageio import UnreadableImage, list_images, load_sized, resize
 from rsprune.manifest import read_kept
 from rsprune.sheets import column_sheet
 from train.generate import sample_latents
+from train.validate import check_engine
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,12 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
 def run(cfg: DictConfig) -> dict:
     cfg = resolve(cfg)
+    check_engine(cfg)  # the trainer's values, before any image is read
+    with runlock.hold(cfg.run_dir):  # one run per folder: a second one exits 2 naming this pid
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
     key, done = ft.finished(cfg)

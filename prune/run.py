@@ -24,6 +24,7 @@ from prune.outputs import Columns, build_manifest, build_summary, reasons, tally
 from prune.scenes import folder_scenes, scene_stage
 from prune.state import RunState
 from prune.validate import precheck, validate
+from rsprune import runlock
 from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
 from rsprune.markers import mark_cache
@@ -175,6 +176,11 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     """Run the whole pipeline for one config; returns the summary dict ({} on a process other
     than the main one under `accelerate launch`)."""
     r = RunState(cfg, validate(cfg), progress, dist_state())
+    with runlock.hold(cfg.run_dir, r.dist):  # one run per folder: a second one exits 2 naming this pid
+        return _run(r, cfg, progress)
+
+
+def _run(r: RunState, cfg: DictConfig, progress: bool) -> dict:
     mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     with r.timings("index"):
         r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist)  # shards split over processes

@@ -5,7 +5,8 @@ names from here, so a layout change is one edit (and readers never guess a spell
 
 A run folder (train/main.py, downstream/sr.py, downstream/semantic_synthesis.py):
 
-    config.yaml                   resolved config, written once (a rerun must match it)
+    .lock                         the running command's exclusive lock and pid (rsprune/runlock.py)
+    config.yaml                   resolved config, written after the first trained step (a rerun must match it)
     metrics.jsonl                 one JSON record a line (loss, lr, held-out loss, sample stats, ...)
     split.json                    the test split this run is scored against (file list hash, sizes)
     checkpoints/step_XXXXXXX/     full resumable states (rotated by checkpoints_total_limit)
@@ -126,38 +127,7 @@ def read_metrics(path, max_record: int = MAX_RECORD):
             yield line, record
 
 
-LOCK = ".lock"
-
-
-class RunLock:
-    """An exclusive lock on a run folder (fcntl.flock on RUN/.lock, holding the holder's pid): two
-    runs started into one folder would interleave their logs and delete each other's checkpoints.
-    The kernel frees it when the holder exits, however it exits."""
-
-    def __init__(self, run_dir):
-        import fcntl
-        import os
-
-        from rsprune.errors import UsageError
-
-        path = Path(run_dir) / LOCK
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a+")
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._f.seek(0)
-            holder = self._f.read().strip() or "unknown"
-            self._f.close()
-            raise UsageError(f"{run_dir} is in use by another run (pid {holder}); wait for it to end "
-                             "or choose another run_dir") from None
-        self._f.seek(0)
-        self._f.truncate()
-        self._f.write(f"{os.getpid()}\n")
-        self._f.flush()
-
-    def release(self) -> None:
-        self._f.close()  # closing the file drops the flock
+LOCK = ".lock"  # flock'ed by the one run writing the folder (rsprune/runlock.py); holds its pid
 # --- the config a run folder holds ---
 # Config keys a rerun in the same run_dir may change: none alters the training trajectory up to the
 # resumed step (max_steps may grow, which is how a run is extended; a cosine decay_steps that
@@ -194,16 +164,15 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def check_config(run_dir, cfg, write: bool) -> None:
     """Refuse (UsageError, exit 2) a run_dir that holds a run of another config; then (if `write`)
-    store this config as config.yaml."""
+    store this config as config.yaml. The engine writes it after the first trained step, so a run
+    that failed before one (a bad value, a crash while preparing) leaves no config to refuse."""
     from omegaconf import OmegaConf
 
-    from rsprune.cache import write_text
     from rsprune.errors import UsageError
 
-    path = Path(run_dir) / CONFIG
     new = OmegaConf.to_container(cfg, resolve=True)
-    if path.is_file():
-        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    old = stored_config(run_dir)
+    if old is not None:
         bad = config_changes(old, new)
         if bad:
             fa, fb = _flat(old), _flat(new)
@@ -211,4 +180,37 @@ def check_config(run_dir, cfg, write: bool) -> None:
             raise UsageError(f"{run_dir} holds a run with another config ({shown}{' ...' if len(bad) > 6 else ''}); "
                              "rerun with its values or choose another run_dir")
     if write:
-        write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+        write_config(run_dir, cfg)
+
+
+def write_config(run_dir, cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from rsprune.cache import write_text
+
+    write_text(Path(run_dir) / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def stored_config(run_dir) -> dict | None:
+    """The run folder's config.yaml as a dict, None if absent. One that does not read as a mapping
+    (malformed YAML, a list, an empty file) is a UsageError where something was trained, else
+    warned about and taken as absent (the next trained step rewrites it)."""
+    from omegaconf import OmegaConf
+
+    from rsprune.errors import UsageError, warn
+
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        why = None if isinstance(old, dict) and old else "empty" if not old else f"a {type(old).__name__}, not a mapping"
+    except Exception as e:  # YAML and OmegaConf errors of many types, undecodable bytes, I/O
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+    if why is None:
+        return old
+    if any(step_folders(Path(run_dir) / kind) for kind in (CHECKPOINTS, SNAPSHOTS)):
+        raise UsageError(f"{path} is not a readable run config ({why}) but the folder holds trained steps; "
+                         "restore the file, or choose another run_dir")
+    warn(f"{path} is not a readable run config ({why}); nothing was trained here, so it is replaced")
+    return None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rsprune import layout
+from rsprune import layout, runlock
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
 from rsprune.fingerprint import fingerprints
@@ -24,7 +24,7 @@ from train import data as tdata
 from train import engine, setup
 from train.generate import sample_latents
 from train.hooks import FDHook
-from train.validate import check_values
+from train.validate import check_train
 
 log = logging.getLogger("train")
 
@@ -35,24 +35,20 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
     latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
     """
-    check_values(cfg)  # before anything is read or written
+    check_train(cfg)  # every value, before anything is read or written
     engine.check_sizes(cfg)
     setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
     cfg, subset = _with_subset_hash(cfg)
     acc = engine.accelerator(cfg)
     run_dir = Path(str(cfg.run_dir))
-    check_config(run_dir, cfg, write=False)  # refuse another run's folder before encoding anything
-    lock = layout.RunLock(run_dir) if acc.is_main_process else None  # one run per run folder
-    try:
+    with runlock.hold(run_dir, acc):  # one run per folder: a second one exits 2 naming this pid
         return _train(cfg, acc, run_dir, subset, probes)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train(cfg, acc, run_dir: Path, subset, probes) -> dict:
     from accelerate.utils import set_seed
 
+    check_config(run_dir, cfg, write=False)  # refuse another run's folder before encoding anything
     if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
         write_json(run_dir / layout.SPLIT, split_record(cfg.data))
         mark_run(run_dir)  # sample grids never become corpus images of a later walk
