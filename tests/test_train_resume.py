@@ -202,3 +202,45 @@ def test_constant_lr_after_warm_up(base, tmp_path):
                          if "lr" in r]
     assert lrs["constant"][1:] == [1e-3] * 4  # flat from the end of warm-up
     assert all(a > b for a, b in zip(lrs["cosine"][1:], lrs["cosine"][2:]))  # the cosine decays
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "checkpoint"])
+def test_a_full_disk_while_saving_a_step_is_one_line_and_leaves_no_temporary(base, tmp_path, kind):
+    """A file-size limit stands in for a full disk: the save of a real tiny network fails in
+    diffusers' or safetensors' writer; the user gets one line naming the step folder, and no
+    `.tmp-step_*` folder is left for a later resume to trip on."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root, kept, cache = base
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(kept, run_dir, cache)
+    save = ("checkpoint.save_snapshot(run_dir, 3, unet, ema, sched, {'kind': 'taef2'})" if kind == "snapshot" else
+            "checkpoint.save_checkpoint(run_dir, 3, unet, ema, opt, setup.build_lr_scheduler(opt, cfg.optim), "
+            "sched, {'kind': 'taef2'}, {})")
+    code = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-limit write is then EFBIG, as a full disk is ENOSPC
+from rsprune.cli import UsageError, compose
+from train import checkpoint, setup
+cfg = compose("train", {overrides!r})
+run_dir = {str(run_dir)!r}
+unet = setup.build_unet(cfg.unet, 32, 4)
+ema, sched = setup.build_ema(unet, cfg.train.ema), setup.build_noise_scheduler(cfg.scheduler)
+opt = setup.build_optimizer(unet.parameters(), cfg.optim)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+try:
+    {save}
+except UsageError as e:
+    print("error:", e, file=sys.stderr)
+    sys.exit(2)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"error: cannot write {run_dir}/{kind}s/step_0000003"), lines[0]
+    assert not list((run_dir / f"{kind}s").iterdir())  # no temporary, no half step
