@@ -185,3 +185,15 @@ def test_unreadable_config_of_a_folder_that_never_trained_is_replaced(base, tmp_
     assert "warning: " in capfd.readouterr().err
     assert out["step"] == 1 and "max_steps: 1" in (run_dir / "config.yaml").read_text()
 
+
+
+def test_an_unwritable_run_dir_is_refused_before_any_work(base, tmp_path):
+    """A 300-character folder name (over the filesystem's 255) and a run_dir below a file: one
+    line, nothing written, not even the latent cache."""
+    root, kept, cache = base
+    (tmp_path / "afile").write_text("x")
+    fresh = tmp_path / "fresh-cache"
+    for run_dir in (tmp_path / ("r" * 300), tmp_path / "afile" / "run"):
+        with pytest.raises(UsageError, match="run_dir="):
+            _run(tiny_overrides(kept, run_dir, fresh, **FAST, **{"train.max_steps": 1}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

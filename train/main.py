@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rsprune import layout, runlock
-from rsprune.cache import write_json
+from rsprune.cache import check_writable, write_json
 from rsprune.cli import UsageError, main
 from rsprune.fingerprint import fingerprints
 from rsprune.layout import check_config
@@ -36,6 +36,8 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
     """
     check_train(cfg)  # every value, before anything is read or written
+    check_writable(str(cfg.run_dir), "run_dir")  # not after the latents are encoded
+    check_writable(str(cfg.cache_dir), "cache_dir")
     engine.check_sizes(cfg)
     setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
     cfg, subset = _with_subset_hash(cfg)
