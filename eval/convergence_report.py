@@ -35,6 +35,7 @@ METRICS = [("fd", "{metric} against the whole test split", "{:.2f}"),
 # held-out columns with a bootstrap over seeds x images where per-image files exist: column -> class-balanced
 BOOTSTRAP = {"heldout_loss": False, "heldout_loss_balanced": True}
 SCALE = {"kid": 1000.0}
+FID_KEYS = ("fid", "fid_balanced")  # absent from records scored before FID was
 
 
 def check_comparable(curves: dict[str, pd.DataFrame], settings: list[str]) -> None:
@@ -203,15 +204,18 @@ def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list
     lines = ["## Yardstick: real training images scored like samples", "",
              f"{metric} and KID of as many REAL training images of each run (a seeded draw) as samples, against "
              "the same test split under the same settings: where a perfect model of that training set would land "
-             "(runs of one arm share their training set, hence one value).", "",
-             "| arm | FD, whole test split | FD, class-balanced | FID, whole | FID, class-balanced | KID x 1000 | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "(runs of one arm share their training set, hence one value).", ""]
+    cols = [("fd", "FD, whole test split", 1.0), ("fd_balanced", "FD, class-balanced", 1.0),
+            ("fid", "FID, whole", 1.0), ("fid_balanced", "FID, class-balanced", 1.0), ("kid", "KID x 1000", 1000.0)]
+    # FID columns only where some record was scored with FID (records from before FID have none)
+    cols = [c for c in cols if c[0] not in FID_KEYS or any(y.get(c[0]) is not None for y in yard.values())]
+    lines += ["| arm | " + " | ".join(c[1] for c in cols) + " | runs |", "|---|" + "---:|" * (len(cols) + 1)]
     for a in arms:
         ys = [y for y in yard.values() if y["arm"] == a]
         if not ys:
             continue
         cells = []
-        for key, k in (("fd", 1.0), ("fd_balanced", 1.0), ("fid", 1.0), ("fid_balanced", 1.0), ("kid", 1000.0)):
+        for key, _, k in cols:
             if any(y.get(key) is None for y in ys):
                 cells.append("-")
                 continue
