@@ -145,7 +145,7 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
         sub = agg[agg.metric == col]
         if not len(sub):
             continue
-        pct = cfg.get("memorisation_percentile", 5)
+        pct = cfg.memorisation_percentile
         lines += [f"## {head.format(metric=metric, pct=pct)}", "", "| step | " + " | ".join(arms) + " |",
                   "|---:|" + "---:|" * len(arms)]
         for step in sorted(sub["step"].unique()):
@@ -156,7 +156,7 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
             lines += list(worst_lines)
     lines += list(paired_lines)
     if target is not None:
-        how = "given" if cfg.get("target_fd") is not None else "the worst final arm-mean FD"
+        how = "given" if cfg.target_fd is not None else "the worst final arm-mean FD"
         lines += [f"Steps to reach arm-mean {metric} <= {target:.2f} ({how}):", "", "| arm | steps |", "|---|---:|"]
         for a in arms:
             reach = steps_to_reach(agg, a, target)
@@ -236,7 +236,7 @@ def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path, yard: dict | 
     first = scored.iloc[0] if len(scored) else {}
     info = {k: (int(float(first[k])) if len(scored) else "?") for k in ("n_fake", "side", "n_test", "n_balanced")}
     info["test"] = str(first.get("test_sha256", "?"))[:12]
-    target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(agg)
+    target = float(cfg.target_fd) if cfg.target_fd is not None else default_target(agg)
     text = markdown(agg, arms, metric, target, cfg, info, paired_section(curves, arms, per_image, classes),
                     worst_class_lines(curves, arms)) + "\n".join(["", *yardstick_lines(yard or {}, arms, metric)])
     write_text(results_dir / "convergence.md", text)
