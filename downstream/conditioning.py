@@ -39,7 +39,7 @@ def condition_channels(task_cfg, first_stage) -> int:
     if kind == "latent":
         return int(first_stage.latent_channels)
     if kind == "pixels":
-        f = int(first_stage.downscale) // int(task_cfg.get("scale", 4))
+        f = int(first_stage.downscale) // int(task_cfg.scale)
         return 3 * f * f
     raise UsageError(f"unknown condition {kind!r}; expected latent | pixels")
 

@@ -24,13 +24,11 @@ from rsprune.cli import UsageError
 log = logging.getLogger(__name__)
 
 
-SCRATCH_RESOLUTION = 64  # the train/ CPU default; a backbone brings its own
-
-
 def load_start(cfg, resolution: int | None):
     """(unet, scheduler, first_stage, info): the backbone checkpoint or a fresh network.
 
-    `resolution` None means the backbone's training resolution. For `backbone=none` the first stage comes unscaled; `fit_latent_scale` sets its scale from
+    `resolution` None means the backbone's training resolution (`scratch_resolution` for backbone=none).
+    For `backbone=none` the first stage comes unscaled; `fit_latent_scale` sets its scale from
     the training latents, as train/ does.
     """
     from train.first_stage import build_first_stage
@@ -50,7 +48,7 @@ def load_start(cfg, resolution: int | None):
                              f"{resolution} px; set resolution={info['image_size']}")
         return unet.train().requires_grad_(True), scheduler, fs, {"backbone": str(src)} | info
     fs = build_first_stage(cfg.autoencoder, cache_dir=cfg.cache_dir)
-    resolution = int(resolution or SCRATCH_RESOLUTION)
+    resolution = int(resolution or cfg.scratch_resolution)
     if resolution % fs.downscale:
         raise UsageError(f"resolution {resolution} is not a multiple of the autoencoder's {fs.downscale}")
     torch.manual_seed(int(cfg.seed))
@@ -140,7 +138,8 @@ def finished(cfg) -> tuple[str, dict | None]:
     """(config key, the run's metrics if it was already evaluated under this exact config)."""
     from omegaconf import OmegaConf
 
-    key = stable_hash(OmegaConf.to_container(cfg, resolve=True))
+    # in the form runs were evaluated under before keys were declared or dropped (rsprune/layout.py)
+    key = stable_hash(layout.earlier_form(OmegaConf.to_container(cfg, resolve=True)))
     done = read_metrics(cfg.run_dir)
     if done and done.get("config_key") == key:
         log.info("already evaluated: %s", Path(cfg.run_dir) / "metrics.json")

@@ -67,7 +67,7 @@ def run_groups(cfg) -> dict[str, list[Path]]:
     """arm -> run folders, each checked to exist and to hold a snapshot or a convergence.csv."""
     from train.generate import list_snapshots
 
-    runs = cfg.get("runs")
+    runs = cfg.runs
     if OmegaConf.is_dict(runs):
         groups = {str(a): [Path(str(d)) for d in ds] for a, ds in runs.items()}
     else:
@@ -75,7 +75,7 @@ def run_groups(cfg) -> dict[str, list[Path]]:
         dirs = [Path(m) for r in (runs or []) for m in (sorted(glob.glob(str(r))) or [str(r)])]
         groups = {}
         for d in dirs:
-            groups.setdefault(arm_of(d, cfg.get("arm_key")), []).append(d)
+            groups.setdefault(arm_of(d, cfg.arm_key), []).append(d)
     if not any(groups.values()):
         raise UsageError("no run folders given: runs=[RUN_DIR,...] or runs={arm: [RUN_DIR,...]}")
     for d in (d for ds in groups.values() for d in ds):
@@ -118,7 +118,7 @@ def test_split(cfg, run_dir: Path) -> dict:
     test split the run recorded (split.json) when it trained."""
     from rsprune.split import describe, paths
 
-    entry = cfg.get("test") or run_config(run_dir).data.get("test")
+    entry = cfg.test or run_config(run_dir).data.get("test")
     if not entry:
         raise UsageError(f"no test split: {run_dir / layout.CONFIG} has no data.test; give test=DIR|LIST")
     desc = describe(str(entry))
@@ -180,22 +180,22 @@ class Scorer:
 
     def __init__(self, cfg):
         self.cfg, self._extractor, self._inception, self._memo = cfg, None, None, {}
-        self.fid = bool(cfg.get("fid", False)) and str(cfg.feature) != "inception"
+        self.fid = bool(cfg.fid) and str(cfg.feature) != "inception"
 
     @property
     def extractor(self):
         if self._extractor is None:
             c = self.cfg
-            self._extractor = build_extractor(c.feature, inception_weights=c.get("inception_weights"),
-                                              overrides=encoder_overrides(c), device=c.get("device"))
+            self._extractor = build_extractor(c.feature, inception_weights=c.inception_weights,
+                                              overrides=encoder_overrides(c), device=c.device)
         return self._extractor
 
     @property
     def inception(self):
         if self._inception is None:
             c = self.cfg
-            self._inception = build_extractor("inception", inception_weights=c.get("inception_weights"),
-                                              device=c.get("device"))
+            self._inception = build_extractor("inception", inception_weights=c.inception_weights,
+                                              device=c.device)
         return self._inception
 
     def stats(self, paths: list[str], side: int, extractor=None) -> dict:
@@ -253,7 +253,7 @@ class Scorer:
 
 
 def wanted_steps(cfg, snaps: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
-    if cfg.get("score_steps") is None:
+    if cfg.score_steps is None:
         return snaps
     want = {int(s) for s in cfg.score_steps}
     return [(s, p) for s, p in snaps if s in want]
@@ -288,7 +288,7 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
             train = scorer.train(run_dir, test, side)
         say(f"{name} step {step}: sampling {int(cfg.n_samples)} images ({cfg.sampler}, {int(cfg.steps)} steps)")
         try:
-            loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.get("device")))
+            loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.device))
         except load_errors() as e:  # one damaged snapshot costs its row, not the steps scored
             warn(f"{name} step {step}: snapshot does not load ({' '.join(str(e).split())[:160]}); skipped")
             bad.add(step)
@@ -335,7 +335,7 @@ def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_di
     from train.data import load_images
 
     n = int(cfg.sheet_n)
-    loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.get("device")))
+    loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.device))
     fake = generate(loaded, n, seed=int(cfg.seed), steps=int(cfg.steps), sampler=str(cfg.sampler),
                     batch_size=int(cfg.batch_size))
     real = load_images(test_paths[:: max(1, len(test_paths) // n)][:n], side)  # spread over the sorted classes

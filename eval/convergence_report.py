@@ -35,6 +35,7 @@ METRICS = [("fd", "{metric} against the whole test split", "{:.2f}"),
 # held-out columns with a bootstrap over seeds x images where per-image files exist: column -> class-balanced
 BOOTSTRAP = {"heldout_loss": False, "heldout_loss_balanced": True}
 SCALE = {"kid": 1000.0}
+FID_KEYS = ("fid", "fid_balanced")  # absent from records scored before FID was
 
 
 def check_comparable(curves: dict[str, pd.DataFrame], settings: list[str]) -> None:
@@ -144,7 +145,7 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
         sub = agg[agg.metric == col]
         if not len(sub):
             continue
-        pct = cfg.get("memorisation_percentile", 5)
+        pct = cfg.memorisation_percentile
         lines += [f"## {head.format(metric=metric, pct=pct)}", "", "| step | " + " | ".join(arms) + " |",
                   "|---:|" + "---:|" * len(arms)]
         for step in sorted(sub["step"].unique()):
@@ -155,7 +156,7 @@ def markdown(agg: pd.DataFrame, arms: list[str], metric: str, target: float | No
             lines += list(worst_lines)
     lines += list(paired_lines)
     if target is not None:
-        how = "given" if cfg.get("target_fd") is not None else "the worst final arm-mean FD"
+        how = "given" if cfg.target_fd is not None else "the worst final arm-mean FD"
         lines += [f"Steps to reach arm-mean {metric} <= {target:.2f} ({how}):", "", "| arm | steps |", "|---|---:|"]
         for a in arms:
             reach = steps_to_reach(agg, a, target)
@@ -203,15 +204,18 @@ def yardstick_lines(yard: dict[str, dict], arms: list[str], metric: str) -> list
     lines = ["## Yardstick: real training images scored like samples", "",
              f"{metric} and KID of as many REAL training images of each run (a seeded draw) as samples, against "
              "the same test split under the same settings: where a perfect model of that training set would land "
-             "(runs of one arm share their training set, hence one value).", "",
-             "| arm | FD, whole test split | FD, class-balanced | FID, whole | FID, class-balanced | KID x 1000 | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "(runs of one arm share their training set, hence one value).", ""]
+    cols = [("fd", "FD, whole test split", 1.0), ("fd_balanced", "FD, class-balanced", 1.0),
+            ("fid", "FID, whole", 1.0), ("fid_balanced", "FID, class-balanced", 1.0), ("kid", "KID x 1000", 1000.0)]
+    # FID columns only where some record was scored with FID (records from before FID have none)
+    cols = [c for c in cols if c[0] not in FID_KEYS or any(y.get(c[0]) is not None for y in yard.values())]
+    lines += ["| arm | " + " | ".join(c[1] for c in cols) + " | runs |", "|---|" + "---:|" * (len(cols) + 1)]
     for a in arms:
         ys = [y for y in yard.values() if y["arm"] == a]
         if not ys:
             continue
         cells = []
-        for key, k in (("fd", 1.0), ("fd_balanced", 1.0), ("fid", 1.0), ("fid_balanced", 1.0), ("kid", 1000.0)):
+        for key, _, k in cols:
             if any(y.get(key) is None for y in ys):
                 cells.append("-")
                 continue
@@ -232,7 +236,7 @@ def write(curves: dict[str, pd.DataFrame], cfg, results_dir: Path, yard: dict | 
     first = scored.iloc[0] if len(scored) else {}
     info = {k: (int(float(first[k])) if len(scored) else "?") for k in ("n_fake", "side", "n_test", "n_balanced")}
     info["test"] = str(first.get("test_sha256", "?"))[:12]
-    target = float(cfg.target_fd) if cfg.get("target_fd") is not None else default_target(agg)
+    target = float(cfg.target_fd) if cfg.target_fd is not None else default_target(agg)
     text = markdown(agg, arms, metric, target, cfg, info, paired_section(curves, arms, per_image, classes),
                     worst_class_lines(curves, arms)) + "\n".join(["", *yardstick_lines(yard or {}, arms, metric)])
     write_text(results_dir / "convergence.md", text)

@@ -46,8 +46,8 @@ def encoder_overrides(cfg) -> dict:
     """`encoder_overrides` plus the `resolution` shortcut, as a plain dict."""
     from omegaconf import OmegaConf
 
-    ov = OmegaConf.to_container(cfg.get("encoder_overrides") or OmegaConf.create({}), resolve=True)
-    if cfg.get("resolution"):
+    ov = OmegaConf.to_container(cfg.encoder_overrides or OmegaConf.create({}), resolve=True)
+    if cfg.resolution:
         ov["resolution"] = int(cfg.resolution)
     return ov
 
@@ -68,9 +68,9 @@ def matched_side(rule, real, fake) -> int | None:
 def run(cfg: DictConfig) -> dict:
     """Score `cfg.fake` against `cfg.real` (whose statistics are cached)."""
     real, fake = image_paths(cfg.real, "real"), image_paths(cfg.fake, "fake")
-    extractor = build_extractor(cfg.feature, inception_weights=cfg.get("inception_weights"),
-                                overrides=encoder_overrides(cfg), device=cfg.get("device"))
-    side = matched_side(cfg.get("match_resolution", True), real, fake)
+    extractor = build_extractor(cfg.feature, inception_weights=cfg.inception_weights,
+                                overrides=encoder_overrides(cfg), device=cfg.device)
+    side = matched_side(cfg.match_resolution, real, fake)
     ref = reference_stats(real, extractor, cfg.cache_dir, root=cfg.real, batch_size=cfg.batch_size,
                           num_workers=cfg.num_workers, pre_size=side)
     ff, fake_bad = extract_features(fake, extractor, cfg.batch_size, cfg.num_workers, pre_size=side)
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
     if res["kid"] is not None:
         print(f"kid={res['kid']:.6g}")
     print(f"fd={res['fd']:.6g}")
-    if cfg.get("out"):
+    if cfg.out:
         write_json(cfg.out, res)
     return res
 

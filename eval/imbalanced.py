@@ -48,7 +48,7 @@ def heldout_section(cfg) -> object:
     plan = sweeps.imbalanced_heldout(cfg)  # building: rsprune/sweeps.py; running: prune/sweep.py
     sweeps.require(plan, "imbalanced_heldout")
     df, feature = heldout_results(cfg, plan)
-    bounds = list(cfg.heldout.get("bounds") or {})  # run like variants, reported apart
+    bounds = list(cfg.heldout.bounds or {})  # run like variants, reported apart
     out = Path(str(cfg.heldout.out))
     write_text(out.with_suffix(".md"), heldout_markdown(df, cfg.heldout, feature, bounds))
     heldout_figure(df[~df.method.isin(bounds)], out.with_suffix(".png"))

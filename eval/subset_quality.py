@@ -101,7 +101,7 @@ def evaluate_runs(run_dirs: list[str], cfg: DictConfig, progress: bool = True) -
         m = read_manifest(rd)
         usable = m[m.readable & (m.reason != "pruned_exact_duplicate")].reset_index(drop=True)
         key = stable_hash("quality", usable.id.tolist(), usable.selected.tolist(), dict(cfg.encoder),
-                          float(cfg.near_dup), dict(cfg.get("balance_groups") or {}))
+                          float(cfg.near_dup), dict(cfg.balance_groups or {}))
         out = Path(rd) / "subset_quality.json"
         if out.exists() and read_json(out).get("key") == key:
             results.append(read_json(out))
@@ -115,7 +115,7 @@ def evaluate_runs(run_dirs: list[str], cfg: DictConfig, progress: bool = True) -
         r = quality(feats, usable.selected.to_numpy(), usable.entropy_local.to_numpy(), folder_labels(usable),
                     float(cfg.near_dup), stats)
         s = read_json(Path(rd) / "summary.json")
-        r.update(group_balance(r["class_histogram"], cfg.get("balance_groups") or {}))
+        r.update(group_balance(r["class_histogram"], cfg.balance_groups or {}))
         method = s["config"]["method"]
         r.update(key=key, run_dir=str(rd), method=method.get("label", method["name"]), ratio=s["config"]["ratio"],
                  seed=s["config"]["seed"], feature=str(cfg.encoder.variant if "variant" in cfg.encoder else cfg.encoder.model))

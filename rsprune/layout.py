@@ -139,7 +139,37 @@ MAY_DIFFER = ("data.subset_hash.summary_sha256",
               "train.checkpoint_every", "train.checkpoints_total_limit", "train.snapshot_steps",
               "train.sample_every", "train.sample_n", "train.sample_steps", "train.sample_seed",
               "data.num_workers", "data.encode_batch_size", "cache_dir", "run_dir",
-              "wandb.", "eval.", "report.", "segnet.", "sr.test", "sr.max_test")
+              "wandb.", "eval.", "segnet.", "sr.test", "sr.max_test")
+# Keys declared in a config after run folders were written without them (the value the code used
+# while they were absent), and dead keys dropped from configs (the value stored configs hold).
+# Configs are compared in their earlier form, so a folder written before still resumes and a
+# finished downstream evaluation is still found (downstream/finetune.py hashes this form).
+DECLARED_LATER = {"scratch_resolution": 64, "wandb": None}
+DROPPED = {"autoencoder.max_steps": 0}  # fitted first stages (kl_small) still declare theirs
+
+
+def earlier_form(d: dict) -> dict:
+    """A resolved config as the code before DECLARED_LATER / DROPPED wrote it (a copy)."""
+    import copy
+
+    d = copy.deepcopy(d)
+    for key, value in DECLARED_LATER.items():
+        *parents, leaf = key.split(".")
+        node = _node(d, parents)
+        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+            del node[leaf]
+    for key, value in DROPPED.items():
+        *parents, leaf = key.split(".")
+        node = _node(d, parents)
+        if isinstance(node, dict) and parents and leaf not in node:
+            node[leaf] = value
+    return d
+
+
+def _node(d, parents: list[str]):
+    for k in parents:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -158,7 +188,7 @@ def _may_differ(key: str) -> bool:
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two resolved configs and may not (MAY_DIFFER)."""
-    a, b = _flat(old), _flat(new)
+    a, b = _flat(earlier_form(old)), _flat(earlier_form(new))
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and not _may_differ(k))
 
 

@@ -244,3 +244,20 @@ def test_a_damaged_snapshot_is_skipped_with_a_warning_and_the_good_steps_are_sco
     assert list(csv["step"]) == [s for s, _ in steps[:-1]]  # every good step scored
     assert f"step {steps[-1][0]}: snapshot does not load" in capsys.readouterr().err
     assert (tmp_path / "results" / "convergence.md").is_file()
+
+
+@pytest.mark.parametrize("section, files", [("convergence", ["convergence.md", "convergence.png"]),
+                                            ("sr", ["sr.md"])])
+def test_committed_sections_rebuild_byte_identical_from_the_committed_records(section, files, tmp_path, monkeypatch):
+    """results/ tables and figures are rebuilt from the committed run records, never edited: the
+    section's output, written elsewhere, equals the committed files byte for byte (the convergence
+    records predate FID, so the report must not grow FID columns for them)."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(ROOT)  # the registry's run globs are relative to the repository
+    spec = compose("eval/tables", []).sections[section]
+    key = "set.report.results_dir" if section == "sr" else "set.results_dir"
+    OmegaConf.update(spec, key, str(tmp_path))
+    tables.run_section(section, spec)
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (ROOT / "results" / name).read_bytes(), name

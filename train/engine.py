@@ -88,16 +88,16 @@ def accelerator(cfg):
     # A second run in one process (tests, notebooks) may change mixed precision: forget the old
     # settings (the process group, if any, is kept).
     AcceleratorState._reset_state()
-    acc = Accelerator(gradient_accumulation_steps=int(t.get("grad_accum", 1)),
+    acc = Accelerator(gradient_accumulation_steps=int(t.grad_accum),
                       mixed_precision=str(t.mixed_precision))
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")  # no-op if the caller configured logging
     for name in ("train", "rsprune", "downstream"):  # progress from the main process only; warnings from all
         logging.getLogger(name).setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
     for name in ("accelerate", "diffusers"):  # their per-file save/load lines drown the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
-    if t.get("cpu_threads"):  # on a shared CPU, fewer threads than cores avoids spin-wait contention
+    if t.cpu_threads:  # on a shared CPU, fewer threads than cores avoids spin-wait contention
         torch.set_num_threads(int(t.cpu_threads))
-    if torch.cuda.is_available() and t.get("allow_tf32", True):
+    if torch.cuda.is_available() and t.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return acc
 
@@ -158,8 +158,8 @@ class _Loop:
         self.acc, self.cfg, self.job, self.run_dir = acc, cfg, job, run_dir
         self.unet, self.ema, self.optimizer, self.lr_scheduler, self.metrics = unet, ema, optimizer, lr_scheduler, metrics
         t = cfg.train
-        self.max_steps, self.accum, self.bs = int(t.max_steps), int(t.get("grad_accum", 1)), int(t.batch_size)
-        self.snapshot_steps = {int(s) for s in (t.get("snapshot_steps") or [])}
+        self.max_steps, self.accum, self.bs = int(t.max_steps), int(t.grad_accum), int(t.batch_size)
+        self.snapshot_steps = {int(s) for s in (t.snapshot_steps or [])}
 
     def run(self, step: int) -> dict:
         from tqdm import tqdm
@@ -231,7 +231,7 @@ class _Loop:
         last = step == self.max_steps
         ckpt_due = step % int(t.checkpoint_every) == 0 or last
         snap_due = step in self.snapshot_steps
-        sample_due = (self.job.sample is not None and int(t.get("sample_every", 0)) > 0
+        sample_due = (self.job.sample is not None and int(t.sample_every) > 0
                       and (step % int(t.sample_every) == 0 or last))
         hooks = [h for h in self.job.ema_hooks if h.due(step)]
         if self.acc.is_main_process:

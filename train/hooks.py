@@ -49,7 +49,7 @@ class MetricsLog:
 
 
 def _start_wandb(run_dir, cfg):
-    if cfg.get("wandb") is None:  # downstream configs have no wandb section
+    if cfg.wandb is None:  # the downstream configs declare wandb: null
         return None
     mode = os.environ.get("WANDB_MODE", str(cfg.wandb.mode))
     if mode == "disabled":
@@ -99,7 +99,7 @@ class FDHook:
             self.real = self.real_fn()
         c = self.cfg.eval
         fake = decode_samples(unet, self.noise_scheduler, self.first_stage, int(c.fd_samples), 0, int(c.fd_steps))
-        res = c.get("fd_resolution")  # features at the images' own resolution (paper_gpu: 256)
+        res = c.fd_resolution  # features at the images' own resolution (paper_gpu: 256)
         r = frechet_distance_from_images(self.real, fake, feature=str(c.fd_feature),
                                          overrides={"resolution": int(res)} if res else None)
         # A smoke check, not a result: FD of tens of samples is dominated by its small-N bias.

@@ -87,8 +87,6 @@ def _train(cfg, acc, run_dir: Path, subset, probes) -> dict:
 def _with_subset_hash(cfg) -> tuple:
     """cfg with data.subset_hash: the kept list's and its prune run's sha256 (None for the full corpus),
     recorded in config.yaml, so a rerun on a re-pruned subset is refused instead of mixed in."""
-    from omegaconf import open_dict
-
     from rsprune.manifest import kept_file, prune_run_hash
 
     cfg = cfg.copy()
@@ -98,8 +96,7 @@ def _with_subset_hash(cfg) -> tuple:
         if not kept_file(spec).is_file():
             raise UsageError(f"subset file {kept_file(spec)} does not exist (data.subset=RUN_DIR/kept.txt | RUN_DIR | full)")
         info = prune_run_hash(spec)
-    with open_dict(cfg):
-        cfg.data.subset_hash = info
+    cfg.data.subset_hash = info  # declared null in configs/train.yaml
     return cfg, info
 
 
@@ -121,9 +118,10 @@ def _prepare_data(cfg, acc, run_dir: Path):
     engine.check_sizes(cfg, len(train_paths), acc.num_processes)
     # One process per machine encodes (a cache on a shared filesystem is written once, atomically).
     with acc.local_main_process_first():
-        # kl_small fits on a bounded seeded sample of the subset (memory)
-        fit_paths = tdata.seeded_sample(train_paths, int(cfg.autoencoder.get("fit_images", 2048)), int(cfg.seed))
-        fit_key = (fit_paths, fingerprints(fit_paths, tdata.memo_dir(cfg.cache_dir)), res)  # by content too
+        # kl_small fits on a bounded seeded sample of the subset (memory); a pretrained one fits nothing
+        fitted = cfg.autoencoder.kind == "kl_small"
+        fit_paths = tdata.seeded_sample(train_paths, int(cfg.autoencoder.fit_images), int(cfg.seed)) if fitted else []
+        fit_key = (fit_paths, fingerprints(fit_paths, tdata.memo_dir(cfg.cache_dir)), res) if fitted else ()
         fs = build_first_stage(cfg.autoencoder, lambda: tdata.load_images(fit_paths, res),
                                cfg.cache_dir, key_parts=fit_key).to(acc.device)
         latents, meta = tdata.cached_latents(fs, train_paths, res, cfg.cache_dir, int(cfg.data.encode_batch_size),
@@ -147,12 +145,12 @@ def _build_probes(cfg, first_stage, run_dir: Path):
     from train.probes import Probes
 
     test = tdata.test_paths(cfg.data)
-    paths = tdata.seeded_sample(test, tdata.sample_size(cfg.eval.get("heldout_n"), "eval.heldout_n"))
+    paths = tdata.seeded_sample(test, tdata.sample_size(cfg.eval.heldout_n, "eval.heldout_n"))
     z, images, kept = tdata.probe_set(first_stage, paths, int(cfg.data.resolution), cfg.cache_dir,
                                       int(cfg.data.encode_batch_size), int(cfg.data.num_workers))
     return Probes(setup.build_noise_scheduler(cfg.scheduler), first_stage, z, images,
                   int(cfg.eval.heldout_timesteps), int(cfg.eval.heldout_seed), float(cfg.eval.sample_drift),
-                  run_dir=run_dir, paths=kept, root=str(cfg.data.get("root") or "") or None,
+                  run_dir=run_dir, paths=kept, root=str(cfg.data.root or "") or None,
                   test_sha256=describe(cfg.data.test)["sha256"] if isinstance(cfg.data.test, str) else None)
 
 

@@ -20,7 +20,7 @@ INFO = "samples.json"
 
 
 def out_dir(cfg, step: int) -> Path:
-    if cfg.get("out"):
+    if cfg.out:
         return Path(str(cfg.out))
     return Path(str(cfg.run)) / layout.GENERATED / f"{layout.step_name(step)}-n{int(cfg.n)}-s{int(cfg.seed)}"
 
@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
     from rsprune.device import resolve
     from train.generate import SAMPLERS, generate, load_backbone
 
-    if not cfg.get("run"):
+    if not cfg.run:
         raise UsageError("run=RUN_DIR is required (a train/ run folder)")
     if not Path(str(cfg.run)).is_dir():
         raise UsageError(f"run folder {cfg.run} does not exist")
@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> dict:
         raise UsageError(f"n={cfg.n}: at least one image")
     if str(cfg.sampler) not in SAMPLERS:
         raise UsageError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    loaded = load_backbone(str(cfg.run), step=cfg.get("step"), ema=True, device=resolve(cfg.get("device")))
+    loaded = load_backbone(str(cfg.run), step=cfg.step, ema=True, device=resolve(cfg.device))
     step = int(loaded[3]["step"])
     out = out_dir(cfg, step)
     info = {"run": str(Path(str(cfg.run)).resolve()), "step": step, "weights": loaded[3]["weights"],

@@ -47,9 +47,9 @@ def quotas(sizes: np.ndarray, c: np.ndarray, budget: int, m) -> np.ndarray:
     z = c / max(float(m.temperature), 1e-12)
     w = np.exp(z - z.max())
     w /= w.sum()
-    rule = str(m.get("quotas", "qp"))
+    rule = str(m.quotas)
     if rule == "qp":
-        return qp_quotas(sizes, w, budget, float(m.get("min_share", 0.5)))
+        return qp_quotas(sizes, w, budget, float(m.min_share))
     if rule == "waterfill":
         return waterfill(sizes, w, budget)
     raise UsageError(f"method.quotas must be qp or waterfill, got {rule!r}")
@@ -57,7 +57,7 @@ def quotas(sizes: np.ndarray, c: np.ndarray, budget: int, m) -> np.ndarray:
 
 def select(pool, budget: int, cfg, rng):
     m = cfg.method
-    which = str(m.get("d_inter", "centroids"))
+    which = str(m.d_inter)
     if which not in ("centroids", "member_means"):
         raise UsageError(f"method.d_inter must be centroids or member_means, got {which!r}")
     cent = pool.centroids if which == "centroids" else None
