@@ -151,8 +151,9 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
     return refused
 
 
-def gather(plan, store: Path, hashes) -> np.ndarray:
-    """Embeddings (float32, unit norm) for content hashes in the given order, from the store."""
+def gather(plan, store: Path, hashes, raw: bool = False) -> np.ndarray:
+    """Embeddings (float32, unit norm) for content hashes in the given order, from the store;
+    `raw`: as stored (float16 rows before `unit_rows`)."""
     if not plan:
         return np.zeros((len(hashes), 0), np.float32)
     ids = []
@@ -169,13 +170,20 @@ def gather(plan, store: Path, hashes) -> np.ndarray:
         raise RuntimeError("some images have no embedding in the store")
     shard = np.searchsorted(bounds, pos, side="right") - 1
     arrays = [np.load(store / f"{k}.npy", mmap_mode="r") for k, _ in plan]
-    out = np.empty((len(want), arrays[0].shape[1]), np.float32)
+    out = np.empty((len(want), arrays[0].shape[1]), arrays[0].dtype if raw else np.float32)
     for s in np.unique(shard):
         m = shard == s
         out[m] = arrays[s][pos[m] - bounds[s]]
-    if arrays[0].dtype != np.float32:  # float16 storage: restore unit norm after rounding
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    if arrays[0].dtype != np.float32 and not raw:  # float16 storage: restore unit norm after rounding
+        unit_rows(out)
     return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of a float32 array scaled to unit norm, in place, one row at a time alike (what a
+    partitioned reader (prune/engine_ray.py) does to the same stored rows)."""
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=None):
@@ -224,8 +232,8 @@ class Store:
     images: int
     refused: dict  # path -> reason: files whose bytes changed since the index (not embedded)
 
-    def gather(self, hashes) -> np.ndarray:
-        return gather(self.plan, self.path, hashes)
+    def gather(self, hashes, raw: bool = False) -> np.ndarray:
+        return gather(self.plan, self.path, hashes, raw)
 
 
 def embed_inputs(inputs, cfg, cache_dir: str, progress: bool = True, state=None) -> Store:

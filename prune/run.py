@@ -11,6 +11,7 @@ what the run folder holds.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from prune import methods
 from prune.cluster import cluster_stage
 from prune.embed import dist_state, embed_inputs
+from prune.engine_ray_run import engine_of
 from prune.entropy import stage1_pool
 from prune.index import index_inputs, mark_duplicates
 from prune.outputs import Columns, build_manifest, build_summary, reasons, write_outputs
@@ -159,6 +161,10 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     """Run the whole pipeline for one config; returns the summary dict ({} on a process other
     than the main one under `accelerate launch`)."""
     plan = validate(cfg)
+    if engine_of(cfg) == "ray":  # stages 3-5 on Ray; an unknown engine is a usage error here
+        from prune.engine_ray_run import run as run_on_ray
+
+        return run_on_ray(plan, cfg, progress, sys.modules[__name__])  # this module's pieces, no import circle
     state = dist_state()
     t, cached = Timings(), {}
     with t("index"):

@@ -29,11 +29,13 @@ from omegaconf import OmegaConf
 
 from rsprune.cache import cached_table, read_json, stable_hash, write_json
 from rsprune.errors import UsageError, warn
-from rsprune.knn import kmeans, normalize, search
+from rsprune.exact import hash_keys, mix64
+from rsprune.knn import kmeans, nearest, normalize, search
 from rsprune.layout import CACHE_SCENES, cache_path
 
 UNMATCHED = -1
 CHUNK = 65536  # corpus rows per assignment chunk
+PSEUDO_FIT = 100_000  # pseudo-scene k-means is fitted on a hash sample of about this many unmatched rows
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)  # the similarity distribution reported in diagnostics
 
 
@@ -70,8 +72,8 @@ def assign_scenes(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray, mode: st
     """Scene index per corpus row (UNMATCHED under the threshold) and its similarity."""
     if mode == "prototype":
         protos, owner = prototypes(ref, labels, per_class, seed)
-        sim, idx = search(protos, emb, 1)
-        scene, score = owner[idx[:, 0]], sim[:, 0]
+        score, idx = nearest(protos, emb)
+        scene = owner[idx]
     elif mode == "knn":
         k = min(knn, len(ref))
         sim, idx = search(ref, emb, k)
@@ -151,23 +153,41 @@ def n_pseudo(n_unmatched: int, n_total: int, n_classes: int, pseudo_size) -> int
     return int(max(1, min(round(n_unmatched / per), n_unmatched)))
 
 
-def pseudo_scenes(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Pseudo-scene index (0..k-1) of each unmatched image: spherical k-means on the unmatched pool."""
+def pseudo_sample(keys: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Unmatched rows the pseudo-scene k-means is fitted on: all up to PSEUDO_FIT of them, else
+    each with probability PSEUDO_FIT / n by a seeded hash of its key (bounded memory at 10^8)."""
+    if n <= PSEUDO_FIT:
+        return np.ones(len(keys), bool)
+    return mix64(keys, seed + 7919) < np.uint64(int(PSEUDO_FIT / n * 2.0 ** 64))
+
+
+def fit_pseudo(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """(k, d) pseudo-scene centroids from the fit sample (rows in content-hash order)."""
+    return kmeans(sample, k, seed=seed, spherical=True)[0]
+
+
+def pseudo_scenes(emb: np.ndarray, k: int, seed: int, keys: np.ndarray | None = None) -> np.ndarray:
+    """Pseudo-scene index (0..k-1) of each unmatched image: spherical k-means on the unmatched
+    pool (a hash sample of it past PSEUDO_FIT rows; `keys` default the row numbers)."""
     if k <= 1:
         return np.zeros(len(emb), np.int64)
-    centroids, _ = kmeans(emb, k, seed=seed, spherical=True)
-    return search(centroids, emb, 1)[1][:, 0].astype(np.int64)
+    keys = np.arange(len(emb), dtype=np.uint64) if keys is None else keys
+    centroids = fit_pseudo(emb[pseudo_sample(keys, len(emb), seed)], k, seed)
+    return nearest(centroids, emb)[1].astype(np.int64)
 
 
 def stratify(scene: np.ndarray, score: np.ndarray, emb_rows, n_classes: int, threshold: float,
-             pseudo_size, seed: int) -> tuple[np.ndarray, int]:
+             pseudo_size, seed: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Strata from the best scene and its similarity: matched images keep their scene; the
     unmatched become pseudo-scenes n_classes..n_classes+k-1 (or UNMATCHED when k = 0).
     `emb_rows(rows)` gives the embeddings of the unmatched rows. Returns (strata, k)."""
     out = scene.astype(np.int64).copy()
     rows = np.flatnonzero(score < threshold)
     k = n_pseudo(len(rows), len(scene), n_classes, pseudo_size)
-    out[rows] = UNMATCHED if k == 0 else n_classes + pseudo_scenes(emb_rows(rows), k, seed)
+    if k:
+        out[rows] = n_classes + pseudo_scenes(emb_rows(rows), k, seed, None if keys is None else keys[rows])
+    else:
+        out[rows] = UNMATCHED
     return out, k
 
 
@@ -215,7 +235,7 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
         warn(f"reference class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
              "with no readable image dropped from the scenes")
     c = scenes_cfg
-    key = stable_hash("scenes", store.key, ref_key, hashes, OmegaConf.to_container(c), seed)
+    key = stable_hash("scenes-v2", store.key, ref_key, hashes, OmegaConf.to_container(c), seed)
     path = cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet")
     info_path = path.with_suffix(".json")
     if path.exists() and (not info_path.is_file() or read_json(info_path).get("key") != key):
@@ -232,7 +252,7 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
         threshold, rule = calibrate(c.threshold, float(c.quantile), score, lambda: held)
         pick = np.asarray(hashes)
         strata, k = stratify(best, score, lambda rows: store.gather(pick[rows].tolist()), len(classes), threshold,
-                             c.pseudo_size, seed)
+                             c.pseudo_size, seed, hash_keys(hashes))
         box["info"] = diagnostics(strata, score, threshold, rule, len(classes), k, c.pseudo_size, held)
         write_json(info_path, {"key": key, **box["info"]})  # before the table: a table implies its diagnostics
         return pd.DataFrame({"content_hash": hashes, "scene": strata, "scene_similarity": score})

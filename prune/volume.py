@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rsprune.exact import exact_mean, parts_total, sum_parts
+
 BLOCK = 2048  # rows per similarity block inside one cluster: memory O(BLOCK x cluster size)
 
 
@@ -46,31 +48,46 @@ def neighbour_distances(emb: np.ndarray, cluster: np.ndarray, k: int) -> np.ndar
     return out
 
 
-def intrinsic_dim(dist: np.ndarray) -> float:
-    """Levina-Bickel MLE of the intrinsic dimension from (N, k) ascending neighbour distances
-    (NaN past a small cluster's members): per row over the k_i >= 3 neighbours it has, all at a
-    positive distance; pooled as 1 / mean(1 / m_i). NaN when no row qualifies."""
+def inverse_dims(dist: np.ndarray) -> np.ndarray:
+    """Per qualifying row, 1 / m_i of the Levina-Bickel MLE from (N, k) ascending neighbour
+    distances (NaN past a small cluster's members): rows with k_i >= 3 neighbours, all at a
+    positive distance."""
     finite = np.isfinite(dist)
     k = finite.sum(axis=1)
     ok = (k >= 3) & (np.where(finite, dist, 1.0).min(axis=1, initial=1.0) > 0)
-    if not ok.any():
-        return float("nan")
     d, k = dist[ok], k[ok]
     last = d[np.arange(len(d)), k - 1]
     logs = np.where(np.isfinite(d), np.log(last[:, None] / np.where(np.isfinite(d), d, 1.0)), 0.0)
-    inv = logs.sum(axis=1) / (k - 1)  # 1 / m_i (the k-th term is log 1 = 0)
-    return float(1.0 / inv.mean())
+    return logs.sum(axis=1) / (k - 1)  # the k-th term is log 1 = 0
+
+
+def intrinsic_dim(dist: np.ndarray) -> float:
+    """Levina-Bickel MLE of the intrinsic dimension, pooled as 1 / mean(1 / m_i) (the mean summed
+    exactly, so partitions give the same bits); NaN when no row qualifies."""
+    inv = inverse_dims(dist)
+    return float(1.0 / exact_mean(inv)) if len(inv) else float("nan")
 
 
 def image_volumes(dist: np.ndarray, dim: float) -> np.ndarray:
     """Per row (r / median r)^dim, r = mean neighbour distance. A row without neighbours (a
     singleton cluster) or at distance 0 (a near-duplicate pair) gets the median's volume, 1."""
-    n = np.isfinite(dist).sum(axis=1)
-    r = np.where(n > 0, np.nansum(dist, axis=1) / np.maximum(n, 1), np.nan)
+    r = mean_radius(dist)
     good = np.isfinite(r) & (r > 0)
-    if not good.any():
-        return np.ones(len(dist))
-    rel = np.where(good, r / np.median(r[good]), 1.0)
+    return volumes_from(r, float(np.median(r[good])) if good.any() else float("nan"), dim)
+
+
+def mean_radius(dist: np.ndarray) -> np.ndarray:
+    """r per row: its mean neighbour distance (NaN without neighbours)."""
+    n = np.isfinite(dist).sum(axis=1)
+    return np.where(n > 0, np.nansum(dist, axis=1) / np.maximum(n, 1), np.nan)
+
+
+def volumes_from(r: np.ndarray, median: float, dim: float) -> np.ndarray:
+    """(r / median)^dim, 1 where r is missing or 0, or nothing has a radius (median NaN)."""
+    if not np.isfinite(median):
+        return np.ones(len(r))
+    good = np.isfinite(r) & (r > 0)
+    rel = np.where(good, r / median, 1.0)
     return np.exp(np.clip(dim * np.log(rel), -700.0, 700.0))  # scale-free, no overflow at high dim
 
 
@@ -113,11 +130,31 @@ def scene_mass(scene: np.ndarray, v: np.ndarray, mode: str, alpha: float, min_st
     if mode == "volume":
         return v, alpha, {}
     ids, inv, n = np.unique(scene, return_inverse=True, return_counts=True)
-    per = np.bincount(inv, weights=v, minlength=len(n)) / n  # volume per image of each stratum
+    per, eff, fit = stratum_fit(ids, n, parts_total(sum_parts(v, inv, len(n)), len(n)), alpha, min_stratum)
+    return (per ** fit["oversampling_beta"])[inv], eff, fit
+
+
+def stratum_mass(ids: np.ndarray, n: np.ndarray, vsum: np.ndarray, mode: str, alpha: float,
+                 min_stratum: int) -> tuple[np.ndarray, float, dict]:
+    """From per-stratum statistics alone (what a partitioned run reduces): (mass per stratum,
+    quota exponent, what to record). `vsum`: the exact sum of the volumes of each stratum."""
+    n = np.asarray(n, np.int64)
+    if mode == "count":
+        return n.astype(np.float64), alpha, {}
+    if mode == "volume":
+        return np.asarray(vsum, np.float64), alpha, {}
+    per, eff, fit = stratum_fit(ids, n, vsum, alpha, min_stratum)
+    return n * per ** fit["oversampling_beta"], eff, fit
+
+
+def stratum_fit(ids, n, vsum, alpha: float, min_stratum: int):
+    """`auto`'s (volume per image of each stratum, exponent, record) from the stratum sums."""
+    per = np.asarray(vsum, np.float64) / n
     line = oversampling_fit(n, per * n, min_stratum)
     beta = beta_of(line)
     eff = alpha + (1.0 - alpha) * beta if alpha <= 1 else alpha
     fit = {"oversampling_beta": beta, "alpha_effective": eff, "min_stratum": int(min_stratum),
            "fit_slope_intercept": None if line is None else list(line),  # the line report/scene_mass.png draws
-           "strata": ids.tolist(), "stratum_images": n.tolist(), "stratum_volume_per_image": per.tolist()}
-    return (per ** beta)[inv], eff, fit
+           "strata": np.asarray(ids).tolist(), "stratum_images": np.asarray(n).tolist(),
+           "stratum_volume_per_image": per.tolist()}
+    return per, eff, fit

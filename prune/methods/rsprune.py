@@ -12,7 +12,8 @@ import numpy as np
 
 from prune.budget import scene_weights, waterfill
 from prune.selection import pick
-from prune.volume import scene_mass, volumes
+from prune.volume import stratum_mass, volumes
+from rsprune.exact import parts_total, sum_parts
 
 NEEDS = ("embed", "scenes", "clusters")
 
@@ -22,12 +23,22 @@ def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: f
     """Quota per cluster id: scenes by mass**alpha (mass: per-row weights summed over the scene;
     None = one per row, the scene's size), clusters uniform inside a scene."""
     scenes, inverse, scene_sizes = np.unique(scene, return_inverse=True, return_counts=True)
-    masses = scene_sizes if mass is None else np.bincount(inverse, weights=mass, minlength=len(scenes))
+    masses = scene_sizes if mass is None else parts_total(sum_parts(mass, inverse, len(scenes)), len(scenes))
+    cl, first, sizes = np.unique(cluster, return_index=True, return_counts=True)
+    return quotas_from_counts(scene_sizes, masses, cl, np.searchsorted(scenes, scene[first]), sizes, budget, alpha)
+
+
+def quotas_from_counts(scene_sizes, masses, clusters, cluster_scene, cluster_sizes, budget: int,
+                       alpha: float) -> dict[int, int]:
+    """`cluster_quotas` from per-stratum and per-cluster statistics only (memory O(clusters), what
+    engine=ray reduces to the driver): strata by index 0..S-1, each cluster's stratum index."""
     per_scene = waterfill(scene_sizes, scene_weights(masses, alpha), budget)
+    order = np.lexsort((clusters, cluster_scene))
+    cuts = np.searchsorted(cluster_scene[order], np.arange(len(per_scene) + 1))
     quotas = {}
-    for s, q in zip(scenes, per_scene):
-        cl, sizes = np.unique(cluster[scene == s], return_counts=True)
-        for c, qc in zip(cl, waterfill(sizes, np.ones(len(sizes)), int(q))):
+    for s, q in enumerate(per_scene):
+        rows = order[cuts[s]:cuts[s + 1]]
+        for c, qc in zip(clusters[rows], waterfill(cluster_sizes[rows], np.ones(len(rows)), int(q))):
             quotas[int(c)] = int(qc)
     return quotas
 
@@ -48,10 +59,14 @@ def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, 
 
 def select(pool, budget: int, cfg, rng):
     sel = cfg.selection
-    mass, alpha = None, float(sel.alpha)
+    alpha = float(sel.alpha)
+    scenes, inverse, sizes = np.unique(pool.scene, return_inverse=True, return_counts=True)
+    masses = sizes
     if sel.mass != "count":
         v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim)
-        mass, alpha, fit = scene_mass(pool.scene, v, str(sel.mass), alpha, int(sel.volume.min_stratum))
+        vsum = parts_total(sum_parts(v, inverse, len(scenes)), len(scenes))
+        masses, alpha, fit = stratum_mass(scenes, sizes, vsum, str(sel.mass), alpha, int(sel.volume.min_stratum))
         pool.extra["volume"] = {"mass": str(sel.mass), **info, **fit}
-    quotas = cluster_quotas(pool.scene, pool.cluster, budget, alpha, mass)
+    cl, first, csizes = np.unique(pool.cluster, return_index=True, return_counts=True)
+    quotas = quotas_from_counts(sizes, masses, cl, inverse[first], csizes, budget, alpha)
     return pick_by_quota(pool, quotas, str(sel.within), float(sel.dedup), rng, float(sel.core))
