@@ -79,10 +79,17 @@ class _Task:
         self.fn, self.out = fn, out
 
     def __call__(self, batch):
+        import resource
+
         for item in batch["item"]:
             if not self.out(int(item)).exists():
                 self.fn(int(item))
-        return {"item": batch["item"]}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this worker's peak so far
+        return {"item": batch["item"], "pid": np.full(len(batch["item"]), os.getpid()),
+                "peak_rss": np.full(len(batch["item"]), rss)}
+
+
+WORKER_PEAK: dict[int, int] = {}  # worker pid -> peak RSS in bytes, over this driver's maps
 
 
 def ray_map(fn, items, out) -> None:
@@ -92,7 +99,9 @@ def ray_map(fn, items, out) -> None:
 
     todo = [int(i) for i in items if not out(int(i)).exists()]
     if todo:
-        ray.data.from_items(todo).map_batches(_Task(fn, out), batch_size=1, num_cpus=1).materialize()
+        rows = ray.data.from_items(todo).map_batches(_Task(fn, out), batch_size=1, num_cpus=1).take_all()
+        for r in rows:
+            WORKER_PEAK[int(r["pid"])] = max(WORKER_PEAK.get(int(r["pid"]), 0), int(r["peak_rss"]))
 
 
 # ---- stage 3: scenes ----
