@@ -194,6 +194,7 @@ def child(n: int, d: int, seed: int, compare: bool, root: Path, kill: bool) -> d
     r = ray_path(cfg, folder, n_parts, n, root / "work", d, seed)
     row |= {"ray_wall_s": round(r["wall_s"], 1), "budget": r["budget"], "kept": r["kept"], "clusters": r["clusters"],
             "worker_peak_gib": sorted(round(v / 2**30, 3) for v in engine_ray.WORKER_PEAK.values())}
+    row["driver_peak_ray_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # before the local run
     digest = hashlib.sha256((root / "work" / "kept.txt").read_bytes()).hexdigest()
     if kill:
         row["rerun_after_kill_identical"] = rerun_after_kill(cfg, folder, n_parts, n, root, d, seed, digest)
@@ -201,24 +202,17 @@ def child(n: int, d: int, seed: int, compare: bool, root: Path, kill: bool) -> d
         local_s, kept = local_path(cfg, folder, n_parts, d, seed)
         row |= {"local_s": round(local_s, 1), "ratio_local_over_ray": round(local_s / r["wall_s"], 2),
                 "identical_kept": kept == (root / "work" / "kept.txt").read_text()}
-    row["driver_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    row["driver_peak_all_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return row
 
 
 def rerun_after_kill(cfg, folder, n_parts, n, root, d, seed, digest) -> bool:
     """A second work folder: a map is stopped by killing one of its workers (SIGKILL, by the pid
     the task reports), then the run is started again over the same folder."""
-    import ray
-
     from prune import engine_ray
 
     work = root / "work2"
     victim = {}
-
-    @ray.remote(num_cpus=0)
-    def pid():
-        return os.getpid()
-
     killer = subprocess.Popen([sys.executable, "-c", f"""
 import os, signal, time, pathlib
 w = pathlib.Path({str(work)!r}) / "strata"
@@ -269,7 +263,8 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     cols = ["n", "generate_s", "ray_wall_s", "local_s", "ratio_local_over_ray", "budget", "kept", "clusters",
-            "identical_kept", "rerun_after_kill_identical", "worker_peak_gib", "driver_peak_gib"]
+            "identical_kept", "rerun_after_kill_identical", "worker_peak_gib", "driver_peak_ray_gib",
+            "driver_peak_all_gib"]
     text = table(cols, [[r.get(c, "-") for c in cols] for r in rows])
     body = (f"Synthetic float16 unit rows, d = {a.dim}, {SCENES} scene types (Zipf-like sizes, 64 sub-clusters each, "
             "5% off-scene, 2% near-duplicates), stored one .npy per 10^5 rows; configs of `+experiment=ratio85`. "
@@ -277,7 +272,8 @@ def main() -> None:
             "selection -> manifest (one parquet per cluster bucket) and kept.txt (streamed merge). `local_s`: the "
             "single-process stage functions on the same rows, in the same process, one BLAS thread; "
             "`ratio_local_over_ray` > 1 means Ray is faster. Worker peaks: each Ray worker's ru_maxrss; driver: "
-            "the benchmark process's (it also held the single-process run when compared). Data generation is "
+            "the benchmark process's after the Ray run (`driver_peak_ray_gib`: it generated the store first, one "
+            "partition at a time) and at the end (`_all`: with the single-process run, which holds every row). Data generation is "
             f"excluded from both times.\n\n{text}")
     write_section("ray_scale", "engine=ray at scale (synthetic)", body)
 

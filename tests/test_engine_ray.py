@@ -3,7 +3,6 @@ small real corpora: NWPU against an AID reference (pseudo-scenes, sampled and re
 and an imbalanced NWPU corpus; both engines at one BLAS/faiss thread."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import DATA, shrunk_overrides
