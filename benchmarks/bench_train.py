@@ -78,7 +78,7 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO / "tests"))
-    from train_fixtures import DATA, TAEF2_DIR, aid_paths, write_kept
+    from conftest import DATA, TAEF2_DIR, aid_paths, write_kept
 
     from rsprune.cli import compose
     from train.main import _prepare_data

@@ -54,7 +54,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from rsprune.autoencoders import build_first_stage
+    from train.first_stage import build_first_stage
     from rsprune.cli import compose
     from train import data as tdata
     from train.probes import Probes

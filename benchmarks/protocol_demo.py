@@ -23,7 +23,7 @@ def sample(run_dir, n: int, clip: bool, spacing: str, step: int | None = None, s
     from diffusers import DDIMScheduler
 
     from train.generate import load_backbone
-    from train.probes import to_uint8
+    from rsprune.autoencoders import to_uint8
 
     unet, sched, fs, info = load_backbone(run_dir, step=step)
     ddim = DDIMScheduler.from_config(sched.config, clip_sample=clip, timestep_spacing=spacing)
@@ -49,7 +49,7 @@ def real_images(run_dir, n: int):
 def labelled_rows(rows: list[tuple[str, np.ndarray]], n: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 
-    from train.generate import image_grid
+    from rsprune.sheets import grid
 
     h = rows[0][1].shape[1]
     label_w = 230
@@ -57,7 +57,7 @@ def labelled_rows(rows: list[tuple[str, np.ndarray]], n: int) -> np.ndarray:
     draw = ImageDraw.Draw(sheet)
     for r, (label, imgs) in enumerate(rows):
         pick = np.linspace(0, len(imgs) - 1, n).round().astype(int)  # spread over the (class-sorted) set
-        sheet.paste(Image.fromarray(image_grid(imgs[pick], cols=n)), (label_w, r * h))
+        sheet.paste(Image.fromarray(grid(imgs[pick], cols=n)), (label_w, r * h))
         draw.multiline_text((4, r * h + 4), label, fill="black")
     return sheet
 

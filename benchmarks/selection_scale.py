@@ -27,9 +27,11 @@ CHUNK = 65536
 ABS_THRESHOLD = 0.55  # the absolute cosine its recorded figures used (prune's default is now calibrated)
 
 
-def synthetic(n: int, d: int, scenes: int, seed: int, offscene: float = 0.05, dup: float = 0.02):
-    """(n, d) float32 unit rows and their true scene (-1 off-scene), built chunk by chunk so that
-    generating never holds more than the output and one chunk."""
+def synthetic(n: int, d: int, scenes: int, seed: int, offscene: float = 0.05, dup: float = 0.02,
+              dtype=np.float32):
+    """(n, d) unit rows (float32, or `dtype` as a store holds them) and their true scene (-1
+    off-scene), built chunk by chunk so that generating never holds more than the output and
+    one chunk. The same seed gives the same rows in either dtype, up to rounding."""
     rng = np.random.default_rng(seed)
     centre = rng.standard_normal((scenes, d)).astype(np.float32)
     centre /= np.linalg.norm(centre, axis=1, keepdims=True)
@@ -42,20 +44,20 @@ def synthetic(n: int, d: int, scenes: int, seed: int, offscene: float = 0.05, du
         x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(0.5 / np.sqrt(d))
         return x
 
-    x = np.empty((n, d), np.float32)
+    x = np.empty((n, d), dtype)
     truth = np.empty(n, np.int64)
     for s in range(0, n, CHUNK):
         m = min(CHUNK, n - s)
         truth[s:s + m] = rng.choice(scenes, m, p=weight / weight.sum())
-        x[s:s + m] = draw(truth[s:s + m])
+        c = draw(truth[s:s + m])
         off = rng.random(m) < offscene
-        x[s:s + m][off] = rng.standard_normal((int(off.sum()), d), dtype=np.float32)
+        c[off] = rng.standard_normal((int(off.sum()), d), dtype=np.float32)
         truth[s:s + m][off] = -1
-        x[s:s + m] /= np.linalg.norm(x[s:s + m], axis=1, keepdims=True)
+        x[s:s + m] = c / np.linalg.norm(c, axis=1, keepdims=True)
     ndup = int(dup * n)  # near-duplicates: copies of random rows with a little noise
     src, dst = rng.choice(n, ndup, replace=False), rng.choice(n, ndup, replace=False)
-    x[dst] = x[src] + rng.standard_normal((ndup, d), dtype=np.float32) * np.float32(0.02 / np.sqrt(d))
-    x[dst] /= np.linalg.norm(x[dst], axis=1, keepdims=True)
+    c = x[src].astype(np.float32) + rng.standard_normal((ndup, d), dtype=np.float32) * np.float32(0.02 / np.sqrt(d))
+    x[dst] = c / np.linalg.norm(c, axis=1, keepdims=True)
     truth[dst] = truth[src]
     return x, truth
 

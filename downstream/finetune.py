@@ -5,7 +5,8 @@ The task glue around train.engine: the start point is either a foundation checkp
 random weights (`backbone=none`); either way the condition enters through zero-initialised extra
 input channels (downstream.conditioning.widen_conv_in). The loop, checkpoints, EMA, metrics.jsonl
 and resume are train.engine's, so a fine-tune run folder has train/'s layout (rsprune.layout).
-Here: latent caching, the latent scale of scratch runs, conditional sampling and decoding.
+Here: latent caching and the latent scale of scratch runs; sampling is train.generate.sample_latents
+(with `cond`), decoding FirstStage.decode_uint8.
 """
 from __future__ import annotations
 
@@ -23,10 +24,6 @@ from rsprune.cli import UsageError
 log = logging.getLogger(__name__)
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 SCRATCH_RESOLUTION = 64  # the train/ CPU default; a backbone brings its own
 
 
@@ -36,12 +33,10 @@ def load_start(cfg, resolution: int | None):
     `resolution` None means the backbone's training resolution. For `backbone=none` the first stage comes unscaled; `fit_latent_scale` sets its scale from
     the training latents, as train/ does.
     """
-    from diffusers import UNet2DModel
+    from train.first_stage import build_first_stage
+    from train.setup import build_noise_scheduler, build_unet
 
-    from rsprune.autoencoders import build_first_stage
-    from train.setup import build_noise_scheduler
-
-    if cfg.train.get("cpu_threads"):  # fewer threads than cores avoids spin-wait contention on a shared CPU
+    if cfg.train.cpu_threads:  # fewer threads than cores avoids spin-wait contention on a shared CPU
         torch.set_num_threads(int(cfg.train.cpu_threads))
     src = cfg.backbone
     if src not in (None, "none", "None", ""):
@@ -49,7 +44,7 @@ def load_start(cfg, resolution: int | None):
 
         if not Path(str(src)).is_dir():
             raise UsageError(f"backbone folder not found: {src} (backbone=RUN_DIR of a train run, or none)")
-        unet, scheduler, fs, info = load_backbone(str(src), step=cfg.get("backbone_step"), ema=True)
+        unet, scheduler, fs, info = load_backbone(str(src), step=cfg.backbone_step, ema=True)
         if resolution is not None and info["image_size"] != int(resolution):
             raise UsageError(f"backbone {src} was trained at {info['image_size']} px but {cfg.task} asks for "
                              f"{resolution} px; set resolution={info['image_size']}")
@@ -58,15 +53,17 @@ def load_start(cfg, resolution: int | None):
     resolution = int(resolution or SCRATCH_RESOLUTION)
     if resolution % fs.downscale:
         raise UsageError(f"resolution {resolution} is not a multiple of the autoencoder's {fs.downscale}")
-    from omegaconf import OmegaConf
-
-    arch = {k: v for k, v in OmegaConf.to_container(cfg.unet, resolve=True).items() if k != "name"}
     torch.manual_seed(int(cfg.seed))
-    unet = UNet2DModel(sample_size=resolution // fs.downscale, in_channels=fs.latent_channels,
-                       out_channels=fs.latent_channels, **arch)
+    unet = build_unet(cfg.unet, fs.latent_channels, resolution // fs.downscale)  # train/'s builder and checks
     scheduler = build_noise_scheduler(cfg.scheduler)  # the training builder: same defaults and checks
     return unet, scheduler, fs, {"backbone": "none", "step": 0, "image_size": resolution,
                                  "first_stage": fs.describe()}
+
+
+def default_run_dir(cfg, *parts) -> str:
+    """`outputs/downstream/<task>/<start>[-<part>...]-s<seed>`: every downstream run folder's name
+    when run_dir is not given (the task adds what tells its runs apart, e.g. sr's condition)."""
+    return f"outputs/downstream/{cfg.task}/" + "-".join([start_name(cfg), *map(str, parts), f"s{cfg.seed}"])
 
 
 def start_name(cfg) -> str:
@@ -74,7 +71,7 @@ def start_name(cfg) -> str:
     if str(cfg.backbone) in ("none", "None", ""):
         return "scratch"
     name = Path(str(cfg.backbone)).resolve().name
-    return name if cfg.get("backbone_step") is None else f"{name}-step{int(cfg.backbone_step)}"
+    return name if cfg.backbone_step is None else f"{name}-step{int(cfg.backbone_step)}"
 
 
 def encode_cached(fs, images: np.ndarray, ident, cache_dir, batch_size: int = 32) -> np.ndarray:
@@ -132,43 +129,6 @@ def _pairs(z: torch.Tensor, c: torch.Tensor):
         idx = torch.from_numpy(idx)
         return z[idx], c[idx]
     return batch
-
-
-# --- sampling ---------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample(unet, scheduler, cond: torch.Tensor, seed: int, steps: int = 50, sampler: str = "ddim",
-           batch_size: int = 16) -> torch.Tensor:
-    """Latents by reverse diffusion with the condition concatenated at every step.
-
-    The starting noise of item i depends only on (seed, i), so reruns and different batch sizes
-    give the same outputs.
-    """
-    from train.generate import make_sampler
-
-    dev = next(unet.parameters()).device
-    ch, size = int(unet.config.out_channels), int(unet.config.sample_size)
-    noise = torch.randn(len(cond), ch, size, size, generator=torch.Generator().manual_seed(int(seed)))
-    out = []
-    for i in range(0, len(cond), batch_size):
-        s = make_sampler(scheduler, sampler)
-        s.set_timesteps(int(steps))
-        x = noise[i:i + batch_size].to(dev) * s.init_noise_sigma
-        c = cond[i:i + batch_size].to(dev)
-        for t in s.timesteps:
-            pred = unet(torch.cat([s.scale_model_input(x, t), c], 1), t).sample
-            x = s.step(pred.float(), t, x).prev_sample
-        out.append(x.cpu().float())
-    return torch.cat(out)
-
-
-def decode_uint8(fs, z: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """Scaled latents -> uint8 NHWC images."""
-    out = []
-    for i in range(0, len(z), batch_size):
-        x = fs.decode(z[i:i + batch_size].to(fs.device)).cpu()
-        out.append((x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
 
 
 def read_metrics(run_dir) -> dict | None:

@@ -1,4 +1,4 @@
-"""Downstream metrics: PSNR/SSIM (torchmetrics), mIoU, FD (rsprune.features/frechet), and sample sheets.
+"""Downstream metrics: PSNR/SSIM (torchmetrics), mIoU and FD (rsprune.features/frechet).
 
 PSNR and SSIM are computed per image on RGB in [0, 1] (data_range 1, SSIM with the usual
 11x11 Gaussian window, sigma 1.5), then averaged over images. FD goes through the ground floor's
@@ -71,28 +71,3 @@ class FDScorer:
     @property
     def name(self) -> str:
         return self.extractor.name
-
-
-def sample_sheet(path, columns: list[np.ndarray], titles: list[str], n: int = 8) -> None:
-    """PNG with one row per sample and one column per image set (e.g. input | output | ground truth)."""
-    from PIL import Image, ImageDraw
-
-    from rsprune.cache import atomic_path
-
-    n = min(n, *(len(c) for c in columns))
-    f = max(1, 128 // columns[0].shape[1])  # small images are enlarged (nearest) so a sheet is readable
-    h, w = columns[0].shape[1] * f, columns[0].shape[2] * f
-    pad, head = 2, 14
-    sheet = np.full((head + n * (h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
-    for j, col in enumerate(columns):
-        for i in range(n):
-            im = col[i]
-            if im.shape[:2] != (h, w):  # enlarged, and the LR input nearest-upsampled to the same size
-                im = np.array(Image.fromarray(im).resize((w, h), Image.NEAREST))
-            sheet[head + i * (h + pad):head + i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = im
-    img = Image.fromarray(sheet)
-    draw = ImageDraw.Draw(img)
-    for j, title in enumerate(titles):
-        draw.text((j * (w + pad) + 2, 1), title, fill=(0, 0, 0))
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")

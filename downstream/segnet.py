@@ -5,6 +5,9 @@ applied to generated images: if a generated image follows its input mask, the ne
 mask's classes again (mIoU against the input mask). Its accuracy on real test crops is reported
 beside, as the ceiling that number is read against. The weights are cached by (data, config),
 so every backbone of a comparison is judged by the same network.
+
+`fit` is a loop of its own, not train/engine.py's: a classifier's cross-entropy fitted once per
+(data, config) and cached, with no noise schedule, EMA, sample grids or resume to share.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsprune.cache import atomic_path, stable_hash
+from rsprune.device import resolve as resolve_device
 from rsprune.fingerprint import array_digest
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,7 @@ def _input(images_uint8: np.ndarray) -> torch.Tensor:
 
 def fit(images: np.ndarray, labels: np.ndarray, cfg, num_classes: int, ignore: int, seed: int = 0) -> SegNet:
     """Train on uint8 crops (N, R, R, 3) with class ids (N, R, R); flips as augmentation."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device()
     torch.manual_seed(seed)
     net = SegNet(num_classes, int(cfg.width)).to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=float(cfg.lr), weight_decay=1e-4)
@@ -96,7 +100,7 @@ def cached(images: np.ndarray, labels: np.ndarray, cfg, data_key: str, cache_dir
     if path.is_file():
         net = SegNet(num_classes, int(cfg.width))
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = resolve_device()
         return net.to(dev).eval(), path
     net = fit(images, labels, cfg, num_classes, ignore, seed)
     with atomic_path(path) as tmp:

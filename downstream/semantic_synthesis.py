@@ -21,9 +21,14 @@ from omegaconf import DictConfig
 from downstream import dubai, segnet
 from downstream import finetune as ft
 from downstream.conditioning import mask_condition, widen_conv_in
-from downstream.metrics import FDScorer, confusion, iou_scores, sample_sheet
+from downstream.metrics import FDScorer, confusion, iou_scores
+from rsprune import runlock
 from rsprune.cache import stable_hash, write_json
 from rsprune.cli import UsageError, main
+from rsprune.device import resolve as resolve_device
+from rsprune.sheets import column_sheet
+from train.generate import sample_latents
+from train.validate import check_engine
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if int(d.crop) < 8 or int(d.stride) < 1:
         raise UsageError(f"dubai.crop={d.crop} / dubai.stride={d.stride}: crop must be >= 8 px, stride >= 1")
     if not cfg.run_dir:
-        cfg.run_dir = f"outputs/downstream/semantic_synthesis/{ft.start_name(cfg)}-s{cfg.seed}"
+        cfg.run_dir = ft.default_run_dir(cfg)
     return cfg
 
 
@@ -52,6 +57,12 @@ def conditions(labels: np.ndarray, latent_size: int) -> torch.Tensor:
 
 def run(cfg: DictConfig) -> dict:
     cfg = resolve(cfg)
+    check_engine(cfg)  # the trainer's values, before any image is read
+    with runlock.hold(cfg.run_dir):  # one run per folder: a second one exits 2 naming this pid
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
     key, done = ft.finished(cfg)
@@ -59,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
         return done
     unet, scheduler, fs, info = ft.load_start(cfg, cfg.resolution)
     res = int(info["image_size"])
-    fs.to(ft.device())
+    fs.to(resolve_device())
     train, test, data_info = load_crops(cfg, res)
     fit = dubai.with_mirrors(train) if cfg.train.flip else train  # flips in pixels, before encoding
     ident = ["dubai", fit.source, res, int(cfg.dubai.crop)]
@@ -84,9 +95,9 @@ def evaluate(cfg, net, scheduler, fs, train, test, latent_size: int, data_key: s
     """FD of generated vs real test crops; segnet mIoU on generated (vs input masks) and on real."""
     ev = cfg.eval
     test_n = test if not ev.max_test else _head(test, int(ev.max_test))
-    z = ft.sample(net.to(ft.device()), scheduler, conditions(test_n.labels, latent_size), seed=int(ev.seed),
-                  steps=int(ev.steps), sampler=str(ev.sampler), batch_size=int(ev.batch_size))
-    fake = ft.decode_uint8(fs, z)
+    z = sample_latents(net.to(resolve_device()), scheduler, None, int(ev.seed), int(ev.steps), str(ev.sampler),
+                       int(ev.batch_size), cond=conditions(test_n.labels, latent_size))
+    fake = fs.decode_uint8(z)
     seg, seg_path = segnet.cached(train.images, train.labels, cfg.segnet, data_key, cfg.cache_dir,
                                   len(dubai.CLASSES), dubai.UNLABELED, int(cfg.seed))
     k, ign = len(dubai.CLASSES), dubai.UNLABELED
@@ -94,7 +105,7 @@ def evaluate(cfg, net, scheduler, fs, train, test, latent_size: int, data_key: s
     pred_fake = segnet.predict(seg, fake)
     gen_scores = iou_scores(confusion(pred_fake, test_n.labels, k, ign), dubai.CLASSES)
     fd = FDScorer(test_n.images, str(ev.fd_feature))
-    sample_sheet(Path(cfg.run_dir) / "samples.png",
+    column_sheet(Path(cfg.run_dir) / "samples.png",
                  [dubai.colourise(test_n.labels), fake, test_n.images, dubai.colourise(pred_fake)],
                  ["mask", "generated", "real", "segnet(gen)"], int(ev.sheet_n))
     return {"fd": fd(fake), "fd_feature": fd.name, "generated": gen_scores, "segnet_real": real_scores,

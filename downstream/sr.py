@@ -19,11 +19,16 @@ from omegaconf import DictConfig
 
 from downstream import finetune as ft
 from downstream.conditioning import condition_channels, pixels_condition, widen_conv_in, with_flips
-from downstream.metrics import FDScorer, psnr_ssim, sample_sheet, summary, to01
+from downstream.metrics import FDScorer, psnr_ssim, summary, to01
+from rsprune import runlock
 from rsprune.cache import write_json
 from rsprune.cli import UsageError, main
-from rsprune.imageio import UnreadableImage, list_images, load_rgb, resize
+from rsprune.device import resolve as resolve_device
+from rsprune.imageio import UnreadableImage, list_images, load_sized, resize
 from rsprune.manifest import read_kept
+from rsprune.sheets import column_sheet
+from train.generate import sample_latents
+from train.validate import check_engine
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,7 @@ def load_hr_lr(paths, resolution: int, scale: int) -> tuple[np.ndarray, np.ndarr
     hr, lr, bic, bad = [], [], [], 0
     for p in paths:
         try:
-            h = resize(load_rgb(p), resolution)
+            h = load_sized(p, resolution)
         except UnreadableImage as e:
             log.warning("skipped %s: %s", p, e)
             bad += 1
@@ -80,12 +85,18 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if cfg.sr.condition not in ("latent", "pixels"):
         raise UsageError(f"sr.condition={cfg.sr.condition!r}; expected latent | pixels")
     if not cfg.run_dir:
-        cfg.run_dir = f"outputs/downstream/sr/{ft.start_name(cfg)}-{cfg.sr.condition}-s{cfg.seed}"
+        cfg.run_dir = ft.default_run_dir(cfg, cfg.sr.condition)
     return cfg
 
 
 def run(cfg: DictConfig) -> dict:
     cfg = resolve(cfg)
+    check_engine(cfg)  # the trainer's values, before any image is read
+    with runlock.hold(cfg.run_dir):  # one run per folder: a second one exits 2 naming this pid
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
     key, done = ft.finished(cfg)
@@ -94,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
     unet, scheduler, fs, info = ft.load_start(cfg, cfg.resolution)
     res = int(info["image_size"])
     cfg.resolution = res
-    fs.to(ft.device())
+    fs.to(resolve_device())
     scale = int(cfg.sr.scale)
     train_paths = image_list(cfg.sr.train, cfg.sr.max_train)
     test_paths = image_list(cfg.sr.test, cfg.sr.max_test)
@@ -123,10 +134,11 @@ def evaluate(cfg, net, scheduler, fs, test_paths, res: int, scale: int) -> dict:
     """Rows sr / bicubic / autoencoder: PSNR, SSIM against HR and FD against the HR test set."""
     hr, lr, bic, bad = load_hr_lr(test_paths, res, scale)
     ev = cfg.eval
-    z = ft.sample(net.to(ft.device()), scheduler, conditions(cfg, fs, lr, bic, [test_paths, res, scale]),
-                  seed=int(ev.seed), steps=int(ev.steps), sampler=str(ev.sampler), batch_size=int(ev.batch_size))
-    sr = ft.decode_uint8(fs, z)
-    ae = ft.decode_uint8(fs, fs.encode(to01(hr).to(fs.device)))
+    cond = conditions(cfg, fs, lr, bic, [test_paths, res, scale])
+    z = sample_latents(net.to(resolve_device()), scheduler, None, int(ev.seed), int(ev.steps), str(ev.sampler),
+                       int(ev.batch_size), cond=cond)
+    sr = fs.decode_uint8(z)
+    ae = fs.decode_uint8(fs.encode(to01(hr).to(fs.device)))
     fd = FDScorer(hr, str(ev.fd_feature))
     rows = {}
     for name, images in (("sr", sr), ("bicubic", bic), ("autoencoder", ae)):
@@ -138,7 +150,7 @@ def evaluate(cfg, net, scheduler, fs, test_paths, res: int, scale: int) -> dict:
                       "psnr_per_image": [round(float(v), 4) for v in q["psnr"]],
                       "ssim_per_image": [round(float(v), 5) for v in q["ssim"]]}
     run_dir = Path(cfg.run_dir)
-    sample_sheet(run_dir / "samples.png", [lr, bic, sr, hr], ["LR x4", "bicubic", "SR", "HR"], int(ev.sheet_n))
+    column_sheet(run_dir / "samples.png", [lr, bic, sr, hr], ["LR x4", "bicubic", "SR", "HR"], int(ev.sheet_n))
     return {"rows": rows, "n_test": len(hr), "unreadable_test": bad, "fd_feature": fd.name,
             "sampler": str(ev.sampler), "sampling_steps": int(ev.steps)}
 

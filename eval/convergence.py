@@ -45,14 +45,15 @@ from omegaconf import DictConfig, OmegaConf
 from rsprune import layout
 from rsprune.cache import atomic_path, read_json, write_json
 from rsprune.cli import UsageError, main
+from rsprune.device import resolve as resolve_device
 from rsprune.features import build_extractor, extract_features, metric_label, reference_stats, warn
 from rsprune.frechet import check_count, fd_kid
+from rsprune.sheets import sample_sheet
 
 from eval import convergence_report as report
 from eval.heldout import check_pairing, per_image_losses, run_seed, with_heldout_loss
 from eval.fid import encoder_overrides
 from eval.memorisation import memorisation_rate, threshold
-from eval.sheets import sample_sheet
 
 CSV = "convergence.csv"
 YARDSTICK = "yardstick.json"  # real training images scored like samples (write_yardstick)
@@ -273,7 +274,10 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
     if scorer.fid:  # a step scored before FID was asked for is sampled again (same seed: the same images)
         same &= rows["fid"].notna()
     done = set(rows.loc[same, "step"].astype(int))
+    from train.checkpoint import load_errors
+
     test = train = None
+    bad: set[int] = set()
     for step, _ in todo:
         if step in done:
             continue
@@ -283,7 +287,12 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
             test = scorer.test(split, side)
             train = scorer.train(run_dir, test, side)
         say(f"{name} step {step}: sampling {int(cfg.n_samples)} images ({cfg.sampler}, {int(cfg.steps)} steps)")
-        loaded = load_backbone(run_dir, step=step, ema=True, device=device(cfg))
+        try:
+            loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.get("device")))
+        except load_errors() as e:  # one damaged snapshot costs its row, not the steps scored
+            warn(f"{name} step {step}: snapshot does not load ({' '.join(str(e).split())[:160]}); skipped")
+            bad.add(step)
+            continue
         fake = generate(loaded, int(cfg.n_samples), seed=int(cfg.seed), steps=int(cfg.steps),
                         sampler=str(cfg.sampler), batch_size=int(cfg.batch_size), progress=True)
         row = {"step": step, **scorer.score(fake, test, train), **now}
@@ -295,8 +304,9 @@ def score_run(cfg, run_dir: Path, scorer: Scorer, results_dir: Path, name: str) 
         print(f"{name} step {step}: fd={row['fd']:.6g} fd_balanced={row['fd_balanced']:.6g}"
               + (f" fid={row['fid']:.6g}" if row["fid"] is not None else "")
               + (f" memorisation={row['memorisation']:.3f}" if row["memorisation"] is not None else ""))
-    if int(cfg.sheet_n) > 0:
-        write_sheet(cfg, run_dir, todo[-1][0], side, split["paths"], results_dir, name)
+    good = [s for s, _ in todo if s not in bad]
+    if int(cfg.sheet_n) > 0 and good:
+        write_sheet(cfg, run_dir, good[-1], side, split["paths"], results_dir, name)
     stale = (run_dir / YARDSTICK).is_file() and scorer.fid and read_json(run_dir / YARDSTICK).get("fid") is None
     if cfg.memorisation and (stale or not (run_dir / YARDSTICK).is_file()):  # cached features: cheap once scored
         test = test if test is not None else scorer.test(split, side)
@@ -325,8 +335,9 @@ def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_di
     from train.data import load_images
 
     n = int(cfg.sheet_n)
-    fake = generate(load_backbone(run_dir, step=step, ema=True, device=device(cfg)), n, seed=int(cfg.seed),
-                    steps=int(cfg.steps), sampler=str(cfg.sampler), batch_size=int(cfg.batch_size))
+    loaded = load_backbone(run_dir, step=step, ema=True, device=resolve_device(cfg.get("device")))
+    fake = generate(loaded, n, seed=int(cfg.seed), steps=int(cfg.steps), sampler=str(cfg.sampler),
+                    batch_size=int(cfg.batch_size))
     real = load_images(test_paths[:: max(1, len(test_paths) // n)][:n], side)  # spread over the sorted classes
     path = results_dir / "samples" / f"{name.replace('/', '_')}.png"
     sample_sheet(fake, real, path, captions=(f"generated, step {step}", "test split"))
@@ -335,12 +346,6 @@ def write_sheet(cfg, run_dir: Path, step: int, side: int, test_paths, results_di
 
 def say(msg: str) -> None:
     print(f"[convergence] {msg}", flush=True)
-
-
-def device(cfg) -> str:
-    import torch
-
-    return str(cfg.device) if cfg.get("device") else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -4,7 +4,6 @@ that pairs runs of two arms.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,13 +21,10 @@ HELDOUT = ["heldout_loss", "heldout_loss_balanced", "heldout_loss_worst_class", 
 def heldout_losses(run_dir: Path) -> pd.DataFrame:
     """One row per probed step: the held-out loss columns (HELDOUT) the run logged in metrics.jsonl
     (the last record of a step wins; a column it did not log is empty)."""
-    path = run_dir / layout.METRICS
     out = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec.get("heldout_loss") is not None:
-                out[int(rec["step"])] = {k: rec.get(k) for k in HELDOUT}
+    for _, rec in layout.read_metrics(run_dir / layout.METRICS):  # a torn last line: warned, dropped
+        if rec.get("heldout_loss") is not None:
+            out[int(rec["step"])] = {k: rec.get(k) for k in HELDOUT}
     return pd.DataFrame([{"step": s, **v} for s, v in out.items()], columns=["step", *HELDOUT])
 
 

@@ -1,67 +1,22 @@
-"""The imbalanced development corpus of issue 14: `python eval/imbalanced.py out=DIR`.
+"""The imbalanced development corpus (`python eval/imbalanced.py out=DIR`) and its two tables.
 
 A corpus whose classes the scene reference never labelled: the NWPU-RESISC45 classes of
 `nwpu12/train`, each cut to a Zipf-like size falling by `factor` from `top` (400 down to 25 by
 default), built as a folder of symbolic links `<out>/nwpu_zipf/<class>/<file>` to the shared
-images (nothing is copied; the folder names are read by the evaluation only, never by a
-selection). Which class gets which size and which images a class keeps are seeded draws, so
-the corpus is the same on every machine. The scene reference stays AID (disjoint from NWPU).
+images (rsprune/zipf_corpus.py). The scene reference stays AID (disjoint from NWPU).
+
+The sections `imbalanced` and `imbalanced_heldout` of eval/tables.py read prune runs: their
+corpora and runs are planned by rsprune/sweeps.py and run by `python prune/sweep.py SECTION`;
+here they are measured and formatted.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-ROOT_NAME = "nwpu_zipf"
-
-
-def zipf_sizes(n_classes: int, top: int, factor: float) -> list[int]:
-    """Class sizes top * factor**(-i / (n - 1)), i = 0..n-1: a geometric (Zipf-like) fall by `factor`."""
-    if n_classes < 2:
-        return [int(top)] * n_classes
-    return [int(round(top * factor ** (-i / (n_classes - 1)))) for i in range(n_classes)]
-
-
-def build(source: str | Path, out: str | Path, top: int = 400, factor: float = 16.0, seed: int = 0,
-          classes: list[str] | None = None, root_name: str = ROOT_NAME) -> Path:
-    """Link the imbalanced corpus under `<out>/<root_name>`; returns that folder. `classes`: the
-    source's class folders to use (None: all). Idempotent: an existing folder with the same links
-    is kept, a different one is an error (never silently mixed)."""
-    from rsprune.cli import UsageError
-
-    source = Path(source)
-    if not source.is_dir():
-        raise UsageError(f"class folders not found: {source} (set data_root= or RSPRUNE_DATA)")
-    have = sorted(p.name for p in source.iterdir() if p.is_dir())
-    missing = sorted(set(classes or []) - set(have))
-    if missing:
-        raise UsageError(f"classes not under {source}: {', '.join(missing)}")
-    classes = sorted(classes) if classes else have
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(classes))  # which class is large: a seeded draw, not the alphabet
-    sizes = zipf_sizes(len(classes), top, factor)
-    plan = {}
-    for rank, ci in enumerate(order):
-        files = sorted(f.name for f in (source / classes[ci]).iterdir())
-        if sizes[rank] > len(files):
-            raise ValueError(f"class {classes[ci]} has {len(files)} images, fewer than {sizes[rank]}")
-        plan[classes[ci]] = sorted(files[i] for i in rng.choice(len(files), sizes[rank], replace=False))
-    dst = Path(out) / root_name
-    if dst.exists():
-        have = {c.name: sorted(f.name for f in c.iterdir()) for c in dst.iterdir() if c.is_dir()}
-        if have != plan:
-            raise FileExistsError(f"{dst} holds another corpus; remove it or choose another out=")
-        return dst
-    tmp = dst.with_name(f".tmp-{root_name}-{os.getpid()}")
-    for c, files in plan.items():
-        (tmp / c).mkdir(parents=True)
-        for f in files:
-            (tmp / c / f).symlink_to((source / c / f).resolve())
-    tmp.rename(dst)  # the whole tree appears at once
-    return dst
-
+from rsprune import sweeps
+from rsprune.zipf_corpus import build
 
 def run(cfg) -> dict:
     dst = build(Path(str(cfg.data_root)) / "nwpu12" / "train", str(cfg.out), int(cfg.top), float(cfg.factor),
@@ -71,26 +26,16 @@ def run(cfg) -> dict:
     return {"corpus": str(dst), "sizes": sizes}
 
 
-if __name__ == "__main__":
-    from rsprune.cli import main
-
-    main("eval/imbalanced", run, __doc__)
-
-
 def section(cfg) -> object:
-    """The `imbalanced` section of eval/tables.py: build the corpus, then the pruning table on it
+    """The `imbalanced` section of eval/tables.py: the pruning table on the development corpus
     (every method x ratio x seed; the scene reference is the default split's AID reference)."""
-    from omegaconf import OmegaConf
-
     from eval.pruning_table import build as build_table
 
-    dst = run(cfg)["corpus"]
-    cfg = OmegaConf.merge(cfg, {"sweep": {"overrides": [*cfg.sweep.overrides, f"data.corpus=[{dst}]"]}})
     note = (f"Corpus: `eval/imbalanced.py` (nwpu12/train classes cut to {cfg.top} down to "
             f"{round(cfg.top / cfg.factor)} images, Zipf-like); reference: the default split's AID reference "
             "(disjoint); KL to uniform is over the 12 NWPU classes, which no selection reads.")
     return build_table(cfg, title="Subset quality on an imbalanced corpus from another source",
-                       section="imbalanced", note=note)
+                       section="imbalanced", note=note, plan=sweeps.imbalanced(cfg))
 
 
 def heldout_section(cfg) -> object:
@@ -98,42 +43,46 @@ def heldout_section(cfg) -> object:
     to choose a default (other class-to-size draws, a milder imbalance, another source's classes
     with another reference), at `heldout.ratios`: KL to uniform over the corpus's folder classes
     and FD to the corpus, every method plus rsprune variants; a figure beside the table."""
-    import pandas as pd
-    from omegaconf import OmegaConf
-
-    from eval.pruning_table import aggregate, cell, feature_label, sweep_runs, variant_runs
-    from eval.subset_quality import evaluate_runs
     from rsprune.cache import write_text
 
-    h = cfg.heldout
-    bounds = list(h.get("bounds") or {})  # run like variants, reported apart
+    plan = sweeps.imbalanced_heldout(cfg)  # building: rsprune/sweeps.py; running: prune/sweep.py
+    sweeps.require(plan, "imbalanced_heldout")
+    df, feature = heldout_results(cfg, plan)
+    bounds = list(cfg.heldout.get("bounds") or {})  # run like variants, reported apart
+    out = Path(str(cfg.heldout.out))
+    write_text(out.with_suffix(".md"), heldout_markdown(df, cfg.heldout, feature, bounds))
+    heldout_figure(df[~df.method.isin(bounds)], out.with_suffix(".png"))
+    return df
+
+
+def heldout_results(cfg, plan: sweeps.Plan):
+    """(per corpus, method and ratio: the mean and std of every metric over seeds; the feature label)."""
+    import pandas as pd
+
+    from eval.pruning_table import aggregate, feature_label
+    from eval.subset_quality import evaluate_runs
+
+    labels = {r.run_dir: r.label for r in plan.runs if r.label is not None}
     blocks, feature = [], None
-    for name, spec in h.corpora.items():
-        source = str(spec.get("source") or "nwpu12/train")  # under data_root; its class folders
-        root_name = ROOT_NAME if source == "nwpu12/train" else f"{source.split('/')[0]}_zipf"
-        top = int(spec.get("top") or cfg.top)
-        dst = build(Path(str(cfg.data_root)) / source, Path(str(cfg.out)) / str(name), top, float(spec.factor),
-                    int(spec.corpus_seed), list(spec.get("classes") or []) or None, root_name)
-        on = [*cfg.sweep.overrides, f"data.corpus=[{dst}]"]
-        reference = spec.get("reference")  # under data_root; none: the default split's AID reference
-        if reference:
-            on.append(f"data.reference={Path(str(cfg.data_root)) / str(reference)}")
-        root = Path(str(h.runs_root)) / str(name)
-        sweep = OmegaConf.create({"methods": list(h.methods), "ratios": list(h.ratios), "seeds": list(h.seeds),
-                                  "runs_root": str(root), "overrides": on})
-        labels = variant_runs(root, h.variants, h.ratios, h.seeds, on)
-        labels |= variant_runs(root, h.get("bounds"), h.ratios, h.seeds, on)
-        results = evaluate_runs(sweep_runs(sweep) + list(labels), cfg)
+    for name, c in plan.info.items():
+        results = evaluate_runs(c["runs"], cfg)
         feature = feature_label(results)
         for r in results:
             r["method"] = labels.get(r["run_dir"], r["method"])
-        agg = aggregate(results, ("method", "ratio")).assign(corpus=str(name))
-        sizes = sorted((len(list(c.iterdir())) for c in dst.iterdir()), reverse=True)
-        agg["sizes"] = (f"{source}: {len(sizes)} classes, {sizes[0]}..{sizes[-1]}, {sum(sizes)} images, "
-                        f"class-to-size draw {spec.corpus_seed}; reference "
-                        + (f"{reference}, all of it" if reference else "the default split's AID reference"))
+        agg = aggregate(results, ("method", "ratio")).assign(corpus=name)
+        dst = Path(c["corpus"])
+        sizes = sorted((len(list(d.iterdir())) for d in dst.iterdir()), reverse=True)
+        agg["sizes"] = (f"{c['source']}: {len(sizes)} classes, {sizes[0]}..{sizes[-1]}, {sum(sizes)} images, "
+                        f"class-to-size draw {c['corpus_seed']}; reference "
+                        + (f"{c['reference']}, all of it" if c["reference"] else "the default split's AID reference"))
         blocks.append(agg)
-    df = pd.concat(blocks)
+    return pd.concat(blocks), feature
+
+
+def heldout_markdown(df, h, feature: str, bounds: list[str]) -> str:
+    """The held-out table: per corpus and ratio, the methods ranked by KL to uniform, bounds below."""
+    from eval.pruning_table import cell
+
     lines = [f"# Class balance on held-out imbalanced corpora (ratios {', '.join(map(str, h.ratios))})", "",
              f"Mean ± std (ddof 0) over seeds {list(h.seeds)}. Corpora built by `eval/imbalanced.py` from "
              "the class folders each heading names, with class-to-size draws other than the development "
@@ -159,9 +108,7 @@ def heldout_section(cfg) -> object:
             r = ref.loc[b]
             lines += ["", f"Bound, {b}: KL {cell(r, 'kl_uniform', np.nan)}, FD {cell(r, 'fd', np.nan)}"]
         lines.append("")
-    write_text(Path(str(h.out)).with_suffix(".md"), "\n".join(lines))
-    heldout_figure(df[~df.method.isin(bounds)], Path(str(h.out)).with_suffix(".png"))
-    return df
+    return "\n".join(lines)
 
 
 def heldout_figure(df, path: Path) -> None:
@@ -195,3 +142,9 @@ def heldout_figure(df, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
+
+
+if __name__ == "__main__":
+    from rsprune.cli import main
+
+    main("eval/imbalanced", run, __doc__)

@@ -1,7 +1,7 @@
 """The pruning-quality table: every method x ratio x seed on one corpus, mean +- std over seeds.
 
-Runs (or reuses, when a run folder already holds a summary of the same config) each selection
-through `prune.run.run`, measures it with `eval.subset_quality`, and writes
+Reads the prune runs of the section's sweep (rsprune/sweeps.py names them; `python prune/sweep.py
+pruning` runs them first), measures each with `eval.subset_quality`, and writes
 `<sweep.out>.md` and `<sweep.out>.png` (each metric against ratio, one line per method).
 """
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eval.subset_quality import evaluate_runs
+from rsprune import sweeps
 from rsprune.cache import read_json, write_text
 from rsprune.cli import compose
 
@@ -29,49 +30,11 @@ def metrics_of(df: pd.DataFrame) -> list[tuple[str, str, bool]]:
     return [m for m in METRICS if m[0] in df.columns and df[m[0]].notna().any()]
 
 
-def run_or_reuse(rd: Path, overrides: list[str], progress: bool) -> str:
-    """One prune run at `rd` (reused when its summary holds the same config)."""
-    from prune.run import run as prune_run
-
-    cfg = compose("prune", [f"run_dir={rd}", "report.enabled=false", *overrides])
-    summary = rd / "summary.json"
-    if not (summary.exists() and read_json(summary)["config"] == OmegaConf.to_container(cfg)):
-        print(f"[pruning] {rd.name}", flush=True)
-        prune_run(cfg, progress=progress)
-    return str(rd)
-
-
-def sweep_runs(sweep: DictConfig, progress: bool = True) -> list[str]:
-    """Run or reuse each selection of the sweep; returns the run folders."""
-    return [run_or_reuse(Path(sweep.runs_root) / f"{method}-r{ratio}-s{seed}",
-                         [f"method={method}", f"ratio={ratio}", f"seed={seed}", *sweep.overrides], progress)
-            for method in sweep.methods for ratio in sweep.ratios for seed in sweep.seeds]
-
-
-def variant_runs(root: Path, variants, ratios, seeds, overrides: list[str], progress: bool = True,
-                 folder: str = "{name}-r{ratio}-s{seed}") -> dict[str, str]:
-    """Run or reuse rsprune with each variant's extra overrides (`variants`: name -> list) at
-    every ratio and seed, in `root/<folder>`; returns run folder -> variant name, config order."""
-    out = {}
-    for name, ov in (variants or {}).items():
-        for ratio in ratios:
-            for seed in seeds:
-                rd = run_or_reuse(root / folder.format(name=slug(name), ratio=ratio, seed=seed),
-                                  ["method=rsprune", f"ratio={ratio}", f"seed={seed}", *overrides, *ov], progress)
-                out[rd] = str(name)
-    return out
-
-
 def aggregate(results: list[dict], by=("method", "ratio")) -> pd.DataFrame:
     df = pd.DataFrame(results)
     cols = [m for m, _, _ in metrics_of(df)]
     g = df.groupby(list(by))[cols]
     return g.mean().join(g.std(ddof=0), rsuffix="_std").join(g.size().rename("seeds")).reset_index()
-
-
-def slug(name) -> str:
-    """A variant's name as a run-folder name: letters, digits and ._- kept, the rest as _."""
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(name))
 
 
 def cell(r, col: str, best) -> str:
@@ -132,10 +95,11 @@ def feature_label(results: list[dict]) -> str:
 
 
 def build(cfg: DictConfig | None = None, progress: bool = True, title: str = "Training-free subset quality",
-          section: str = "pruning", note: str = "") -> pd.DataFrame:
+          section: str = "pruning", note: str = "", plan: sweeps.Plan | None = None) -> pd.DataFrame:
     """The `pruning` section of eval/tables.py (and, with another sweep, `imbalanced`)."""
     cfg = cfg if cfg is not None else compose("eval/subset_quality")
-    results = evaluate_runs(sweep_runs(cfg.sweep, progress), cfg, progress)
+    plan = plan or sweeps.pruning(cfg)
+    results = evaluate_runs([r.run_dir for r in sweeps.require(plan, section)], cfg, progress)
     agg = aggregate(results)
     out = Path(cfg.sweep.out)
     note = (note + " " if note else "") + f"Rebuilt by `python eval/tables.py {section}`."
@@ -147,8 +111,7 @@ def build(cfg: DictConfig | None = None, progress: bool = True, title: str = "Tr
 def ablation(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
     """The `ablation` section: rsprune variants at one ratio, mean +- std over seeds -> <out>.md."""
     a = cfg.ablation
-    names = variant_runs(Path(a.runs_root), a.variants, [a.ratio], a.seeds, list(cfg.sweep.overrides), progress,
-                         folder="{name}-s{seed}")
+    names = {r.run_dir: r.label for r in sweeps.require(sweeps.ablation(cfg), "ablation")}
     results = evaluate_runs(list(names), cfg, progress)
     for r in results:
         r["variant"] = names[r["run_dir"]]

@@ -20,9 +20,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from eval.pruning_table import slug, sweep_runs, variant_runs
 from eval.subset_quality import corpus_features, kl, quality
-from rsprune import rawcorpus
+from rsprune import rawcorpus, sweeps
 from rsprune.cache import read_json, stable_hash, write_json, write_text
 from rsprune.cli import UsageError
 from rsprune.frechet import frechet_distance, gaussian_stats
@@ -153,14 +152,15 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
 
 
 def section(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
-    """Sweep the methods and the rsprune variants on the raw corpus; write <out>.md and .png."""
+    """The methods and the rsprune variants on the raw corpus (their prune runs: `python prune/sweep.py
+    raw`); write <out>.md and .png."""
     folder = Path(str(cfg.corpus_folder))
     if not (folder / "labels.parquet").is_file():
         raise UsageError(f"raw corpus labels not found in {folder}")
     labels = rawcorpus.labels(folder)
-    runs = sweep_runs(cfg.sweep, progress)
-    variants = variant_runs(Path(cfg.sweep.runs_root), cfg.variants, list(cfg.sweep.ratios), list(cfg.variant_seeds),
-                            list(cfg.sweep.overrides), progress, folder="variant-{name}-r{ratio}-s{seed}")
+    done = sweeps.require(sweeps.raw(cfg), "raw")  # `python prune/sweep.py raw` runs them
+    runs = [r.run_dir for r in done if r.label is None]
+    variants = {r.run_dir: r.label for r in done if r.label is not None}
     res = evaluate(runs, labels, cfg, progress)
     vres = evaluate(list(variants), labels, cfg, progress)
     for r in vres:
@@ -187,4 +187,4 @@ def section(cfg: DictConfig, progress: bool = True) -> pd.DataFrame:
     return agg
 
 
-__all__ = ["section", "evaluate", "label_metrics", "slug"]
+__all__ = ["section", "evaluate", "label_metrics"]

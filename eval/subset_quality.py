@@ -2,7 +2,7 @@
 
 For run folders over the same corpus, measured in an encoder space that did NOT drive the
 selection (default EfficientNet-Lite2; the selection uses Lite0), on unit-normalised embeddings
-from the same content-addressed store as the pruning embeddings (`prune/embed.py`):
+from the same content-addressed store as the pruning embeddings (`rsprune/embed_store.py`):
 - fd: Fréchet distance between the subset and the usable corpus (readable, unique images);
 - coverage_mean / coverage_p95: cosine distance from each corpus image to its nearest selected
   image (the k-center radius, mean and 95th percentile);
@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from rsprune.frechet import frechet_distance, gaussian_stats, psd_sqrt
-from prune.embed import embed_stage, gather
 from rsprune.cache import read_json, stable_hash, write_json
 from rsprune.cli import UsageError, main
+from rsprune.embed_store import embed_stage, gather
+from rsprune.frechet import frechet_distance, gaussian_stats, psd_sqrt
 from rsprune.knn import search
 from rsprune.manifest import read_manifest
 

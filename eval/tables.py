@@ -18,9 +18,10 @@ import importlib
 import sys
 from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rsprune.cli import UsageError, compose, main, one_line
+from rsprune.cli import UsageError, main, one_line
+from rsprune.sweeps import section_config
 
 
 def resolve(fn: str) -> Callable:
@@ -35,12 +36,6 @@ def resolve(fn: str) -> Callable:
     if not attr or not hasattr(mod, attr):
         raise UsageError(f"{mod_name} has no function {attr!r}")
     return getattr(mod, attr)
-
-
-def section_config(spec: DictConfig) -> DictConfig:
-    """The section's own config, composed from configs/, with the table's `set` values merged in."""
-    base = compose(str(spec.config)) if spec.get("config") else OmegaConf.create({})
-    return OmegaConf.merge(base, spec.get("set") or {})
 
 
 def run_section(name: str, spec: DictConfig):

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from prune.entropy import coverage_sharpness, entropies
-from rsprune.cache import load_table, save_table, stable_hash
+from rsprune.cache import load_table, rows_digest, save_table, stable_hash
 from rsprune.cli import UsageError
 from rsprune.corpus import list_files
 from rsprune.fingerprint import digest
@@ -144,7 +144,7 @@ def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progre
     files = walk(roots) if files is None else files
     params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION,
                   area=[int(entropy_cfg.area_grid), float(entropy_cfg.flat_bits), float(entropy_cfg.bright)])
-    key = stable_hash("index", params, files[["id", "path", "size", "mtime"]].values.tolist())
+    key = stable_hash("index", params, rows_digest(files.id, files.path, files["size"], files.mtime))
     final = cache_path(cache_dir, CACHE_INDEX, f"{key}.parquet")
     df = load_table(final, key, verify=True)
     if df is None:

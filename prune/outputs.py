@@ -15,6 +15,7 @@ from prune.scenes import UNMATCHED, scene_names
 from rsprune import knn
 from rsprune.cache import stable_hash, write_json, write_text
 from rsprune.manifest import write_manifest
+from rsprune.markers import mark_run
 
 PACKAGES = ("torch", "numpy", "faiss-cpu", "faiss-gpu", "pandas", "hydra-core", "transformers", "accelerate")
 
@@ -54,32 +55,51 @@ def build_manifest(idx: pd.DataFrame, kept1, cols: Columns, selected, reason, cl
     return m
 
 
-def build_summary(cfg, m: pd.DataFrame, index_key: str, usable, cut: float, pool_size: int, budget: int,
-                  n_topup: int, method_info: dict, timings: dict, cached: dict, scene_info: dict) -> dict:
+def tally(m: pd.DataFrame, usable) -> dict:
+    """What summary.json counts over the manifest: totals, reasons, and per scene and per
+    cluster (found, past stage 1, selected). Column reductions only, no Python step per row;
+    a partitioned engine can sum these over its partitions."""
+    usable = np.asarray(usable, bool)
+    kept1, sel = m.stage1_kept.to_numpy(bool), m.selected.to_numpy(bool)
+    cluster = m.cluster.to_numpy()
+    clustered = cluster >= 0
+    return dict(files=len(m), unreadable=int((~m.readable.to_numpy(bool)).sum()),
+                exact_duplicates=int((m.duplicate_of != "").sum()), usable=int(usable.sum()),
+                stage1_dropped=int(usable.sum() - kept1.sum()), selected=int(sel.sum()),
+                per_scene=group_counts(m.scene_name.to_numpy()[usable], kept1[usable], sel[usable]),
+                per_cluster=group_counts(cluster[clustered], kept1[clustered], sel[clustered]),
+                reasons=m.reason.value_counts().to_dict())
+
+
+def group_counts(key: np.ndarray, kept1: np.ndarray, selected: np.ndarray) -> dict:
+    """{str(key): {found, stage1_kept, selected}} in sorted key order (missing keys left out)."""
+    g = pd.DataFrame({"key": key, "stage1_kept": kept1, "selected": selected}).groupby("key")
+    found, k1, sel = g.size(), g.stage1_kept.sum(), g.selected.sum()
+    return {str(k): {"found": int(a), "stage1_kept": int(b), "selected": int(c)}
+            for k, a, b, c in zip(found.index, found.to_numpy(), k1.to_numpy(), sel.to_numpy())}
+
+
+def build_summary(run, counts: dict) -> dict:
+    """summary.json from a run's state (prune/state.py) and the manifest's `tally`."""
+    cfg = run.cfg
     return dict(
         config=OmegaConf.to_container(cfg, resolve=True),
         hash=stable_hash("run", {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "run_dir"},
-                         index_key),
-        counts=dict(files=len(m), unreadable=int((~m.readable).sum()),
-                    exact_duplicates=int((m.duplicate_of != "").sum()), usable=int(usable.sum()),
-                    entropy_cut_bits=cut, stage1_dropped=int(usable.sum() - m.stage1_kept.sum()),
-                    pool=pool_size, budget=budget, selected=int(m.selected.sum()), entropy_topup=n_topup),
-        scenes=scene_info,  # threshold and its rule, matched share, similarity quantiles, pseudo-scene sizes
-        per_scene=_per_group(m, "scene_name", usable),
-        per_cluster=_per_group(m[m.cluster >= 0], "cluster", None),
-        reasons=m.reason.value_counts().to_dict(),
-        method_info=method_info,  # e.g. the eps semdedup needed to meet the budget
-        timings_s={k: round(v, 3) for k, v in timings.items()},
+                         run.inputs.corpus_key),
+        counts=dict(files=counts["files"], unreadable=counts["unreadable"],
+                    exact_duplicates=counts["exact_duplicates"], usable=counts["usable"], entropy_cut_bits=run.cut,
+                    stage1_dropped=counts["stage1_dropped"], pool=len(run.pool_rows), budget=run.budget,
+                    selected=counts["selected"], entropy_topup=len(run.extra)),
+        scenes=run.scene_info,  # threshold and its rule, matched share, similarity quantiles, pseudo-scene sizes
+        per_scene=counts["per_scene"],
+        per_cluster=counts["per_cluster"],
+        reasons=counts["reasons"],
+        method_info=run.pool.extra,  # e.g. the eps semdedup needed to meet the budget
+        timings_s={k: round(v, 3) for k, v in run.timings.items()},
         faiss_gpu=knn.gpu_in_use(),
-        cached=cached,
+        cached=run.cached,
         versions=_versions(),
     )
-
-
-def _per_group(m: pd.DataFrame, col: str, usable) -> dict:
-    g = m if usable is None else m[usable]
-    out = g.groupby(col).agg(found=("id", "size"), stage1_kept=("stage1_kept", "sum"), selected=("selected", "sum"))
-    return {str(k): {c: int(v) for c, v in row.items()} for k, row in out.iterrows()}
 
 
 def _versions() -> dict:
@@ -94,7 +114,7 @@ def _versions() -> dict:
 
 def write_outputs(cfg, manifest: pd.DataFrame, summary: dict, cut: float) -> None:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run(run_dir)  # its report PNGs never become corpus images of a later walk
     write_manifest(run_dir / "manifest.parquet", manifest)
     write_text(run_dir / "kept.txt", "".join(p + "\n" for p in sorted(manifest.path[manifest.selected])))
     write_json(run_dir / "summary.json", summary)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.imageio import UnreadableImage, load_sized
 from rsprune.plots import pyplot, save_png
 
 
@@ -146,7 +146,7 @@ def montage(m: pd.DataFrame, n_scenes: int, seed: int, path: Path, per_row: int 
             pick = pick[rng.permutation(len(pick))[:per_row]] if len(pick) else pick
             for j, p in enumerate(sorted(pick)):
                 try:
-                    canvas.paste(Image.fromarray(resize(load_rgb(p), tile)), (label_w + j * tile, y))
+                    canvas.paste(Image.fromarray(load_sized(p, tile)), (label_w + j * tile, y))
                 except UnreadableImage:
                     pass
     from rsprune.cache import atomic_path

@@ -10,39 +10,29 @@ what the run folder holds.
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
 from dataclasses import replace
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prune import methods
-from prune.cluster import cluster_stage
+from prune.cluster import cluster_stage, split_strata
 from prune.embed import dist_state, embed_inputs
-from prune.engine_ray_run import engine_of
 from prune.entropy import stage1_pool
 from prune.index import index_inputs, mark_duplicates
-from prune.outputs import Columns, build_manifest, build_summary, reasons, write_outputs
+from prune.outputs import Columns, build_manifest, build_summary, reasons, tally, write_outputs
 from prune.scenes import folder_scenes, scene_stage
-from prune.validate import validate
+from prune.engine_ray import engine_of
+from prune.state import LOCAL, RunState
+from prune.validate import precheck, validate
+from rsprune import runlock
 from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
+from rsprune.markers import mark_cache
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-class Timings(dict):
-    """Seconds per stage: `with timings("index"): ...`."""
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        yield
-        self[name] = time.perf_counter() - t
 
 
 def check_usable(idx, budget: int) -> np.ndarray:
@@ -61,34 +51,38 @@ def check_usable(idx, budget: int) -> np.ndarray:
                      f"of {budget}: fix or remove the bad files, or raise the ratio")
 
 
-def add_scenes(pool, cols: Columns, inputs, store, usable, pool_rows, cfg, cached: dict) -> tuple[list[str], dict]:
-    """Stage 3 into `pool.scene` and `cols`; returns the scene (reference class) names and the
-    strata diagnostics (threshold, matched share, similarity quantiles, pseudo-scene sizes)."""
-    idx = inputs.corpus
+def add_scenes(run: RunState) -> None:
+    """Stage 3 into `run.pool.scene` and `run.cols`; sets the scene (reference class) names and
+    the strata diagnostics (threshold, matched share, similarity quantiles, pseudo-scene sizes)."""
+    idx, cfg, usable, cols = run.corpus, run.cfg, run.usable, run.cols
     if cfg.scenes.assign == "folder":
-        strata, classes, info = folder_scenes(idx.relpath[usable].tolist())
+        strata, run.classes, run.scene_info = folder_scenes(idx.relpath[usable].tolist())
         cols.scene[usable] = strata
-        pool.scene = cols.scene[pool_rows]
-        return classes, info
-    hashes = sorted(set(idx.content_hash[usable]))
-    table, classes, info, cached["scenes"] = scene_stage(store, hashes, inputs.reference, inputs.reference_key,
-                                                         cfg.scenes, int(cfg.seed), str(cfg.cache_dir))
-    by_hash = table.set_index("content_hash")
-    cols.scene[usable] = by_hash.scene.reindex(idx.content_hash[usable]).to_numpy()
-    cols.scene_similarity[usable] = by_hash.scene_similarity.reindex(idx.content_hash[usable]).to_numpy()
-    pool.scene = cols.scene[pool_rows]
-    return classes, info
+    else:
+        hashes = sorted(set(idx.content_hash[usable]))
+        table, run.classes, run.scene_info, run.cached["scenes"] = scene_stage(
+            run.store, hashes, run.inputs.reference, run.inputs.reference_key, cfg.scenes, int(cfg.seed),
+            str(cfg.cache_dir), run.engine)
+        by_hash = table.set_index("content_hash")
+        cols.scene[usable] = by_hash.scene.reindex(idx.content_hash[usable]).to_numpy()
+        cols.scene_similarity[usable] = by_hash.scene_similarity.reindex(idx.content_hash[usable]).to_numpy()
+    run.pool.scene = cols.scene[run.pool_rows]
 
 
-def add_clusters(pool, cols: Columns, store, pool_rows, cfg, cached: dict, progress: bool) -> int:
-    """Stage 4 (inside scene strata when there are scenes) into `pool` and `cols`; returns the
-    number of strata."""
+def add_clusters(run: RunState) -> int:
+    """Stage 4 (inside scene strata when there are scenes) into `run.pool` and `run.cols`;
+    returns the number of strata."""
+    pool, cfg = run.pool, run.cfg
     strata = pool.scene if pool.scene is not None else np.zeros(len(pool), np.int64)
-    table, pool.centroids, cached["clusters"] = cluster_stage(
-        pool.emb, strata, pool.ids, pool.table.content_hash.tolist(), store.key, cfg.clustering, int(cfg.seed),
-        str(cfg.cache_dir), progress)
+    split = split_strata(strata, cfg.clustering)
+    if split:  # the mean cluster size holds at any N: say what it costs instead of capping silently
+        log(f"[clusters] {len(split)} strata need more than clustering.max_k={cfg.clustering.max_k} clusters "
+            f"(up to {max(split.values())}): each is split into cells first")
+    table, pool.centroids, run.cached["clusters"] = cluster_stage(
+        pool.emb, strata, pool.ids, pool.table.content_hash.tolist(), run.store.key, cfg.clustering, int(cfg.seed),
+        str(cfg.cache_dir), run.progress, run.engine)
     pool.cluster, pool.dist = table.cluster.to_numpy(), table.centroid_distance.to_numpy()
-    cols.cluster[pool_rows], cols.centroid_distance[pool_rows] = pool.cluster, pool.dist
+    run.cols.cluster[run.pool_rows], run.cols.centroid_distance[run.pool_rows] = pool.cluster, pool.dist
     return len(np.unique(strata))
 
 
@@ -108,43 +102,75 @@ def refuse_changed(df, refused: dict):
     return df
 
 
-def embed(plan, inputs, cfg, t: Timings, progress: bool, state):
-    """Stage 2 when the method needs it: (inputs with refused files recorded, store or None)."""
-    if not plan.method.NEEDS:
-        return inputs, None
-    with t("embed"):
-        store = embed_inputs(inputs, cfg, str(cfg.cache_dir), progress, state)
-    if store.refused:
-        first, why = next(iter(store.refused.items()))
-        log(f"[embed] {len(store.refused)} files refused, recorded unreadable; first: {first} ({why})")
-        inputs = replace(inputs, corpus=refuse_changed(inputs.corpus, store.refused),
-                         reference=refuse_changed(inputs.reference, store.refused),
-                         corpus_key=stable_hash(inputs.corpus_key, sorted(store.refused.items())))
-    return inputs, store
+def embed(run: RunState) -> None:
+    """Stage 2 when the method needs it: `run.store`, and the refused files recorded in
+    `run.inputs`."""
+    if not run.plan.method.NEEDS:
+        return
+    inputs = run.inputs
+    with run.timings("embed"):
+        run.store = embed_inputs(inputs, run.cfg, str(run.cfg.cache_dir), run.progress, run.dist)
+    refused = run.store.refused
+    if refused:
+        first, why = next(iter(refused.items()))
+        log(f"[embed] {len(refused)} files refused, recorded unreadable; first: {first} ({why})")
+        run.inputs = replace(inputs, corpus=refuse_changed(inputs.corpus, refused),
+                             reference=refuse_changed(inputs.reference, refused),
+                             corpus_key=stable_hash(inputs.corpus_key, sorted(refused.items())))
 
 
-def features(plan, inputs, store, pool, cols: Columns, usable, pool_rows, cfg, t: Timings, cached: dict,
-             progress: bool, state) -> tuple[list[str] | None, dict]:
-    """Stages 3-4 as the method needs them, on the embeddings of `store`; returns (scene names,
-    strata diagnostics): (None, {}) without scenes, and on a process other than the main one,
-    whose share of the work ends with the embedding."""
-    if store is None or (state is not None and not state.is_main_process):
-        return None, {}
-    pool.emb = store.gather(pool.table.content_hash.tolist())
+def entropy_pool(run: RunState) -> None:
+    """Stage 1: the entropy cut, the pool of rows a method chooses from, and the top-up rows."""
+    idx, cfg, e = run.corpus, run.cfg, run.cfg.entropy
+    filtered = bool(cfg.method.entropy_filter)
+    with run.timings("entropy"):
+        score = idx[f"entropy_{e.score}"].to_numpy(np.float64)
+        run.kept1, run.cut, run.pool_rows, run.extra = stage1_pool(
+            score, run.usable, idx.id.to_numpy(), float(e.floor), float(e.percentile), filtered, run.budget,
+            area=idx.entropy_area.to_numpy(np.float64), min_area=float(e.min_area),
+            sharpness=idx.entropy_sharpness.to_numpy(np.float64),
+            min_sharpness=None if e.min_sharpness is None else float(e.min_sharpness))
+    below = run.usable.sum() - run.kept1.sum()
+    log(f"[entropy] cut {run.cut:.3f} bits ({e.score}): " + (f"{below} dropped, {run.kept1.sum()} kept" if filtered
+        else f"{below} under it, none dropped ({cfg.method.name} does not filter)"))
+    if len(run.extra):
+        log(f"[entropy] pool {len(run.pool_rows)} < budget {run.budget}: {len(run.extra)} highest-entropy "
+            "dropped images return")
+    run.pool = methods.Pool(idx.iloc[run.pool_rows].reset_index(drop=True))
+    run.cols = Columns.empty(len(idx))
+
+
+def features(run: RunState) -> None:
+    """Stages 3-4 as the method needs them, on the embeddings of `run.store`; nothing without
+    an embedding, and on a process other than the main one, whose share of the work ends with
+    the embedding."""
+    if run.store is None or not run.is_main:
+        return
+    t, pool, store, needs = run.timings, run.pool, run.store, run.plan.method.NEEDS
+    if run.engine is LOCAL:
+        pool.emb = store.gather(pool.table.content_hash.tolist())
+    else:  # the engine's tasks gather their own rows; this process holds none
+        from prune.engine_ray import PoolRows
+
+        run.engine.scope = stable_hash("run", run.inputs.corpus_key, store.key,
+                                       {k: v for k, v in OmegaConf.to_container(run.cfg).items()
+                                        if k not in ("run_dir", "ray", "report")})
+        hashes = pool.table.content_hash.to_numpy()
+        pool.emb = PoolRows(store, hashes, store.gather(hashes[:1].tolist()).shape[1])
+        pool.engine = run.engine
     log(f"[embed] {store.images} distinct images in {len(store.plan)} shards, dim {pool.emb.shape[1]} "
         f"({t['embed']:.1f} s)")
-    classes, info = None, {}
-    if "scenes" in plan.method.NEEDS:
+    if "scenes" in needs:
         with t("scenes"):
-            classes, info = add_scenes(pool, cols, inputs, store, usable, pool_rows, cfg, cached)
-        log(f"[scenes] {len(classes)} corpus class folders as strata" if cfg.scenes.assign == "folder" else
-            f"[scenes] {len(classes)} reference scenes, threshold {info['threshold']:.3f} ({info['rule']}): "
+            add_scenes(run)
+        info = run.scene_info
+        log(f"[scenes] {len(run.classes)} corpus class folders as strata" if run.cfg.scenes.assign == "folder" else
+            f"[scenes] {len(run.classes)} reference scenes, threshold {info['threshold']:.3f} ({info['rule']}): "
             f"{info['matched_share']:.0%} matched, {info['pseudo_scenes']} pseudo-scenes ({t['scenes']:.1f} s)")
-    if "clusters" in plan.method.NEEDS:
+    if "clusters" in needs:
         with t("clusters"):
-            n_strata = add_clusters(pool, cols, store, pool_rows, cfg, cached, progress)
+            n_strata = add_clusters(run)
         log(f"[clusters] {len(np.unique(pool.cluster))} clusters over {n_strata} strata ({t['clusters']:.1f} s)")
-    return classes, info
 
 
 def select(plan, pool, budget: int, cfg) -> tuple[np.ndarray, dict]:
@@ -160,57 +186,44 @@ def select(plan, pool, budget: int, cfg) -> tuple[np.ndarray, dict]:
 def run(cfg: DictConfig, progress: bool = True) -> dict:
     """Run the whole pipeline for one config; returns the summary dict ({} on a process other
     than the main one under `accelerate launch`)."""
-    plan = validate(cfg)
-    if engine_of(cfg) == "ray":  # stages 3-5 on Ray; an unknown engine is a usage error here
-        from prune.engine_ray_run import run as run_on_ray
+    r = RunState(cfg, validate(cfg), progress, dist_state())
+    if engine_of(cfg) == "ray" and r.is_main:  # checked, and the cluster reached, before any work
+        from prune.engine_ray import RayEngine, start_ray
 
-        return run_on_ray(plan, cfg, progress, sys.modules[__name__])  # this module's pieces, no import circle
-    state = dist_state()
-    t, cached = Timings(), {}
-    with t("index"):
-        inputs = index_inputs(plan, cfg, str(cfg.cache_dir), progress, state)  # shards split over processes
-    idx, budget = inputs.corpus, plan.budget
-    check_usable(idx, budget)  # before the embedding: a budget that cannot be met fails fast
+        start_ray(cfg.ray)
+        r.engine = RayEngine(str(cfg.cache_dir))
+    with runlock.hold(cfg.run_dir, r.dist):  # one run per folder: a second one exits 2 naming this pid
+        return _run(r, cfg, progress)
+
+
+def _run(r: RunState, cfg: DictConfig, progress: bool) -> dict:
+    mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
+    with r.timings("index"):
+        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist)  # shards split over processes
+    idx = r.corpus
+    check_usable(idx, r.budget)  # before the embedding: a budget that cannot be met fails fast
     log(f"[index] {len(idx)} files, {(~idx.readable).sum()} unreadable, {(idx.duplicate_of != '').sum()} "
-        f"exact duplicates; budget {budget} ({t['index']:.1f} s)")
-    inputs, store = embed(plan, inputs, cfg, t, progress, state)
-    idx = inputs.corpus
-    usable = check_usable(idx, budget)
-
-    filtered = bool(cfg.method.entropy_filter)
-    with t("entropy"):
-        score = idx[f"entropy_{cfg.entropy.score}"].to_numpy(np.float64)
-        e = cfg.entropy
-        kept1, cut, pool_rows, extra = stage1_pool(
-            score, usable, idx.id.to_numpy(), float(e.floor), float(e.percentile), filtered, budget,
-            area=idx.entropy_area.to_numpy(np.float64), min_area=float(e.min_area),
-            sharpness=idx.entropy_sharpness.to_numpy(np.float64),
-            min_sharpness=None if e.min_sharpness is None else float(e.min_sharpness))
-    below = usable.sum() - kept1.sum()
-    log(f"[entropy] cut {cut:.3f} bits ({cfg.entropy.score}): " + (f"{below} dropped, {kept1.sum()} kept" if filtered
-        else f"{below} under it, none dropped ({cfg.method.name} does not filter)"))
-    if len(extra):
-        log(f"[entropy] pool {len(pool_rows)} < budget {budget}: {len(extra)} highest-entropy dropped images return")
-
-    pool, cols = methods.Pool(idx.iloc[pool_rows].reset_index(drop=True)), Columns.empty(len(idx))
-    classes, scene_info = features(plan, inputs, store, pool, cols, usable, pool_rows, cfg, t, cached, progress,
-                                   state)
-    if state is not None and not state.is_main_process:
+        f"exact duplicates; budget {r.budget} ({r.timings['index']:.1f} s)")
+    embed(r)
+    r.usable = check_usable(r.corpus, r.budget)
+    entropy_pool(r)
+    features(r)
+    if not r.is_main:
         return {}
 
-    with t("select"):
-        chosen, notes = select(plan, pool, budget, cfg)
-        selected = np.zeros(len(idx), bool)
-        selected[pool_rows[chosen]] = True
-        selected[extra] = True
-    reason = reasons(idx, usable, kept1, filtered, notes, pool_rows, selected, extra)
-    manifest = build_manifest(idx, kept1, cols, selected, reason, classes, scene_info)
-    summary = build_summary(cfg, manifest, inputs.corpus_key, usable, cut, len(pool), budget, len(extra),
-                            pool.extra, t, cached, scene_info)
-    write_outputs(cfg, manifest, summary, cut)
-    log(f"[select] {selected.sum()} of {len(idx)} selected (ratio {cfg.ratio}) -> {cfg.run_dir}")
+    with r.timings("select"):
+        chosen, notes = select(r.plan, r.pool, r.budget, cfg)
+        r.selected = np.zeros(len(r.corpus), bool)
+        r.selected[r.pool_rows[chosen]] = True
+        r.selected[r.extra] = True
+    reason = reasons(r.corpus, r.usable, r.kept1, bool(cfg.method.entropy_filter), notes, r.pool_rows, r.selected,
+                     r.extra)
+    manifest = build_manifest(r.corpus, r.kept1, r.cols, r.selected, reason, r.classes, r.scene_info)
+    summary = build_summary(r, tally(manifest, r.usable))
+    write_outputs(cfg, manifest, summary, r.cut)
+    log(f"[select] {r.selected.sum()} of {len(r.corpus)} selected (ratio {cfg.ratio}) -> {cfg.run_dir}")
     return summary
 
 
 if __name__ == "__main__":
-    main("prune", run, __doc__)
+    main("prune", run, __doc__, precheck)

@@ -12,13 +12,15 @@ import os
 from dataclasses import dataclass
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from prune import methods
 from prune.budget import budget as budget_of
 from prune.index import walk
 from prune.scenes import check_scenes, reference_labels
 from rsprune import knn
+from rsprune.checks import check_table, get
+from rsprune.cache import check_writable
 from rsprune.corpus import is_list
 from rsprune.errors import UsageError
 
@@ -74,6 +76,7 @@ NUMBERS = {
     "selection.volume.min_stratum": (int, 1, math.inf, True, False),
     "report.montage_scenes": (int, 0, math.inf, True, False),
     "encoder.batch_size": (int, 1, math.inf, True, False),
+    "encoder.resolution": (int, 32, math.inf, True, False),  # EfficientNet's stride: smaller inputs fail in a conv
     "encoder.num_workers": (int, 0, math.inf, True, False),
     "method.neighbours": (int, 1, math.inf, True, False),
     "method.temperature": (float, 0, math.inf, False, False),
@@ -90,41 +93,15 @@ class Plan:
     reference: str | None      # the reference folder, when the method needs scenes
 
 
-def _get(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, key, default=None)
-
-
-def check_choice(key: str, value, allowed) -> None:
-    # `True in ("auto", 1)` is True in Python: compare types too, so 1 is not taken for true.
-    if not any(value == a and type(value) is type(a) for a in allowed):
-        shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
-        raise UsageError(f"{key} must be one of {shown}; got {value!r}")
-
-
-def check_number(key: str, value, kind, lo, hi, lo_ok: bool, hi_ok: bool) -> None:
-    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or (kind is float and not math.isfinite(value)):
-        raise UsageError(f"{key} must be {'an integer' if kind is int else 'a number'}; got {value!r}")
-    if value < lo or value > hi or (value == lo and not lo_ok) or (value == hi and not hi_ok):
-        low = f"{'>=' if lo_ok else '>'} {lo}"
-        high = "" if hi == math.inf else f" and {'<=' if hi_ok else '<'} {hi}"
-        raise UsageError(f"{key} must be {low}{high}; got {value!r}")
-
-
 def check_values(cfg: DictConfig) -> None:
     """Every enumerated and numeric value (keys absent from this config are skipped)."""
     ratio = cfg.ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < float(ratio) < 1:
         raise UsageError(f"ratio must be a number strictly between 0 and 1 (the fraction pruned), got {ratio!r}")
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) is not None:
-            check_choice(key, _get(cfg, key), allowed)
-    for key, spec in NUMBERS.items():
-        if _get(cfg, key) is not None:
-            check_number(key, _get(cfg, key), *spec)
-    if _get(cfg, "scenes") is not None:
+    check_table(cfg, CHOICES, NUMBERS)
+    if get(cfg, "scenes") is not None:
         check_scenes(cfg.scenes)  # threshold: reference | corpus | a cosine; quantile; pseudo_size
-    dim = _get(cfg, "selection.volume.dim")
+    dim = get(cfg, "selection.volume.dim")
     if dim is not None and dim != "auto" and (isinstance(dim, bool) or not isinstance(dim, (int, float))
                                               or not 0 < dim < math.inf):
         raise UsageError(f"selection.volume.dim must be auto or a number > 0, got {dim!r}")
@@ -141,9 +118,17 @@ def check_reference(ref: str) -> None:
     reference_labels(walk([ref]).relpath.tolist())
 
 
+def precheck(cfg: DictConfig) -> None:
+    """What needs neither the data nor its split: every value, and that run_dir and cache_dir can
+    be written (rsprune.cli.compose runs it before the default split is drawn)."""
+    check_values(cfg)
+    check_writable(str(cfg.run_dir), "run_dir")
+    check_writable(str(cfg.cache_dir), "cache_dir")
+
+
 def validate(cfg: DictConfig) -> Plan:
     """Every check that can fail on user input, before anything is written."""
-    check_values(cfg)
+    precheck(cfg)
     corpus = cfg.data.corpus
     corpus = [corpus] if isinstance(corpus, str) else list(corpus or [])
     if not corpus:

@@ -22,9 +22,11 @@ pooling: the inverse of the mean inverse estimate), or fixed by `selection.volum
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from rsprune.exact import exact_mean, parts_total, sum_parts
+from prune.state import LOCAL, materialize
 
 BLOCK = 2048  # rows per similarity block inside one cluster: memory O(BLOCK x cluster size)
 
@@ -48,59 +50,104 @@ def neighbour_distances(emb: np.ndarray, cluster: np.ndarray, k: int) -> np.ndar
     return out
 
 
-def inverse_dims(dist: np.ndarray) -> np.ndarray:
-    """Per qualifying row, 1 / m_i of the Levina-Bickel MLE from (N, k) ascending neighbour
-    distances (NaN past a small cluster's members): rows with k_i >= 3 neighbours, all at a
-    positive distance."""
+ROWS = 1 << 18  # rows per chunk of the per-row steps below: temporaries O(ROWS x k), not O(N x k)
+
+
+def _row_chunks(n: int):
+    return (slice(s, s + ROWS) for s in range(0, n, ROWS))
+
+
+def _inverse_dims(dist: np.ndarray) -> np.ndarray:
+    """Per row, 1 / m_i of the Levina-Bickel rule (NaN where the row does not qualify)."""
     finite = np.isfinite(dist)
     k = finite.sum(axis=1)
     ok = (k >= 3) & (np.where(finite, dist, 1.0).min(axis=1, initial=1.0) > 0)
-    d, k = dist[ok], k[ok]
-    last = d[np.arange(len(d)), k - 1]
-    logs = np.where(np.isfinite(d), np.log(last[:, None] / np.where(np.isfinite(d), d, 1.0)), 0.0)
-    return logs.sum(axis=1) / (k - 1)  # the k-th term is log 1 = 0
+    out = np.full(len(dist), np.nan)
+    if ok.any():
+        d, k = dist[ok], k[ok]
+        last = d[np.arange(len(d)), k - 1]
+        logs = np.where(np.isfinite(d), np.log(last[:, None] / np.where(np.isfinite(d), d, 1.0)), 0.0)
+        out[ok] = logs.sum(axis=1) / (k - 1)  # the k-th term is log 1 = 0
+    return out
+
+
+def _radius(dist: np.ndarray) -> np.ndarray:
+    """Per row r, the mean neighbour distance (NaN without neighbours), in row chunks."""
+    r = np.empty(len(dist))
+    for c in _row_chunks(len(dist)):
+        n = np.isfinite(dist[c]).sum(axis=1)
+        r[c] = np.where(n > 0, np.nansum(dist[c], axis=1) / np.maximum(n, 1), np.nan)
+    return r
+
+
+def neighbour_stats(emb: np.ndarray, cluster: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (1 / m_i of the Levina-Bickel rule, NaN where it does not qualify; r): all the
+    volume step needs of the neighbour distances. A row's values depend on its cluster alone, so
+    any set of whole clusters (a stratum) gives its rows the same values."""
+    dist = neighbour_distances(emb, cluster, int(k))
+    inv = np.concatenate([_inverse_dims(dist[c]) for c in _row_chunks(len(dist))] or [np.zeros(0)])
+    return inv, _radius(dist)
+
+
+def dim_of(inv: np.ndarray) -> float:
+    """1 / mean(1 / m_i) over the rows that qualify (pool order); NaN when none does."""
+    inv = inv[np.isfinite(inv)]
+    return float(1.0 / inv.mean()) if len(inv) else float("nan")
 
 
 def intrinsic_dim(dist: np.ndarray) -> float:
-    """Levina-Bickel MLE of the intrinsic dimension, pooled as 1 / mean(1 / m_i) (the mean summed
-    exactly, so partitions give the same bits); NaN when no row qualifies."""
-    inv = inverse_dims(dist)
-    return float(1.0 / exact_mean(inv)) if len(inv) else float("nan")
+    """Levina-Bickel MLE of the intrinsic dimension from (N, k) ascending neighbour distances
+    (NaN past a small cluster's members): per row over the k_i >= 3 neighbours it has, all at a
+    positive distance; pooled as 1 / mean(1 / m_i). NaN when no row qualifies. Rows are taken
+    in chunks (each row's value does not depend on the others)."""
+    return dim_of(np.concatenate([_inverse_dims(dist[c]) for c in _row_chunks(len(dist))] or [np.zeros(0)]))
+
+
+def radius_volumes(r: np.ndarray, dim: float) -> np.ndarray:
+    """Per row (r / median r)^dim; 1 where r is missing or 0, or no row has a radius."""
+    good = np.isfinite(r) & (r > 0)
+    if not good.any():
+        return np.ones(len(r))
+    rel = np.where(good, r / np.median(r[good]), 1.0)
+    return np.exp(np.clip(dim * np.log(rel), -700.0, 700.0))  # scale-free, no overflow at high dim
 
 
 def image_volumes(dist: np.ndarray, dim: float) -> np.ndarray:
     """Per row (r / median r)^dim, r = mean neighbour distance. A row without neighbours (a
     singleton cluster) or at distance 0 (a near-duplicate pair) gets the median's volume, 1."""
-    r = mean_radius(dist)
-    good = np.isfinite(r) & (r > 0)
-    return volumes_from(r, float(np.median(r[good])) if good.any() else float("nan"), dim)
+    return radius_volumes(_radius(dist), dim)
 
 
-def mean_radius(dist: np.ndarray) -> np.ndarray:
-    """r per row: its mean neighbour distance (NaN without neighbours)."""
-    n = np.isfinite(dist).sum(axis=1)
-    return np.where(n > 0, np.nansum(dist, axis=1) / np.maximum(n, 1), np.nan)
+def _stats_task(item, k: int):
+    x, cluster = item
+    return neighbour_stats(materialize(x), cluster, k)
 
 
-def volumes_from(r: np.ndarray, median: float, dim: float) -> np.ndarray:
-    """(r / median)^dim, 1 where r is missing or 0, or nothing has a radius (median NaN)."""
-    if not np.isfinite(median):
-        return np.ones(len(r))
-    good = np.isfinite(r) & (r > 0)
-    rel = np.where(good, r / median, 1.0)
-    return np.exp(np.clip(dim * np.log(rel), -700.0, 700.0))  # scale-free, no overflow at high dim
+def grouped_stats(emb, cluster: np.ndarray, k: int, groups: np.ndarray, engine, tag: str):
+    """`neighbour_stats` with one task of `engine` per group of whole clusters (a stratum)."""
+    inv, r = np.full(len(cluster), np.nan), np.full(len(cluster), np.nan)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    results = engine.map(functools.partial(_stats_task, k=int(k)), ((emb[m], cluster[m]) for m in members), tag)
+    for m, (inv_m, r_m) in zip(members, results):
+        inv[m], r[m] = inv_m, r_m
+    return inv, r
 
 
-def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim) -> tuple[np.ndarray, dict]:
-    """(per-row volume, what summary.json records: k, dim and how it was set)."""
-    dist = neighbour_distances(emb, cluster, int(k))
+def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim, groups: np.ndarray | None = None,
+            engine=LOCAL, tag: str = "volumes") -> tuple[np.ndarray, dict]:
+    """(per-row volume, what summary.json records: k, dim and how it was set). With `groups`
+    (whole clusters each, e.g. strata), the neighbour step runs as one task per group."""
+    if groups is None:
+        inv, r = neighbour_stats(emb, cluster, int(k))
+    else:
+        inv, r = grouped_stats(emb, cluster, int(k), groups, engine, tag)
     if dim == "auto":
-        d, rule = intrinsic_dim(dist), "Levina-Bickel MLE"
+        d, rule = dim_of(inv), "Levina-Bickel MLE"
         if not np.isfinite(d):  # no cluster with 4+ members: nothing to measure, every image weighs 1
             d, rule = 0.0, "none: no cluster has 4 or more members"
     else:
         d, rule = float(dim), "fixed"
-    v = image_volumes(dist, d)
+    v = radius_volumes(r, d)
     spread = np.quantile(v, [0.05, 0.5, 0.95]).tolist()
     return v, {"k": int(k), "dim": d, "dim_rule": rule, "volume_p5_p50_p95": spread}
 
@@ -130,31 +177,11 @@ def scene_mass(scene: np.ndarray, v: np.ndarray, mode: str, alpha: float, min_st
     if mode == "volume":
         return v, alpha, {}
     ids, inv, n = np.unique(scene, return_inverse=True, return_counts=True)
-    per, eff, fit = stratum_fit(ids, n, parts_total(sum_parts(v, inv, len(n)), len(n)), alpha, min_stratum)
-    return (per ** fit["oversampling_beta"])[inv], eff, fit
-
-
-def stratum_mass(ids: np.ndarray, n: np.ndarray, vsum: np.ndarray, mode: str, alpha: float,
-                 min_stratum: int) -> tuple[np.ndarray, float, dict]:
-    """From per-stratum statistics alone (what a partitioned run reduces): (mass per stratum,
-    quota exponent, what to record). `vsum`: the exact sum of the volumes of each stratum."""
-    n = np.asarray(n, np.int64)
-    if mode == "count":
-        return n.astype(np.float64), alpha, {}
-    if mode == "volume":
-        return np.asarray(vsum, np.float64), alpha, {}
-    per, eff, fit = stratum_fit(ids, n, vsum, alpha, min_stratum)
-    return n * per ** fit["oversampling_beta"], eff, fit
-
-
-def stratum_fit(ids, n, vsum, alpha: float, min_stratum: int):
-    """`auto`'s (volume per image of each stratum, exponent, record) from the stratum sums."""
-    per = np.asarray(vsum, np.float64) / n
+    per = np.bincount(inv, weights=v, minlength=len(n)) / n  # volume per image of each stratum
     line = oversampling_fit(n, per * n, min_stratum)
     beta = beta_of(line)
     eff = alpha + (1.0 - alpha) * beta if alpha <= 1 else alpha
     fit = {"oversampling_beta": beta, "alpha_effective": eff, "min_stratum": int(min_stratum),
            "fit_slope_intercept": None if line is None else list(line),  # the line report/scene_mass.png draws
-           "strata": np.asarray(ids).tolist(), "stratum_images": np.asarray(n).tolist(),
-           "stratum_volume_per_image": per.tolist()}
-    return per, eff, fit
+           "strata": ids.tolist(), "stratum_images": n.tolist(), "stratum_volume_per_image": per.tolist()}
+    return (per ** beta)[inv], eff, fit

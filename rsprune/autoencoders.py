@@ -7,10 +7,12 @@ Three kinds, chosen by `autoencoder.kind` (configs/autoencoder/*.yaml):
   (`autoencoder.id`, optional `subfolder`; `local_files_only` by default, since machines here
   are offline).
 - `kl_small`: a small `AutoencoderKL` fitted on the training images for `autoencoder.max_steps`
-  steps and cached under `cache_dir/autoencoders/` (max_steps=0: use the cached one).
+  steps and cached under `cache_dir/autoencoders/` (max_steps=0: use the cached one); the fit is
+  train/first_stage.py's, this module only loads it.
 
 Every kind is wrapped in `FirstStage`, whose `encode(x01)` returns *scaled* latents
-((raw - shift) * scale, unit std on the training set) and `decode(z)` returns RGB in [0, 1].
+((raw - shift) * scale, unit std on the training set), `decode(z)` returns RGB in [0, 1] and
+`decode_uint8(z)` uint8 NHWC images.
 `describe()` gives the JSON that `from_description()` rebuilds it from (first_stage.json).
 """
 from __future__ import annotations
@@ -67,12 +69,25 @@ class FirstStage(nn.Module):
         """RGB in [0, 1] from scaled latents."""
         return self.decode_raw(z / self.scale + self.shift)
 
+    def decode_uint8(self, z: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+        """Scaled latents -> uint8 NHWC images (the one decode every sample path uses)."""
+        out = [to_uint8(self.decode(z[i:i + batch_size]).cpu()) for i in range(0, len(z), batch_size)]
+        if not out:
+            side = int(z.shape[-1]) * self.downscale
+            return np.zeros((0, side, side, 3), np.uint8)
+        return np.concatenate(out)
+
     def describe(self) -> dict:
         out = {"kind": self.kind, "source": self.source, "latent_channels": self.latent_channels,
                "downscale": self.downscale, "scale": self.scale, "shift": self.shift}
         if getattr(self, "scale_from", None):  # where scale/shift came from (train: the corpus sample)
             out["scale_from"] = self.scale_from
         return out
+
+
+def to_uint8(x01: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1] (N, 3, H, W) -> uint8 NHWC; values beyond [0, 1] land on 0 / 255."""
+    return (x01.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def from_description(d: dict, device: str | torch.device = "cpu") -> FirstStage:
@@ -114,12 +129,11 @@ def _load_kl(source: dict):
         raise UsageError(f"cannot load AutoencoderKL {ident!r}: {msg}") from None
 
 
-def build_first_stage(ae_cfg, images_fn=None, cache_dir: str | Path = ".cache/rsprune",
-                      key_parts: tuple = ()) -> FirstStage:
-    """The first stage named by the `autoencoder` config group, unscaled (scale 1, shift 0).
+def build_first_stage(ae_cfg) -> FirstStage:
+    """The pretrained first stage named by the `autoencoder` config group, unscaled (scale 1, shift 0).
 
-    `images_fn()` -> uint8 NHWC array of training images, only called to fit `kl_small`;
-    `key_parts` identify those images in the cache key.
+    `kl_small` is fitted on training images: train.first_stage.build_first_stage builds every
+    kind, that one included.
     """
     kind = ae_cfg.kind
     if kind == "taef2":
@@ -128,73 +142,9 @@ def build_first_stage(ae_cfg, images_fn=None, cache_dir: str | Path = ".cache/rs
         return _load("diffusers", {"id": str(ae_cfg.id), "subfolder": ae_cfg.get("subfolder"),
                                    "local_files_only": bool(ae_cfg.get("local_files_only", True))})
     if kind == "kl_small":
-        return _fitted_kl(ae_cfg, images_fn, Path(cache_dir), key_parts)
+        raise UsageError("autoencoder kind kl_small is fitted on training images: build it with "
+                         "train.first_stage.build_first_stage")
     raise UsageError(f"unknown autoencoder kind {kind!r}; expected taef2 | diffusers | kl_small")
-
-
-def _fitted_kl(ae_cfg, images_fn, cache_dir: Path, key_parts: tuple) -> FirstStage:
-    """Fit (or reuse) a small AutoencoderKL; the cache folder is keyed by architecture, data, steps."""
-    from omegaconf import OmegaConf
-
-    from rsprune.cache import stable_hash
-
-    arch = OmegaConf.to_container(ae_cfg.arch, resolve=True)
-    base = f"kl_small-{stable_hash(arch, ae_cfg.lr, ae_cfg.kl_weight, *key_parts, n=12)}"
-    root = cache_dir / "autoencoders"
-    steps = int(ae_cfg.max_steps)
-    if steps == 0:
-        found = sorted(root.glob(base + "-s*"), key=lambda p: int(p.name.rsplit("-s", 1)[1]))
-        found = [p for p in found if (p / "config.json").is_file()]
-        if not found:
-            raise UsageError(f"no cached kl_small autoencoder under {root} for this data; "
-                             "set autoencoder.max_steps=N to fit one")
-        return _load("kl_small", {"id": str(found[-1].resolve())})
-    out = root / f"{base}-s{steps}"
-    if not (out / "config.json").is_file():
-        model = fit_kl(arch, images_fn(), steps, float(ae_cfg.lr), float(ae_cfg.kl_weight),
-                       int(ae_cfg.batch_size), int(ae_cfg.get("seed", 0)))
-        _save_atomic(model, out)
-    return _load("kl_small", {"id": str(out.resolve())})
-
-
-def _save_atomic(model, out: Path) -> None:
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def fit_kl(arch: dict, images: np.ndarray, steps: int, lr: float, kl_weight: float, batch_size: int,
-           seed: int = 0):
-    """Fit an AutoencoderKL on uint8 NHWC images: L1 + MSE reconstruction + a small KL term."""
-    from diffusers import AutoencoderKL
-
-    if len(images) == 0:
-        raise UsageError("no images to fit the kl_small autoencoder on")
-    torch.manual_seed(seed)
-    model = AutoencoderKL(**arch)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=g)
-        x = x_all[idx].float() / 127.5 - 1
-        post = model.encode(x).latent_dist
-        rec = model.decode(post.sample(generator=g)).sample
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * post.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % max(1, steps // 10) == 0:
-            log.info("kl_small step %d loss %.4f", step, loss.item())
-    return model.eval()
 
 
 def psnr(x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:

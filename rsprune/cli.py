@@ -18,21 +18,31 @@ from rsprune.errors import UsageError  # noqa: F401  (re-exported: commands impo
 CONFIG_DIR = Path(os.environ.get("RSPRUNE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 
 
-def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` with overrides, resolved; UsageError if invalid."""
+def compose(config_name: str, overrides: list[str] | None = None, precheck=None) -> DictConfig:
+    """Compose `configs/<config_name>.yaml` with overrides, resolved; UsageError if invalid.
+    `precheck(cfg)` runs on the config resolved without its data split (`${split:NAME}` a
+    placeholder) and raises UsageError on a bad value before the split is drawn and written."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from rsprune import rawcorpus, split
 
+    _register_project_resolver()  # ${project:cache}, ${project:eval_feature} (configs/project.yaml)
     split.register_resolver()  # ${split:NAME} in configs/data/default.yaml
     rawcorpus.register_resolver()  # ${raw:NAME} in configs/data/raw.yaml
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        if precheck is not None:
+            dry = cfg.copy()
+            with split.undrawn():
+                OmegaConf.resolve(dry)
+            precheck(dry)
         OmegaConf.resolve(cfg)
+    except UsageError:
+        raise
     except Exception as e:  # Hydra/OmegaConf raise many types; all mean "fix your config"
         raise UsageError(one_line(e)) from None
     finally:
@@ -40,13 +50,29 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def project_value(key: str):
+    """A value of configs/project.yaml (written once, read by every config); `cache` yields to the
+    RSPRUNE_CACHE environment variable."""
+    if key == "cache" and os.environ.get("RSPRUNE_CACHE"):
+        return os.environ["RSPRUNE_CACHE"]
+    values = OmegaConf.load(CONFIG_DIR / "project.yaml")
+    if key not in values:
+        raise UsageError(f"configs/project.yaml has no {key!r}; it has {', '.join(values)}")
+    return values[key]
+
+
+def _register_project_resolver() -> None:
+    if not OmegaConf.has_resolver("project"):
+        OmegaConf.register_new_resolver("project", project_value)
+
+
 def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:400] or type(e).__name__
 
 
-def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "") -> None:
-    """Entry point: `python SCRIPT [--cfg] [key=value ...]`."""
+def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "", precheck=None) -> None:
+    """Entry point: `python SCRIPT [--cfg] [key=value ...]`; `precheck`: see compose."""
     argv = sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(config_name, doc, Path(sys.argv[0]).name))
@@ -54,7 +80,7 @@ def main(config_name: str, run: Callable[[DictConfig], dict], doc: str = "") -> 
     show = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
     try:
-        cfg = compose(config_name, overrides)
+        cfg = compose(config_name, overrides, None if show else precheck)
         if show:
             print(OmegaConf.to_yaml(cfg), end="")
             return

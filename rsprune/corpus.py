@@ -27,12 +27,34 @@ def is_list(entry) -> bool:
     return str(entry).endswith(LIST_SUFFIX) and os.path.isfile(entry)
 
 
+def _text(path) -> str:
+    """A list file's text: UTF-8, a byte-order mark (as Windows editors write) dropped."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
+        raise UsageError(f"list file {path} is not UTF-8 text (undecodable byte at line {line}; UTF-16? "
+                         "save it as UTF-8)") from None
+    except OSError as e:
+        raise UsageError(f"list file {path} cannot be read: {e.strerror or e}") from None
+
+
 def _parse(path) -> tuple[str | None, list[str]]:
-    base, lines = None, []
-    for line in Path(path).read_text().splitlines():
+    """(base, lines): refuses, naming the line, one with trailing whitespace (unless a file of
+    exactly that name exists) and one repeating an earlier line's path."""
+    base, lines, first = None, [], {}
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if line.startswith(BASE_HEADER) and base is None and not lines:
             base = line[len(BASE_HEADER):].strip()
         elif line.strip() and not line.startswith("#"):
+            anchor = base if base is not None else os.path.dirname(os.path.abspath(path))
+            full = os.path.normpath(os.path.join(anchor, line))
+            if line != line.rstrip() and not os.path.lexists(full):
+                raise UsageError(f"{path} line {n}: trailing whitespace after {line.rstrip()!r}; remove it")
+            if full in first:
+                raise UsageError(f"{path} line {n} repeats line {first[full]} ({line.strip()}); "
+                                 "list each image once")
+            first[full] = n
             lines.append(line)
     return base, lines
 

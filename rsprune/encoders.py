@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rsprune.cli import UsageError
+from rsprune.device import resolve as resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,7 +142,7 @@ def build_encoder(cfg) -> Encoder:
     if cfg.get("channels_last", False):
         enc.model = enc.model.to(memory_format=torch.channels_last)
         enc.channels_last = True
-    enc.device = _device(str(cfg.get("device", "cpu") or "cpu"))
+    enc.device = resolve_device(str(cfg.get("device", "cpu") or "cpu"), key="encoder.device")
     backend = str(cfg.get("backend", "eager") or "eager")
     if backend == "auto":  # ONNX Runtime's CPU provider on CPU; PyTorch itself on a GPU
         backend = "onnx" if enc.device == "cpu" and importlib.util.find_spec("onnxruntime") else "eager"
@@ -154,22 +155,6 @@ def build_encoder(cfg) -> Encoder:
         enc.runner = BACKENDS[backend](enc, cfg.get("threads"))
     enc.backend = backend
     return enc
-
-
-def _device(name: str) -> str:
-    """`cpu`, `cuda[:i]`, or `auto`: this process's GPU (LOCAL_RANK under accelerate) when CUDA is
-    present, else the CPU."""
-    import os
-
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"encoder.device={name} but CUDA is not available; use cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UsageError(f"unknown encoder.device {name!r}; choose cpu, cuda, cuda:N or auto")
-    return name
 
 
 class _Pooled(torch.nn.Module):
@@ -238,9 +223,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from rsprune.imageio import load_rgb, resize
+        from rsprune.imageio import load_sized
 
-        return torch.from_numpy(resize(load_rgb(self.paths[i]), self.resolution))
+        return torch.from_numpy(load_sized(self.paths[i], self.resolution))
 
 
 def stack_uint8(batch: list[torch.Tensor]) -> torch.Tensor:

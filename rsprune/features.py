@@ -18,8 +18,8 @@ Feature spaces (`feature=NAME`):
   fails in one line. A state dict is checked to load as plain tensors before the network reads it.
   Only this space may be called "FID"; every other table header says "FD (<space>)".
 
-Resize protocol: every image, real or generated, is decoded by rsprune.imageio.load_rgb (band
-rule), optionally first brought to a common side `pre_size` (see common_side: two sets at
+Resize protocol: every image, real or generated, is decoded by rsprune.imageio.load_sized (band
+rule, bounded memory on large rasters), optionally first brought to a common side `pre_size` (see common_side: two sets at
 different resolutions are compared at the smaller one), then resized by rsprune.imageio.resize
 (antialiased bicubic, PIL) to the extractor's square input size (the encoder config's
 `resolution`, 299 for Inception); images already at a size pass untouched.
@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
 from rsprune.cache import atomic_path, stable_hash, verified, write_checksum
 from rsprune.cli import CONFIG_DIR, UsageError
+from rsprune.device import resolve as resolve_device
 from rsprune.frechet import check_count, fd_kid, gaussian_stats
-from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.imageio import UnreadableImage, image_shape, load_sized, resize
 from rsprune.inception import InceptionFeatures, fid_helper_weights  # noqa: F401  (re-exported)
 
 from rsprune.inception import INCEPTION
@@ -109,13 +109,13 @@ def build_extractor(feature: str | torch.nn.Module = "efficientnet_lite2", incep
                     overrides: dict | None = None, device: str | None = None) -> torch.nn.Module:
     """A feature extractor module by name (built once per process), or pass a module through.
 
-    It runs on `device` (default: cuda if available, else cpu) and returns features on the CPU."""
+    It runs on `device` (None: rsprune.device.resolve's auto) and returns features on the CPU."""
     if isinstance(feature, torch.nn.Module):
         return feature
     import json
 
     ov = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else dict(overrides or {})
-    device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     return _build(str(feature), None if inception_weights is None else str(inception_weights),
                   json.dumps(ov, sort_keys=True), device)
 
@@ -136,7 +136,9 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return torch.from_numpy(_to_side(load_rgb(self.paths[i]), self.pre_size, self.size))
+            # pre_size (if any) is the first resize: the bounded read goes straight to it
+            first = self.pre_size or self.size
+            return torch.from_numpy(resize(load_sized(self.paths[i], first), self.size))
         except UnreadableImage:
             return None
 
@@ -192,13 +194,9 @@ def _side(item) -> int | None:
     if isinstance(item, np.ndarray):
         return int(min(item.shape[:2]))
     try:
-        with Image.open(item) as im:
-            return int(min(im.size))
-    except Exception:  # multi-band TIFF and the like: decode by the band rule
-        try:
-            return int(min(load_rgb(item).shape[:2]))
-        except UnreadableImage:
-            return None  # counted as unreadable by the extraction itself
+        return int(min(image_shape(item)))
+    except UnreadableImage:
+        return None  # counted as unreadable by the extraction itself
 
 
 def common_side(*sets) -> int | None:

@@ -18,9 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rsprune import markers, rasters
+from rsprune.rasters import LARGE_RASTER
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 STRETCH_PCT = (0.5, 99.5)
-LARGE_RASTER = 64 << 20  # bytes: a TIFF larger than this is read decimated for the entropy score
+# The resize after a shrunk read still has this many source pixels per output pixel to average.
+FIT_MARGIN = 2
 _ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f..>"
 
 
@@ -33,10 +37,14 @@ def list_images(root: str | os.PathLike, exclude=()) -> list[str]:
 
     Folder symlinks are followed (RS corpora are often assembled from links), each real folder
     once: a link back to a folder already walked (a loop, or a second link to it) is skipped.
-    Folders in `exclude` (a run's output or cache folder inside the corpus) are never entered.
+    Folders in `exclude` (a run's output or cache folder inside the corpus) and folders holding a
+    run or cache marker (rsprune/markers.py: any run's or cache's folder) are never entered; a
+    root that is itself a run folder is walked without the run's output folders.
     """
     root = Path(root)
     skip = {os.path.realpath(e) for e in exclude}
+    if markers.marked(root) == markers.RUN_MARKER:
+        skip |= {os.path.realpath(root / d) for d in markers.RUN_OUTPUTS}
     seen = set()
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -54,7 +62,7 @@ def _enter(path: str, seen: set, skip: set) -> bool:
         st = os.stat(path)
     except OSError:  # a dangling link: nothing to walk
         return False
-    if (st.st_dev, st.st_ino) in seen or os.path.realpath(path) in skip:
+    if (st.st_dev, st.st_ino) in seen or os.path.realpath(path) in skip or markers.marked(path):
         return False
     seen.add((st.st_dev, st.st_ino))
     return True
@@ -91,46 +99,41 @@ def bands_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.require(to_uint8(a), requirements=["C", "W"])
 
 
-def _read_tiff(src, max_side: int | None = None):
-    """A TIFF's array. When only a grey copy of at most `max_side` is wanted (load_grey), one
-    larger than LARGE_RASTER bytes is read strip by strip (or tile by tile) and decimated on the
-    fly, so memory stays bounded by one segment plus the small result (a 6000 x 6000 4-band
-    16-bit GeoTIFF costs gigabytes in the float stretch otherwise); that case returns what
-    _pil_grey does: (grey, bands, full (height, width))."""
+def _read_tiff(src, max_side: int | None = None, fit: int | None = None):
+    """A TIFF's array. One larger than LARGE_RASTER bytes decoded is read strip by strip (or tile
+    by tile, rsprune/rasters.py) when a shrunk copy will do, so memory stays bounded by one
+    segment plus the small result (a 6000 x 6000 4-band 16-bit GeoTIFF costs gigabytes in the
+    float stretch otherwise):
+    - `max_side` (load_grey): decimated to about max_side; returns what _pil_grey does:
+      (grey, bands, full (height, width));
+    - `fit` (load_sized): block means by the largest integer factor that keeps the smaller side
+      at least FIT_MARGIN * fit."""
     import tifffile
 
     with tifffile.TiffFile(src) as tif:
         page = tif.pages.first
-        if max_side and page.nbytes > LARGE_RASTER:
+        if (max_side or fit) and page.nbytes > LARGE_RASTER:
             h, w = page.imagelength, page.imagewidth
-            a = _decimated(page, max(1, max(h, w) // max_side))
-            return _shrink(grey(bands_to_rgb(a)), max_side), page.samplesperpixel, (h, w)
-        a = tif.asarray()
+            try:
+                if max_side:
+                    a = rasters.decimated(page, max(1, max(h, w) // max_side))
+                    return _shrink(grey(bands_to_rgb(a)), max_side), page.samplesperpixel, (h, w)
+                return _bands_last(rasters.box_reduced(page, _fit_step(h, w, fit)))
+            except rasters.SegmentTooLarge as e:
+                raise UnreadableImage(str(e)) from None
+        return _bands_last(tif.asarray())
+
+
+def _bands_last(a: np.ndarray) -> np.ndarray:
     # Planar storage (C, H, W) with few bands: move bands last.
     if a.ndim == 3 and a.shape[0] <= 16 and a.shape[2] > 16:
         a = np.moveaxis(a, 0, 2)
     return a
 
 
-def _decimated(page, step: int) -> np.ndarray:
-    """Every `step`-th row and column of a TIFF page, bands last, decoded one segment at a time."""
-    h, w, bands = page.imagelength, page.imagewidth, page.samplesperpixel
-    seg_bytes = int(np.prod(page.chunks)) * page.dtype.itemsize
-    if seg_bytes > LARGE_RASTER:
-        raise UnreadableImage(f"raster stored in {seg_bytes >> 20} MB strips or tiles: too large to decode "
-                              f"in bounded memory (limit {LARGE_RASTER >> 20} MB)")
-    out = np.zeros((-(-h // step), -(-w // step), bands), page.dtype)
-    for seg, (sample, _, y, x, _), _ in page.segments(maxworkers=1):
-        if seg is None:  # a segment the file does not store: left at 0
-            continue
-        r0, c0 = (-y) % step, (-x) % step  # first row/column of the segment on the step grid
-        part = seg[0, r0:max(0, h - y):step, c0:max(0, w - x):step]
-        oy, ox = (y + r0) // step, (x + c0) // step
-        if page.planarconfig == 2:  # separate planes: one band per segment
-            out[oy:oy + part.shape[0], ox:ox + part.shape[1], sample] = part[..., 0]
-        else:
-            out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
-    return out[..., 0] if bands == 1 else out
+def _fit_step(h: int, w: int, fit: int) -> int:
+    """The largest integer shrink that keeps the smaller side at least FIT_MARGIN * fit."""
+    return max(1, min(h, w) // (FIT_MARGIN * fit))
 
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
@@ -144,7 +147,7 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def _decode(path: str, data: bytes | None, from_pil, max_side: int | None = None):
+def _decode(path: str, data: bytes | None, from_pil, max_side: int | None = None, fit: int | None = None):
     """Decode a file (or its bytes, already read): a TIFF tifffile reads comes back as its
     array, anything else as from_pil(the opened PIL image), which decodes it. Any failure,
     conversion included, becomes UnreadableImage with the reason."""
@@ -152,7 +155,7 @@ def _decode(path: str, data: bytes | None, from_pil, max_side: int | None = None
     try:
         if path.lower().endswith((".tif", ".tiff")):
             try:
-                return _read_tiff(src, max_side)
+                return _read_tiff(src, max_side, fit)
             except UnreadableImage:
                 raise
             except Exception:  # not every .tif is a TIFF tifffile reads; let PIL try
@@ -221,6 +224,63 @@ def load_grey(path: str | os.PathLike, data: bytes | None = None,
 def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
     """Decode one image file to HxWx3 uint8 by the band rule, or raise UnreadableImage."""
     return bands_to_rgb(load_array(path, data))
+
+
+def _pil_bytes(im: Image.Image) -> int:
+    """Bytes PIL's decode of `im` takes (modes deeper than 8 bits: 2 or 4 bytes a sample)."""
+    depth = 4 if im.mode in ("I", "F", "RGBX") else 2 if im.mode.startswith("I;16") else 1
+    return im.size[0] * im.size[1] * len(im.getbands()) * depth
+
+
+def _pil_fit(im: Image.Image, fit: int) -> np.ndarray:
+    """A large image shrunk before it becomes an array: a JPEG decoded by the DCT at 1/2..1/8
+    scale (draft), anything else box-reduced by PIL after its decode (PIL decodes whole)."""
+    if _pil_bytes(im) <= LARGE_RASTER:
+        return _pil_to_array(im)
+    (w, h), k = im.size, _fit_step(*im.size, fit)
+    if im.format == "JPEG" and im.mode in ("RGB", "L"):
+        im.draft(im.mode, (w // min(k, 8), h // min(k, 8)) if k > 1 else None)
+        k = _fit_step(*im.size, fit)
+    im.load()
+    if k > 1:
+        try:
+            im = im.reduce(k)
+        except (ValueError, NotImplementedError):  # a mode PIL cannot reduce: read whole
+            pass
+    return _pil_to_array(im)
+
+
+def load_sized(path: str | os.PathLike, size: int, data: bytes | None = None) -> np.ndarray:
+    """size x size RGB uint8 by the band rule: resize(load_rgb(path, data), size), the reader of
+    every stage that resizes (embedding, training latents, downstream, report tiles).
+
+    An image of at most LARGE_RASTER bytes decoded gives exactly that. A larger one is first
+    shrunk by an integer factor, keeping its smaller side at least FIT_MARGIN * size, without
+    ever holding the whole raster: a TIFF by block means read strip by strip (or tile by tile),
+    a JPEG by a reduced-scale DCT decode, others by PIL's box reduce after their decode; a
+    stretch of deeper-than-8-bit data is then computed on the shrunk copy.
+    """
+    out = _decode(str(path), data, lambda im: _pil_fit(im, int(size)), fit=int(size))
+    return resize(bands_to_rgb(_checked(out)), int(size))
+
+
+def image_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the file's header, nothing decoded; or raise UnreadableImage."""
+    path = str(path)
+    try:
+        if path.lower().endswith((".tif", ".tiff")):
+            import tifffile
+
+            try:
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages.first
+                    return page.imagelength, page.imagewidth
+            except Exception:  # not every .tif is a TIFF tifffile reads; let PIL try
+                pass
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception as e:
+        raise UnreadableImage(_reason(e)) from None
 
 
 def _reason(e: Exception) -> str:

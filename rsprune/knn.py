@@ -89,32 +89,6 @@ def search(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip", ba
     return scores, idx
 
 
-def nearest(base: np.ndarray, queries: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """(inner product, index) of each query's nearest row of `base`, the same bits whatever
-    batch the query arrives in: faiss's BLAS scores differ in the last bit with the batch's
-    shape, so its two best are scored again row by row (ties to the lower index). The
-    partitioned engine (engine=ray) and one process then assign every row alike."""
-    if len(base) == 1 or not len(queries):
-        zero = np.zeros(len(queries), np.int64)
-        return (_rowdot(queries, np.asarray(base, np.float32)[zero]) if len(queries) else np.zeros(0, np.float32)), zero
-    _, idx = search(base, queries, 2, batch=batch)
-    base = np.ascontiguousarray(base, np.float32)
-    sim = np.empty((len(queries), 2), np.float32)
-    for s in range(0, len(queries), batch):
-        q = np.ascontiguousarray(queries[s:s + batch], np.float32)
-        for j in range(2):
-            sim[s:s + batch, j] = _rowdot(q, base[idx[s:s + batch, j]])
-    second = (sim[:, 1] > sim[:, 0]) | ((sim[:, 1] == sim[:, 0]) & (idx[:, 1] < idx[:, 0]))
-    pick = second.astype(np.int64)
-    rows = np.arange(len(queries))
-    return sim[rows, pick], idx[rows, pick]
-
-
-def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise float32 dot products, each reduced on its own row (no BLAS blocking)."""
-    return np.einsum("ij,ij->i", np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
 def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, spherical: bool = True):
     """faiss k-means: (centroids (k, d), objective). Unit centroids when spherical."""
     import faiss

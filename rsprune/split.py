@@ -19,6 +19,7 @@ line replaces the split's corpus by exactly the folders given.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 from rsprune.errors import UsageError
 from rsprune.corpus import is_list, list_files, read_list, write_list
 from rsprune.imageio import list_images
+from rsprune.markers import mark_cache
 
 NAMES = ("corpus", "reference", "test")
 PRIORITY = ("reference", "test", "corpus")  # a content twin stays in the first of these that holds it
@@ -119,6 +121,7 @@ def materialise(split_cfg, root: str, memo_dir=None) -> Path:
     lists, dropped = content_disjoint(root, make_split(root, **params), memo_dir or split_dir / "fingerprints")
     key = hashlib.sha256(json.dumps([params, lists, dropped], sort_keys=True).encode()).hexdigest()[:16]
     out = split_dir / key
+    mark_cache(split_dir)  # a cache folder: no corpus walk enters it
     if not (out / "split.json").is_file():
         comment = f"rsprune default split {key}: " + json.dumps(params, sort_keys=True)
         for name in NAMES:
@@ -160,9 +163,25 @@ def paths(entry) -> list[str]:
     return sorted(list_files([str(e) for e in entries]).path)
 
 
+_undrawn = [False]
+
+
+@contextlib.contextmanager
+def undrawn():
+    """Within it, `${split:NAME}` resolves to a placeholder: a config is checked before its split
+    is drawn and written (rsprune.cli.compose's precheck)."""
+    _undrawn[0] = True
+    try:
+        yield
+    finally:
+        _undrawn[0] = False
+
+
 def _resolve(name: str, *, _root_) -> str:
     if name not in NAMES:
         raise UsageError(f"${{split:{name}}}: expected one of {', '.join(NAMES)}")
+    if _undrawn[0]:
+        return f"<split {name}: not drawn yet>"
     data = _root_.data
     try:
         return str(materialise(data.split, str(data.root)) / f"{name}.txt")

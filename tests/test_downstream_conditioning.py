@@ -1,11 +1,12 @@
 """Zero-initialised conditioning channels: at step 0 the widened UNet is the backbone."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from downstream import finetune as ft
 from downstream.conditioning import mask_condition, pixels_condition, widen_conv_in
-from downstream_fixtures import backbone_run, small_cfg, tiny_unet
+from conftest import backbone_run, small_cfg, tiny_unet
 
 
 def _out(unet, x, t):
@@ -80,5 +81,23 @@ def test_conditional_sampling_at_step_0_reproduces_backbone_samples():
 
     unet, sched = tiny_unet(), DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     ref = sample_latents(unet, sched, 3, seed=7, steps=3)
-    got = ft.sample(widen_conv_in(unet, 6).eval(), sched, torch.randn(3, 6, 8, 8), seed=7, steps=3)
+    got = sample_latents(widen_conv_in(unet, 6).eval(), sched, None, seed=7, steps=3, cond=torch.randn(3, 6, 8, 8))
     assert torch.allclose(got, ref, rtol=0, atol=1e-5 * ref.abs().max())
+
+
+def test_conditional_ddpm_sampling_repeats():
+    """The one sampler draws a stochastic sampler's noise from (seed, item), with or without a
+    condition: a rerun gives the same latents (the downstream sampler drew
+    it from the global RNG, so two evaluations of one network differed)."""
+    from diffusers import DDPMScheduler
+
+    from train.generate import sample_latents
+
+    net = widen_conv_in(tiny_unet(), 6).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    c = torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = sample_latents(net, sched, None, seed=3, steps=3, sampler="ddpm", batch_size=4, cond=c)
+    b = sample_latents(net, sched, None, seed=3, steps=3, sampler="ddpm", batch_size=4, cond=c)
+    assert a.shape == (4, 32, 8, 8) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="3 conditions for 4 samples"):
+        sample_latents(net, sched, 4, seed=3, steps=3, cond=c[:3])

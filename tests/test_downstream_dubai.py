@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from downstream import dubai
-from downstream_fixtures import DATA
+from conftest import DATA
 from rsprune.cli import UsageError
 from rsprune.imageio import load_rgb
 

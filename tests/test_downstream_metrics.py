@@ -5,7 +5,7 @@ import numpy as np
 
 from downstream.metrics import confusion, iou_scores, psnr_ssim
 from downstream.sr import load_hr_lr
-from downstream_fixtures import DATA
+from conftest import DATA
 
 
 def _gauss(n=11, s=1.5):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from downstream import sr
-from downstream_fixtures import DATA, small_cfg
+from conftest import DATA, small_cfg
 from rsprune.cli import compose
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from downstream import semantic_synthesis, sr
 from eval import downstream_tables as report
-from downstream_fixtures import DATA, backbone_run, small_cfg
+from conftest import DATA, backbone_run, small_cfg
 from rsprune.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from train_fixtures import DATA
+from conftest import DATA
 from PIL import Image
 
 from eval import convergence, tables
@@ -151,7 +151,7 @@ def test_tables_cli_missing_run_folder_exits_2(tmp_path):
 @pytest.mark.slow
 def test_convergence_scores_every_snapshot_of_a_tiny_real_run_against_the_test_split(tmp_path):
     from train.main import run as train
-    from train_fixtures import aid_paths, tiny_overrides, write_kept
+    from conftest import aid_paths, tiny_overrides, write_kept
 
     kept = write_kept(tmp_path / "prune", aid_paths(24))
     test = tmp_path / "test"  # a test split of 4 classes x 6 real AID images, none of them trained on
@@ -223,3 +223,24 @@ def test_four_arms_are_compared_pair_by_pair_at_every_step_by_the_paired_t_test(
     # memorisation is the same in every run, and so is each held-out gap at 4000: no spread, no test
     assert all(r[8] == "untested (no spread)" for r in rows if r[0] == "| memorisation" or r[1] == "4000" and r[0] == "| heldout_loss")
     assert "beyond the spread" not in md and "spread = std(a) + std(b)" not in md
+
+
+def test_a_damaged_snapshot_is_skipped_with_a_warning_and_the_good_steps_are_scored(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    from train.generate import list_snapshots
+
+    steps = list_snapshots(run_dir)
+    last = steps[-1][1] / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])  # the newest snapshot cut short
+    test = json.loads((run_dir / "split.json").read_text())["test"][0]["path"]
+    args = [f"runs=[{run_dir}]", f"test={test}", "n_samples=4", "steps=2", "batch_size=4", "resolution=32",
+            "sheet_n=0", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'fid'}", "warn_below=0",
+            "fid=false", "memorisation=false"]
+    convergence.run(compose("eval/convergence", args))
+    csv = pd.read_csv(run_dir / "convergence.csv")
+    assert list(csv["step"]) == [s for s, _ in steps[:-1]]  # every good step scored
+    assert f"step {steps[-1][0]}: snapshot does not load" in capsys.readouterr().err
+    assert (tmp_path / "results" / "convergence.md").is_file()

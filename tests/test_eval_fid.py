@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_fixtures import DATA
+from conftest import DATA
 
 from eval.fid import run
 from rsprune.features import (build_extractor, extract_features, frechet_distance_from_images, image_features,

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from scipy import stats
-from train_fixtures import aid_paths, tiny_overrides, write_kept
+from conftest import aid_paths, tiny_overrides, write_kept
 
 from eval import convergence, paired
 from rsprune.cli import UsageError, compose
@@ -26,7 +26,7 @@ def four_arms(tmp_path_factory):
     """arm-s<seed> run folders: each arm its own 12 real AID images, seeds 0 and 1, one test list
     of real AID images of four classes of unequal size, none of them trained on."""
     from train.main import run
-    from train_fixtures import DATA
+    from conftest import DATA
 
     root = tmp_path_factory.mktemp("paired")
     kept = {arm: aid_paths(12, offset=k) for k, arm in enumerate(ARMS)}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, shrunk_overrides
-from prune.embed import CHANGED, embed_stage
+from rsprune.embed_store import CHANGED, embed_stage
 from prune.index import index_inputs
 from prune.run import run
 from prune.validate import validate

@@ -66,9 +66,13 @@ def test_rerun_reuses_stages_and_a_change_recomputes_only_what_it_affects(prune_
     cache = tmp_path / "cache"
     first = run(prune_cfg(run_dir=tmp_path / "a", cache_dir=cache), progress=False)
     assert first["cached"] == {"scenes": False, "clusters": False}
+    shards = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("embed/*/*")}
+    assert len(shards) > 4
     again = run(prune_cfg(run_dir=tmp_path / "b", cache_dir=cache), progress=False)
     assert again["cached"] == {"scenes": True, "clusters": True}
-    assert again["timings_s"]["embed"] < first["timings_s"]["embed"]
+    # No embedding shard was computed again: none written, none replaced (an atomic rewrite would
+    # give a new inode). How much faster the warm run is: benchmarks/pipeline.py, BENCHMARKS.md.
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("embed/*/*")} == shards
     # Selection knobs leave scenes and clusters alone; a clustering knob recomputes clusters only.
     sel = run(prune_cfg("selection.alpha=1.0", run_dir=tmp_path / "c", cache_dir=cache), progress=False)
     assert sel["cached"] == {"scenes": True, "clusters": True}

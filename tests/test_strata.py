@@ -68,7 +68,7 @@ def test_corpus_folders_as_strata_balance_an_imbalanced_corpus_without_a_referen
     """scenes.assign=folder: the corpus's own class folders are the strata (the reference is never
     read: it does not even exist here); with equal quotas each class keeps the water level or all
     it has after the entropy filter, and the budget is exact."""
-    from eval.imbalanced import build
+    from rsprune.zipf_corpus import build
     from prune.budget import waterfill
     from rsprune.cli import compose
 
@@ -123,7 +123,7 @@ def test_hierarchical_quotas_balance_down_the_tree():
 
 
 def test_imbalanced_corpus_is_zipf_links_only_and_reproducible(tmp_path):
-    from eval.imbalanced import build, zipf_sizes
+    from rsprune.zipf_corpus import build, zipf_sizes
 
     assert zipf_sizes(12, 400, 16)[0] == 400 and zipf_sizes(12, 400, 16)[-1] == 25
     dst = build(DATA / "nwpu12" / "train", tmp_path, 400, 16, 0)
@@ -138,7 +138,7 @@ def test_imbalanced_corpus_is_zipf_links_only_and_reproducible(tmp_path):
 
 def test_imbalanced_corpus_from_chosen_classes_of_another_source(tmp_path):
     """The reversed check's corpora: a chosen subset of AID's classes under their own root name."""
-    from eval.imbalanced import build, zipf_sizes
+    from rsprune.zipf_corpus import build, zipf_sizes
 
     chosen = ["Airport", "Bridge", "Pond", "Viaduct"]
     dst = build(DATA / "aid", tmp_path, 220, 16, 1, chosen, "aid_zipf")
@@ -161,8 +161,9 @@ def test_balance_over_one_source_reads_only_its_classes():
 def test_heldout_section_builds_its_corpora_and_reports_every_method(small_reference, session_cache, tmp_path):
     """`eval/tables.py imbalanced_heldout` on the real config shrunk: one held-out corpus (40 down to
     10 images a class), two methods, both rsprune variants and both true-strata bounds, one seed;
-    the table holds what evaluate_runs measured."""
+    the table holds what evaluate_runs measured. The table only reads: prune/sweep.py runs them first."""
     from eval.imbalanced import heldout_section
+    from prune.sweep import run_section
     from rsprune.cli import compose
 
     shrunk = [f"data.reference={small_reference}", f"cache_dir={session_cache}", "index.num_workers=0",
@@ -173,6 +174,10 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
         "~heldout.corpora", "+heldout.corpora={s1: {corpus_seed: 5, factor: 4}}",
         "heldout.methods=[rsprune,random]", "heldout.seeds=[0]", "heldout.ratios=[0.85]",
         f"heldout.runs_root={tmp_path / 'runs'}", f"heldout.out={tmp_path / 'heldout'}"])
+    with pytest.raises(UsageError, match=r"6 of the 6 prune runs .* run `python prune/sweep.py imbalanced_heldout`"):
+        heldout_section(cfg)  # nothing was run: the table says which command runs them, and runs nothing
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "heldout.md").exists()
+    assert len(run_section("imbalanced_heldout", cfg, progress=False)) == 6
     df = heldout_section(cfg)
     assert sorted(df.method) == ["random", "rsprune", "rsprune mass=count", "rsprune no reference",
                                  "true strata, equal quotas", "true strata, rsprune quotas"]

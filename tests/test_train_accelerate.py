@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from train_fixtures import REPO, aid_paths, tiny_overrides, write_kept
+from conftest import ROOT as REPO, aid_paths, tiny_overrides, write_kept
 
 
 def _free_port() -> int:

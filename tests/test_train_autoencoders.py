@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from train_fixtures import TAEF2_DIR, aid_paths
+from conftest import TAEF2_DIR, aid_paths
 
 from rsprune.autoencoders import build_first_stage, from_description, reconstruction_psnr
 from rsprune.cli import UsageError
@@ -50,6 +50,8 @@ def test_taef2_reconstructs_held_out_aid():
 
 
 def test_kl_small_fits_once_then_reuses_the_cache(tmp_path):
+    from train.first_stage import build_first_stage
+
     arch = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 32],
             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
             "layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": False}
@@ -73,6 +75,9 @@ def test_kl_small_fits_once_then_reuses_the_cache(tmp_path):
     x = torch.from_numpy(imgs[:2]).permute(0, 3, 1, 2).float() / 255
     torch.testing.assert_close(cached.encode_raw(x), fitted.encode_raw(x))
     assert cached.decode(cached.encode(x)).shape == x.shape
+    cfg.max_steps = 5  # not fitted yet, and no images to fit on (a downstream run): told where to fit it
+    with pytest.raises(UsageError, match="fit it in a training run"):
+        build_first_stage(cfg, None, tmp_path, key_parts=("aid8",))
 
 
 def test_unknown_autoencoders_are_usage_errors(tmp_path):

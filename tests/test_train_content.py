@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from train_fixtures import REPO, TAEF2_DIR, aid_paths, tiny_overrides, write_kept
+from conftest import ROOT as REPO, TAEF2_DIR, aid_paths, tiny_overrides, write_kept
 
 from rsprune.cli import UsageError, compose
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from train_fixtures import aid_paths, tiny_overrides, write_kept
+from conftest import aid_paths, tiny_overrides, write_kept
 
 from rsprune.cache import checksum_ok
 from rsprune.cli import UsageError, compose

@@ -31,7 +31,7 @@ class OracleDenoiser(torch.nn.Module):
         super().__init__()
         self.x0, self.alpha_bar = x0, scheduler.alphas_cumprod
         self.pred = scheduler.config.prediction_type
-        self.config = SimpleNamespace(in_channels=x0.shape[1], sample_size=x0.shape[-1])
+        self.config = SimpleNamespace(in_channels=x0.shape[1], out_channels=x0.shape[1], sample_size=x0.shape[-1])
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device and dtype
 
     def forward(self, xt, t):
@@ -87,7 +87,7 @@ def test_epsilon_on_a_schedule_reaching_zero_alpha_bar_is_refused_or_warned(capl
 @pytest.fixture(scope="module")
 def real_latents():
     """TAEF2 and the scaled latents of 16 real AID images at 32 px (unit std over them)."""
-    from train_fixtures import TAEF2_DIR, aid_paths
+    from conftest import TAEF2_DIR, aid_paths
 
     from omegaconf import OmegaConf
 
@@ -146,7 +146,8 @@ def test_sample_statistics_flag_latents_off_the_data_scale(real_latents, caplog)
     ("configs/experiment/paper_gpu.yaml", "paper_gpu", 4), ("configs/unet/paper.yaml", "paper_gpu", 4),
     ("configs/experiment/cpu_small.yaml", "cpu_small", 32), ("configs/unet/small.yaml", "cpu_small", 32)])
 def test_stated_parameter_counts_are_counted(config, experiment, channels):
-    """The 'N M parameter' a config's header states is what instantiating it counts (within 3%)."""
+    """The 'N M parameter' a config's header states is what instantiating it counts (within 3%),
+    built on the meta device (no memory for the 100 M+ paper network)."""
     import re
     from pathlib import Path
 
@@ -158,12 +159,20 @@ def test_stated_parameter_counts_are_counted(config, experiment, channels):
     stated = [float(m) for m in re.findall(r"(\d+(?:\.\d+)?) M param", " ".join(header))]
     cfg = compose("train", [f"+experiment={experiment}"])
     with init_empty_weights():
-        n = count_params(build_unet(cfg.unet, channels, cfg.data.resolution // 8))
+        unet = build_unet(cfg.unet, channels, cfg.data.resolution // 8)
+    n = count_params(unet)
+    assert next(unet.parameters()).device.type == "meta"
     assert stated and stated[0] * 1e6 == pytest.approx(n, rel=0.03), f"{config} states {stated} M, counted {n:,}"
 
 
+def test_paper_gpu_composes_for_a_gpu():
+    cfg = compose("train", ["+experiment=paper_gpu", "data.subset=full"])
+    assert cfg.autoencoder.kind == "diffusers" and cfg.train.mixed_precision == "bf16"
+    assert cfg.data.resolution == 256 and cfg.unet.name == "paper"
+
+
 def _tiny_run(root, name, kept_paths, **extra):
-    from train_fixtures import tiny_overrides, write_kept
+    from conftest import tiny_overrides, write_kept
 
     from train.main import run
 
@@ -178,7 +187,7 @@ def test_subsets_of_one_corpus_share_its_latent_scale_and_the_test_split(tmp_pat
     first_stage.json; both record the same split.json and hold out test-split images only."""
     import json
 
-    from train_fixtures import aid_paths
+    from conftest import aid_paths
 
     a = _tiny_run(tmp_path, "a", aid_paths(12))
     b = _tiny_run(tmp_path, "b", aid_paths(12, offset=2)[::-1][:6])
@@ -192,7 +201,7 @@ def test_subsets_of_one_corpus_share_its_latent_scale_and_the_test_split(tmp_pat
 
 
 def test_training_on_test_split_images_is_refused(tmp_path):
-    from train_fixtures import aid_paths, tiny_overrides, write_kept
+    from conftest import aid_paths, tiny_overrides, write_kept
 
     from train.main import run
 
@@ -204,7 +213,7 @@ def test_training_on_test_split_images_is_refused(tmp_path):
 
 def test_an_old_checkpoint_saved_with_clipping_loads_unclipped(tmp_path, caplog):
     """Runs saved before this fix carry diffusers' clip_sample=True (and epsilon): they load unclipped, with a warning."""
-    from downstream_fixtures import backbone_run
+    from conftest import backbone_run
 
     from train.generate import load_backbone
 

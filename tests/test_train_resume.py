@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from train_fixtures import aid_paths, tiny_overrides, write_kept
+from conftest import aid_paths, tiny_overrides, write_kept
 
 from rsprune.cli import UsageError, compose
 
@@ -73,6 +73,34 @@ def test_incomplete_latest_checkpoint_falls_back_to_the_newest_complete(base, st
     with caplog.at_level("WARNING"):
         out = _run(tiny_overrides(kept, run_dir, cache, **over, **{"train.max_steps": 4}))
     assert "step_0000003 is incomplete (missing optimizer.safetensors)" in caplog.text
+    assert out["step"] == 4 and _steps(run_dir) == [0, 1, 2, 3, 4]  # steps 3-4 redone from step 2
+    _assert_same_weights(run_dir / "checkpoints/step_0000004", straight)
+
+
+def _truncate(ck):
+    f = ck / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])  # a copy cut short
+
+
+def _huge_header(ck):
+    f = ck / "optimizer.safetensors"
+    f.write_bytes((2 ** 62).to_bytes(8, "little") + f.read_bytes()[8:])  # a header length of 2^62
+
+
+def _state_list(ck):
+    (ck / "trainer_state.json").write_text("[]")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _huge_header, _state_list], ids=lambda f: f.__name__[1:])
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(base, straight, caplog, damage):
+    root, kept, cache = base
+    run_dir = root / f"damaged{damage.__name__}"
+    over = {**FAST, "train.checkpoint_every": 1, "train.checkpoints_total_limit": 0}
+    _run(tiny_overrides(kept, run_dir, cache, **over, **{"train.max_steps": 3}))
+    damage(run_dir / "checkpoints/step_0000003")
+    with caplog.at_level("WARNING"):
+        out = _run(tiny_overrides(kept, run_dir, cache, **over, **{"train.max_steps": 4}))
+    assert "step_0000003 does not load" in caplog.text
     assert out["step"] == 4 and _steps(run_dir) == [0, 1, 2, 3, 4]  # steps 3-4 redone from step 2
     _assert_same_weights(run_dir / "checkpoints/step_0000004", straight)
 
@@ -174,3 +202,45 @@ def test_constant_lr_after_warm_up(base, tmp_path):
                          if "lr" in r]
     assert lrs["constant"][1:] == [1e-3] * 4  # flat from the end of warm-up
     assert all(a > b for a, b in zip(lrs["cosine"][1:], lrs["cosine"][2:]))  # the cosine decays
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "checkpoint"])
+def test_a_full_disk_while_saving_a_step_is_one_line_and_leaves_no_temporary(base, tmp_path, kind):
+    """A file-size limit stands in for a full disk: the save of a real tiny network fails in
+    diffusers' or safetensors' writer; the user gets one line naming the step folder, and no
+    `.tmp-step_*` folder is left for a later resume to trip on."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root, kept, cache = base
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(kept, run_dir, cache)
+    save = ("checkpoint.save_snapshot(run_dir, 3, unet, ema, sched, {'kind': 'taef2'})" if kind == "snapshot" else
+            "checkpoint.save_checkpoint(run_dir, 3, unet, ema, opt, setup.build_lr_scheduler(opt, cfg.optim), "
+            "sched, {'kind': 'taef2'}, {})")
+    code = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-limit write is then EFBIG, as a full disk is ENOSPC
+from rsprune.cli import UsageError, compose
+from train import checkpoint, setup
+cfg = compose("train", {overrides!r})
+run_dir = {str(run_dir)!r}
+unet = setup.build_unet(cfg.unet, 32, 4)
+ema, sched = setup.build_ema(unet, cfg.train.ema), setup.build_noise_scheduler(cfg.scheduler)
+opt = setup.build_optimizer(unet.parameters(), cfg.optim)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+try:
+    {save}
+except UsageError as e:
+    print("error:", e, file=sys.stderr)
+    sys.exit(2)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"error: cannot write {run_dir}/{kind}s/step_0000003"), lines[0]
+    assert not list((run_dir / f"{kind}s").iterdir())  # no temporary, no half step

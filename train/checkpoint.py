@@ -17,6 +17,7 @@ EMA-only subset (unet_ema/, scheduler/, first_stage.json) that train.generate ca
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rsprune import layout
-from rsprune.cache import read_json, write_json
+from rsprune.cache import WriteError, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,23 @@ def _publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def _tmp_for(final: Path) -> Path:
+@contextlib.contextmanager
+def _writing(final: Path):
+    """A temporary folder beside `final`, published when the block succeeds. A failed write (a full
+    disk, a quota, a permission) is one WriteError line naming the step folder, and leaves no
+    temporary behind: the previous checkpoints stay what resume reads."""
+    from safetensors import SafetensorError
+
     tmp = final.parent / (layout.TMP_PREFIX + final.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        _publish(tmp, final)
+    except (OSError, SafetensorError, WriteError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+        raise WriteError(f"cannot write {final}: {why}") from None
 
 
 def _save_light(tmp: Path, model, ema, noise_scheduler, first_stage_desc: dict) -> None:
@@ -80,28 +93,26 @@ def _save_light(tmp: Path, model, ema, noise_scheduler, first_stage_desc: dict) 
 def save_snapshot(run_dir, step: int, model, ema, noise_scheduler, first_stage_desc: dict) -> Path:
     """EMA weights only, never rotated: the points a convergence curve scores (main process)."""
     final = layout.snapshot_dir(run_dir, step)
-    tmp = _tmp_for(final)
-    _save_light(tmp, model, ema, noise_scheduler, first_stage_desc)
-    _publish(tmp, final)
+    with _writing(final) as tmp:
+        _save_light(tmp, model, ema, noise_scheduler, first_stage_desc)
     return final
 
 
 def save_checkpoint(run_dir, step: int, model, ema, optimizer, lr_scheduler, noise_scheduler,
                     first_stage_desc: dict, extra_state: dict, scaler=None) -> Path:
     """A full resumable state of the unwrapped `model` (main process; the caller rotates)."""
-    final = layout.checkpoint_dir(run_dir, step)
-    tmp = _tmp_for(final)
-    model.save_pretrained(tmp / "unet")
-    _save_light(tmp, model, ema, noise_scheduler, first_stage_desc)
-    tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     from safetensors.torch import save_file
 
-    save_file(tensors, str(tmp / OPTIMIZER))
-    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    state = {"step": step, **extra_state, "lr_scheduler": lr_scheduler.state_dict(), "ema": ema_meta,
-             "optimizer": opt_meta, "scaler": scaler.state_dict() if scaler is not None else None}
-    write_json(tmp / TRAINER_STATE, state)  # written last: the folder is complete once it is there
-    _publish(tmp, final)
+    final = layout.checkpoint_dir(run_dir, step)
+    with _writing(final) as tmp:
+        model.save_pretrained(tmp / "unet")
+        _save_light(tmp, model, ema, noise_scheduler, first_stage_desc)
+        tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / OPTIMIZER))
+        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        state = {"step": step, **extra_state, "lr_scheduler": lr_scheduler.state_dict(), "ema": ema_meta,
+                 "optimizer": opt_meta, "scaler": scaler.state_dict() if scaler is not None else None}
+        write_json(tmp / TRAINER_STATE, state)  # written last: the folder is complete once it is there
     return final
 
 
@@ -111,6 +122,14 @@ def rotate(run_dir, total_limit: int) -> None:
         return
     for _, p in layout.step_folders(Path(run_dir) / layout.CHECKPOINTS)[:-total_limit]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged checkpoint or snapshot raises on load: a truncated or oversized safetensors
+    file (SafetensorError), JSON of the wrong shape (TypeError, AttributeError, KeyError), I/O."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError)
 
 
 def resume(run_dir, model, ema, optimizer, lr_scheduler, scaler=None) -> int:
@@ -126,7 +145,7 @@ def resume(run_dir, model, ema, optimizer, lr_scheduler, scaler=None) -> int:
             continue
         try:
             return _load(path, model, ema, optimizer, lr_scheduler, scaler)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # safetensors/JSON damage
+        except load_errors() as e:
             log.warning("checkpoint %s does not load (%s); trying an older one", path, " ".join(str(e).split())[:200])
     return 0
 
@@ -135,6 +154,8 @@ def _load(path: Path, model, ema, optimizer, lr_scheduler, scaler) -> int:
     from safetensors.torch import load_file
 
     state = read_json(path / TRAINER_STATE)
+    if not isinstance(state, dict):
+        raise TypeError(f"{TRAINER_STATE} holds a {type(state).__name__}, not an object")
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / "unet" / WEIGHTS), device=str(device)))
     ema_sd = load_file(str(path / "unet_ema" / WEIGHTS))

@@ -22,7 +22,7 @@ from rsprune.cache import read_json, save_npy, stable_hash, verified, write_json
 from rsprune.fingerprint import digest, fingerprints
 from rsprune.layout import CACHE_FINGERPRINTS, CACHE_LATENTS, cache_path
 from rsprune.cli import UsageError
-from rsprune.imageio import UnreadableImage, load_rgb, resize
+from rsprune.imageio import UnreadableImage, load_sized
 from rsprune.manifest import kept_file, read_kept
 from rsprune.split import paths as split_paths
 
@@ -135,12 +135,12 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             if self.expected is None:
-                return i, resize(load_rgb(self.paths[i]), self.size)
+                return i, load_sized(self.paths[i], self.size)
             with open(self.paths[i], "rb") as f:
                 data = f.read()
             if digest(data) != self.expected[i]:
                 return i, CHANGED
-            return i, resize(load_rgb(self.paths[i], data), self.size)
+            return i, load_sized(self.paths[i], self.size, data)
         except OSError as e:
             return i, f"{type(e).__name__}: {e.strerror or e}"
         except UnreadableImage as e:

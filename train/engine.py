@@ -28,11 +28,14 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from rsprune import runlock
 from rsprune.cli import UsageError
+from rsprune.layout import check_config, write_config
 from train import checkpoint as ckpt
 from train import setup
 from train.data import batch_indices
-from train.hooks import MetricsLog, check_config, save_sample_grid
+from train.hooks import MetricsLog, save_sample_grid
+from train.validate import check_engine
 
 log = logging.getLogger("train")
 
@@ -112,10 +115,16 @@ def check_sizes(cfg, n: int | None = None, world: int = 1) -> None:
 
 
 def fit(acc, cfg, job: Job, run_dir) -> tuple[dict, torch.nn.Module]:
-    """Train job.unet until train.max_steps, resuming from run_dir; (summary, unwrapped EMA network)."""
-    run_dir = Path(run_dir)
+    """Train job.unet until train.max_steps, resuming from run_dir; (summary, unwrapped EMA network).
+    The run folder is locked for the call (re-entrant: train/main.py holds it already)."""
+    check_engine(cfg)
+    with runlock.hold(run_dir, acc):
+        return _fit(acc, cfg, job, Path(run_dir))
+
+
+def _fit(acc, cfg, job: Job, run_dir: Path) -> tuple[dict, torch.nn.Module]:
     check_sizes(cfg, job.n, acc.num_processes)
-    check_config(run_dir, cfg, write=acc.is_main_process)  # every process refuses alike, before any write
+    check_config(run_dir, cfg, write=False)  # every process refuses alike; written after the first step
     ema = setup.build_ema(job.unet, cfg.train.ema)
     optimizer = setup.build_optimizer(job.unet.parameters(), cfg.optim)
     lr_scheduler = setup.build_lr_scheduler(optimizer, cfg.optim)  # stepped here, once per optimizer step
@@ -160,9 +169,12 @@ class _Loop:
         self.loss_sum, self.loss_n, self.t_log, self.hook_s, self.from_step = 0.0, 0, time.perf_counter(), 0.0, step
         self.steps_timed, self.time_timed, self.last_loss = 0, 0.0, float("nan")
         self.unet.train()
+        first = step + 1
         while step < self.max_steps:
             self._optimizer_step(step)
             step += 1
+            if step == first and acc.is_main_process:  # a folder that trained holds its config
+                write_config(self.run_dir, self.cfg)
             bar.update(1)
             record = self._log_record(step)
             if record:

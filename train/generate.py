@@ -18,6 +18,7 @@ import torch
 from rsprune.cache import read_json
 from rsprune import layout
 from rsprune.cli import UsageError
+from rsprune.device import resolve
 
 SAMPLERS = ("ddim", "ddpm", "dpm")
 
@@ -95,12 +96,21 @@ def make_sampler(scheduler, sampler: str):
 
 
 @torch.no_grad()
-def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler: str = "ddim",
-                   batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """n latents (scaled) by reverse diffusion; the noise of image i depends only on (seed, i)."""
+def sample_latents(unet, scheduler, n: int | None, seed: int, steps: int = 50, sampler: str = "ddim",
+                   batch_size: int = 32, progress: bool = False, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """n latents (scaled, on the CPU) by reverse diffusion: the one sampler of the project.
+
+    With `cond` (N, c, h, w), image i is conditioned on cond[i] (concatenated to the UNet input at
+    every step; n defaults to len(cond)). The noise of image i depends only on (seed, i), so
+    reruns and other batch sizes give the same images.
+    """
+    if cond is not None:
+        n = len(cond) if n is None else n
+        if len(cond) != n:
+            raise ValueError(f"{len(cond)} conditions for {n} samples")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
-    c, size = int(unet.config.in_channels), int(unet.config.sample_size)
+    c, size = int(unet.config.out_channels), int(unet.config.sample_size)  # in_channels also count a condition
     g = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(n, c, size, size, generator=g)  # drawn once on CPU: same images on any device
     out = []
@@ -111,13 +121,16 @@ def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler:
         sched = make_sampler(scheduler, sampler)
         sched.set_timesteps(steps)
         x = noise[i:i + batch_size].to(device) * sched.init_noise_sigma
+        ci = None if cond is None else cond[i:i + batch_size].to(device)
         gb = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)  # stochastic samplers' noise
         for t in sched.timesteps:
             model_in = sched.scale_model_input(x, t)
+            if ci is not None:
+                model_in = torch.cat([model_in, ci], 1)
             pred = unet(model_in.to(dtype), t).sample.float()
             kwargs = {"generator": gb} if sampler == "ddpm" else {}
             x = sched.step(pred, t, x, **kwargs).prev_sample
-        out.append(x.float())
+        out.append(x.float().cpu())
         bar.update(len(x))
     bar.close()
     return torch.cat(out) if out else noise
@@ -126,29 +139,12 @@ def sample_latents(unet, scheduler, n: int, seed: int, steps: int = 50, sampler:
 def generate(run_dir_or_loaded, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
              batch_size: int = 32, step: int | None = None, device: str | torch.device | None = None,
              progress: bool = False) -> np.ndarray:
-    """n images as uint8 (N, H, W, 3) from a run folder (latest EMA) or a load_backbone() tuple."""
+    """n images as uint8 (N, H, W, 3) from a run folder (latest EMA) or a load_backbone() tuple;
+    `device` None: rsprune.device.resolve's auto."""
     if isinstance(run_dir_or_loaded, (str, Path)):
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_backbone(run_dir_or_loaded, step=step, ema=True, device=dev)
+        loaded = load_backbone(run_dir_or_loaded, step=step, ema=True, device=resolve(device))
     else:
         loaded = run_dir_or_loaded
     unet, scheduler, first_stage = loaded[0], loaded[1], loaded[2]
     z = sample_latents(unet, scheduler, n, seed, steps, sampler, batch_size, progress)
-    imgs = []
-    for i in range(0, n, batch_size):
-        x = first_stage.decode(z[i:i + batch_size]).cpu()
-        imgs.append((x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    size = int(unet.config.sample_size) * first_stage.downscale
-    return np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)
-
-
-def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """Tile uint8 NHWC images into one HxWx3 grid (row-major)."""
-    n, h, w, _ = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    return grid
+    return first_stage.decode_uint8(z, batch_size)

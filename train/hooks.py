@@ -1,4 +1,4 @@
-"""Main-process side effects of training: metrics (jsonl + wandb), the config check, sample grids, the FD hook."""
+"""Main-process side effects of training: metrics (jsonl + wandb), sample grids, the FD hook."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from rsprune import layout
-from rsprune.cache import atomic_path, stable_hash, write_text
-from rsprune.cli import UsageError
-from train.generate import generate, image_grid
+from rsprune.cache import atomic_path, stable_hash
+from rsprune.sheets import grid, write_png
+from train.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +31,11 @@ class MetricsLog:
         starts an empty log."""
         if not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text().splitlines() if step > 0 else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropped a torn line and everything after it", self.path)
-                break
-            if not isinstance(record, dict) or int(record.get("step", 0)) > step:
-                break
-            keep.append(line)
-        with atomic_path(self.path) as tmp:
-            Path(tmp).write_text("".join(ln + "\n" for ln in keep))
+        with atomic_path(self.path) as tmp, open(tmp, "w") as out:  # streamed: a huge line is not loaded
+            for line, record in layout.read_metrics(self.path) if step > 0 else ():
+                if int(record.get("step", 0)) > step:
+                    break
+                out.write(line + "\n")
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -53,55 +46,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
-
-
-# Config keys a rerun in the same run_dir may change: none alters the training trajectory up to the
-# resumed step (max_steps may grow, which is how a run is extended; a cosine decay_steps that
-# follows it stretches the schedule from the resumed step on). A prefix ending in "." covers a section.
-MAY_DIFFER = ("train.max_steps", "optim.decay_steps", "train.log_every", "train.cpu_threads",
-              "train.checkpoint_every", "train.checkpoints_total_limit", "train.snapshot_steps",
-              "train.sample_every", "train.sample_n", "train.sample_steps", "train.sample_seed",
-              "data.num_workers", "data.encode_batch_size", "cache_dir", "run_dir",
-              "wandb.", "eval.", "report.", "segnet.", "sr.test", "sr.max_test")
-
-
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _may_differ(key: str) -> bool:
-    return any(key.startswith(m) if m.endswith(".") else key == m for m in MAY_DIFFER)
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs and may not (MAY_DIFFER)."""
-    a, b = _flat(old), _flat(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and not _may_differ(k))
-
-
-def check_config(run_dir, cfg, write: bool) -> None:
-    """Refuse (UsageError, exit 2) a run_dir that holds a run of another config; then (if `write`)
-    store this config as config.yaml."""
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir) / layout.CONFIG
-    new = OmegaConf.to_container(cfg, resolve=True)
-    if path.is_file():
-        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        bad = config_changes(old, new)
-        if bad:
-            fa, fb = _flat(old), _flat(new)
-            shown = "; ".join(f"{k}: {fa.get(k, '<absent>')} -> {fb.get(k, '<absent>')}" for k in bad[:6])
-            raise UsageError(f"{run_dir} holds a run with another config ({shown}{' ...' if len(bad) > 6 else ''}); "
-                             "rerun with its values or choose another run_dir")
-    if write:
-        write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _start_wandb(run_dir, cfg):
@@ -125,14 +69,10 @@ def _start_wandb(run_dir, cfg):
 
 def save_sample_grid(run_dir, step: int, latents: torch.Tensor, first_stage, batch_size: int = 32) -> np.ndarray:
     """Decode scaled sample latents into samples/step_XXXXXXX.png (one grid); the uint8 NHWC images."""
-    from PIL import Image
-
-    imgs = np.concatenate([(first_stage.decode(latents[i:i + batch_size]).cpu() * 255).round().clamp(0, 255)
-                           .to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, len(latents), batch_size)])
+    imgs = first_stage.decode_uint8(latents, batch_size)
     out = layout.sample_path(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        Image.fromarray(image_grid(imgs)).save(tmp, format="PNG")
+    write_png(grid(imgs), out)
     return imgs
 
 

@@ -13,15 +13,18 @@ from pathlib import Path
 
 import torch
 
-from rsprune import layout
-from rsprune.cache import write_json
+from rsprune import layout, runlock
+from rsprune.cache import check_writable, write_json
 from rsprune.cli import UsageError, main
 from rsprune.fingerprint import fingerprints
+from rsprune.layout import check_config
+from rsprune.markers import mark_cache, mark_run
 from rsprune.split import record as split_record
 from train import data as tdata
 from train import engine, setup
 from train.generate import sample_latents
-from train.hooks import FDHook, check_config
+from train.hooks import FDHook
+from train.validate import check_train
 
 log = logging.getLogger("train")
 
@@ -32,18 +35,26 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
     latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
     """
-    from accelerate.utils import set_seed
-
+    check_train(cfg)  # every value, before anything is read or written
+    check_writable(str(cfg.run_dir), "run_dir")  # not after the latents are encoded
+    check_writable(str(cfg.cache_dir), "cache_dir")
     engine.check_sizes(cfg)
-    if int(cfg.data.resolution) % 8:
-        raise UsageError(f"data.resolution={cfg.data.resolution} must be a multiple of 8")
     setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
     cfg, subset = _with_subset_hash(cfg)
     acc = engine.accelerator(cfg)
     run_dir = Path(str(cfg.run_dir))
+    with runlock.hold(run_dir, acc):  # one run per folder: a second one exits 2 naming this pid
+        return _train(cfg, acc, run_dir, subset, probes)
+
+
+def _train(cfg, acc, run_dir: Path, subset, probes) -> dict:
+    from accelerate.utils import set_seed
+
     check_config(run_dir, cfg, write=False)  # refuse another run's folder before encoding anything
     if acc.is_main_process:  # the data sets this run was given, by size and list hash (rsprune.split)
         write_json(run_dir / layout.SPLIT, split_record(cfg.data))
+        mark_run(run_dir)  # sample grids never become corpus images of a later walk
+        mark_cache(cfg.cache_dir)
     first_stage, latents, hold_paths = _prepare_data(cfg, acc, run_dir)
     if probes is None:  # protocol's held-out loss and sample statistics on the test split (main process)
         probes = _build_probes(cfg, first_stage, run_dir) if acc.is_main_process else engine.NoProbes()
@@ -97,7 +108,7 @@ def _latent_batches(latents, first_stage):
 
 def _prepare_data(cfg, acc, run_dir: Path):
     """First stage (scaled by the corpus's latent std) and the cached latents, computed by the main process first."""
-    from rsprune.autoencoders import build_first_stage
+    from train.first_stage import build_first_stage
 
     res = int(cfg.data.resolution)
     train_paths, hold_paths = tdata.resolve_subset(cfg.data, int(cfg.seed), cfg.cache_dir)

@@ -80,11 +80,6 @@ def saturated_share(images: np.ndarray) -> float:
     return float(((images == 0) | (images == 255)).mean())
 
 
-def to_uint8(x01: torch.Tensor) -> np.ndarray:
-    """Decoded images in [0, 1] (N, 3, H, W) -> uint8 NHWC; values beyond [0, 1] land on 0 / 255."""
-    return (x01.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 class Probes:
     """The held-out loss and sample-statistics probes of one run, with the data's side computed once.
 
@@ -132,8 +127,7 @@ class Probes:
         `images`: the decoded uint8 samples if the caller has them already (else decoded here).
         """
         if images is None:
-            images = np.concatenate([to_uint8(self.first_stage.decode(latents[i:i + 32]))
-                                     for i in range(0, len(latents), 32)])
+            images = self.first_stage.decode_uint8(latents)
         out = latent_stats(latents, "sample") | {"sample_saturated": saturated_share(images)} | self.data
         ratio = out["sample_latent_std"] / max(out["data_latent_std"], 1e-12)
         out["sample_std_ratio"] = ratio

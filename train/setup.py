@@ -32,23 +32,25 @@ EPSILON_MIN_ALPHA_BAR = 0.01
 
 
 def build_noise_scheduler(sched_cfg):
-    """The training DDPMScheduler: never clips samples, trailing timesteps, optional zero-terminal-SNR betas."""
+    """The training DDPMScheduler: never clips samples, trailing timesteps, optional zero-terminal-SNR betas.
+
+    Every key comes from configs/trainer/default.yaml's `scheduler` (no default here to drift from it)."""
     from diffusers import DDPMScheduler
 
     pred = str(sched_cfg.prediction_type)
     if pred not in ("epsilon", "v_prediction"):
         raise UsageError(f"scheduler.prediction_type={pred!r}; expected epsilon | v_prediction")
-    spacing = str(sched_cfg.get("timestep_spacing", "trailing"))
+    spacing = str(sched_cfg.timestep_spacing)
     if spacing not in ("trailing", "leading", "linspace"):
         raise UsageError(f"scheduler.timestep_spacing={spacing!r}; expected trailing | leading | linspace")
     try:
         sched = DDPMScheduler(num_train_timesteps=int(sched_cfg.num_train_timesteps),
                               beta_schedule=str(sched_cfg.beta_schedule), prediction_type=pred,
                               clip_sample=False, timestep_spacing=spacing,
-                              rescale_betas_zero_snr=bool(sched_cfg.get("rescale_betas_zero_snr", False)))
+                              rescale_betas_zero_snr=bool(sched_cfg.rescale_betas_zero_snr))
     except NotImplementedError as e:  # diffusers' message for an unknown beta_schedule
         raise UsageError(f"scheduler.beta_schedule={sched_cfg.beta_schedule!r}: {e}") from None
-    check_conditioning(sched, allow=bool(sched_cfg.get("allow_epsilon_low_snr", False)))
+    check_conditioning(sched, allow=bool(sched_cfg.allow_epsilon_low_snr))
     return sched
 
 

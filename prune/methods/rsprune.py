@@ -8,12 +8,14 @@ then each cluster gives its quota by `selection.within`, skipping near-duplicate
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from prune.budget import scene_weights, waterfill
 from prune.selection import pick
-from prune.volume import stratum_mass, volumes
-from rsprune.exact import parts_total, sum_parts
+from prune.state import LOCAL, materialize
+from prune.volume import scene_mass, volumes
 
 NEEDS = ("embed", "scenes", "clusters")
 
@@ -23,50 +25,62 @@ def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: f
     """Quota per cluster id: scenes by mass**alpha (mass: per-row weights summed over the scene;
     None = one per row, the scene's size), clusters uniform inside a scene."""
     scenes, inverse, scene_sizes = np.unique(scene, return_inverse=True, return_counts=True)
-    masses = scene_sizes if mass is None else parts_total(sum_parts(mass, inverse, len(scenes)), len(scenes))
-    cl, first, sizes = np.unique(cluster, return_index=True, return_counts=True)
-    return quotas_from_counts(scene_sizes, masses, cl, np.searchsorted(scenes, scene[first]), sizes, budget, alpha)
-
-
-def quotas_from_counts(scene_sizes, masses, clusters, cluster_scene, cluster_sizes, budget: int,
-                       alpha: float) -> dict[int, int]:
-    """`cluster_quotas` from per-stratum and per-cluster statistics only (memory O(clusters), what
-    engine=ray reduces to the driver): strata by index 0..S-1, each cluster's stratum index."""
+    masses = scene_sizes if mass is None else np.bincount(inverse, weights=mass, minlength=len(scenes))
     per_scene = waterfill(scene_sizes, scene_weights(masses, alpha), budget)
-    order = np.lexsort((clusters, cluster_scene))
-    cuts = np.searchsorted(cluster_scene[order], np.arange(len(per_scene) + 1))
     quotas = {}
-    for s, q in enumerate(per_scene):
-        rows = order[cuts[s]:cuts[s + 1]]
-        for c, qc in zip(clusters[rows], waterfill(cluster_sizes[rows], np.ones(len(rows)), int(q))):
+    for s, q in zip(scenes, per_scene):
+        cl, sizes = np.unique(cluster[scene == s], return_counts=True)
+        for c, qc in zip(cl, waterfill(sizes, np.ones(len(sizes)), int(q))):
             quotas[int(c)] = int(qc)
     return quotas
 
 
-def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, core: float = 1.0):
-    """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason."""
-    ids = pool.ids
-    order = np.argsort(pool.cluster, kind="stable")
-    bounds = np.searchsorted(pool.cluster[order], sorted(quotas) + [np.inf])
-    chosen, notes = [], {}
+def pick_clusters(emb, dist: np.ndarray, ids: np.ndarray, cluster: np.ndarray, quotas: dict[int, int], within: str,
+                  dedup: float, rng, core: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each cluster's quota with `pick`, clusters in id order: (chosen rows, rows skipped
+    as near-duplicates)."""
+    order = np.argsort(cluster, kind="stable")
+    bounds = np.searchsorted(cluster[order], sorted(quotas) + [np.inf])
+    chosen, dups = [], []
     for i, c in enumerate(sorted(quotas)):
         rows = order[bounds[i]:bounds[i + 1]]
-        got, dup = pick(pool.emb[rows], pool.dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
+        x = emb[rows].astype(np.float32, copy=False)  # a float16 pool is widened one cluster at a time
+        got, dup = pick(x, dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
         chosen.append(rows[got])
-        notes.update({int(r): "pruned_near_duplicate" for r in rows[dup]})
-    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64), notes
+        dups.append(rows[dup])
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return cat(chosen), cat(dups)
+
+
+def _pick_task(item, within: str, dedup: float, core: float):
+    x, dist, ids, cluster, quotas = item
+    rng = np.random.default_rng(0)  # not drawn from: within=random is refused off the local engine
+    return pick_clusters(materialize(x), dist, ids, cluster, quotas, within, dedup, rng, core)
+
+
+def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, core: float = 1.0):
+    """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason. Off
+    the local engine, each scene stratum (whole clusters) is one task."""
+    if pool.engine is LOCAL:
+        chosen, dups = pick_clusters(pool.emb, pool.dist, pool.ids, pool.cluster, quotas, within, dedup, rng, core)
+    else:
+        members = [np.flatnonzero(pool.scene == s) for s in np.unique(pool.scene)]
+        items = ((pool.emb[m], pool.dist[m], pool.ids[m], pool.cluster[m],
+                  {int(c): quotas[int(c)] for c in np.unique(pool.cluster[m])}) for m in members)
+        task = functools.partial(_pick_task, within=within, dedup=dedup, core=core)
+        chosen, dups = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for m, (got, dup) in zip(members, pool.engine.map(task, items, "pick")):
+            chosen, dups = np.concatenate([chosen, m[got]]), np.concatenate([dups, m[dup]])
+    return chosen, {int(r): "pruned_near_duplicate" for r in dups}
 
 
 def select(pool, budget: int, cfg, rng):
     sel = cfg.selection
-    alpha = float(sel.alpha)
-    scenes, inverse, sizes = np.unique(pool.scene, return_inverse=True, return_counts=True)
-    masses = sizes
+    mass, alpha = None, float(sel.alpha)
     if sel.mass != "count":
-        v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim)
-        vsum = parts_total(sum_parts(v, inverse, len(scenes)), len(scenes))
-        masses, alpha, fit = stratum_mass(scenes, sizes, vsum, str(sel.mass), alpha, int(sel.volume.min_stratum))
+        groups = None if pool.engine is LOCAL else pool.scene  # off the local engine: a task per stratum
+        v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim, groups, pool.engine)
+        mass, alpha, fit = scene_mass(pool.scene, v, str(sel.mass), alpha, int(sel.volume.min_stratum))
         pool.extra["volume"] = {"mass": str(sel.mass), **info, **fit}
-    cl, first, csizes = np.unique(pool.cluster, return_index=True, return_counts=True)
-    quotas = quotas_from_counts(sizes, masses, cl, inverse[first], csizes, budget, alpha)
+    quotas = cluster_quotas(pool.scene, pool.cluster, budget, alpha, mass)
     return pick_by_quota(pool, quotas, str(sel.within), float(sel.dedup), rng, float(sel.core))

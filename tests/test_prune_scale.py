@@ -1,0 +1,106 @@
+"""What keeps the single-process path whole at large N, on real embeddings and real runs:
+no silent cap on the cluster count, streamed cache keys, a float16 pool, summary counts."""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pandas as pd
+
+from conftest import DATA
+from prune import methods
+from prune.cluster import split_strata, stratified_clusters
+from prune.run import run
+from rsprune.cache import rows_digest
+from rsprune.cli import compose
+from rsprune.encoders import build_encoder, embed_paths
+from rsprune.imageio import list_images
+from rsprune.manifest import read_manifest
+
+
+@functools.lru_cache(maxsize=1)
+def aid_600() -> np.ndarray:
+    """Default-encoder embeddings of 20 real AID images per class (600, float32, unit rows)."""
+    paths = [DATA / "aid" / c / f for c in sorted(p.name for p in (DATA / "aid").iterdir() if p.is_dir())
+             for f in list_images(DATA / "aid" / c)[:20]]
+    return embed_paths(build_encoder(compose("prune").encoder), paths, 64, 1, progress=False)
+
+
+def clustering(**over):
+    cfg = compose("prune", ["clustering.cluster_size=10", "clustering.min_sample=50",
+                            *[f"clustering.{k}={'null' if v is None else v}" for k, v in over.items()]])
+    return cfg.clustering
+
+
+def test_a_stratum_past_max_k_is_split_into_cells_not_capped():
+    """600 rows at 10 per cluster need 60 clusters; one k-means may fit 15: the stratum is split
+    into 4 cells and still gets about 60 clusters of about 10 (a cap gave 15 of 40)."""
+    emb = aid_600()
+    strata = np.zeros(len(emb), np.int64)
+    assert split_strata(strata, clustering(max_k=15)) == {0: 60}
+    assert split_strata(strata, clustering(max_k=None)) == {}
+    cluster, dist, info, cent = stratified_clusters(emb, strata, clustering(max_k=15), 0, with_centroids=True)
+    k = len(info)
+    assert 55 <= k <= 65, k  # each cell's share is rounded
+    assert len(cent) == k and cluster.min() == 0 and cluster.max() == k - 1
+    assert np.allclose(1 - dist, (emb * cent[cluster]).sum(1), atol=1e-4)  # each row: its own centroid
+    assert sum(size for _, _, size in info) == len(emb)
+    assert len(np.unique(cluster)) > 40  # a cap at 15 could never reach this
+    flat, _, flat_info = stratified_clusters(emb, strata, clustering(max_k=None), 0)
+    assert len(flat_info) == 60
+    # Under max_k nothing changes: the same labels as an uncapped flat fit.
+    assert np.array_equal(stratified_clusters(emb, strata, clustering(max_k=4096), 0)[0], flat)
+
+
+def test_rows_digest_sees_every_row_and_the_row_boundaries():
+    ids = [f"{i:016x}" for i in range(1000)]
+    base = rows_digest(ids, np.arange(1000))
+    assert base == rows_digest(np.asarray(ids, object), pd.Series(np.arange(1000)))  # list, array, Series
+    assert base == rows_digest(ids, np.arange(1000), chunk=7)  # chunking is invisible
+    changed = ids.copy()
+    changed[537] = changed[537][:-1] + "x"
+    assert rows_digest(changed, np.arange(1000)) != base
+    assert rows_digest(ids, np.r_[np.arange(999), 5]) != base
+    assert rows_digest(["ab", "c"]) != rows_digest(["a", "bc"])  # boundaries count
+    assert rows_digest(["1", "2"]) != rows_digest(np.array([1, 2]))  # text is not a number
+    assert rows_digest(ids, np.arange(1000)) != rows_digest(np.arange(1000), ids)  # column order counts
+
+
+def test_a_float16_pool_selects_what_its_float32_widening_selects():
+    """The store holds float16; the selection widens one cluster at a time and must choose
+    exactly what it chooses on the whole pool widened at once."""
+    emb32 = aid_600()
+    emb16 = emb32.astype(np.float16)
+    wide = emb16.astype(np.float32)
+    scene = np.repeat(np.arange(30), 20) % 7  # 7 strata of mixed classes
+    cfg = compose("prune", ["+experiment=ratio85", "clustering.cluster_size=10", "clustering.min_sample=50"])
+    cluster, dist, _ = stratified_clusters(wide, scene, cfg.clustering, 0)
+    chosen = {}
+    for name, e in (("f16", emb16), ("f32", wide)):
+        ids = np.char.mod("%016x", np.arange(len(e))).astype(object)
+        pool = methods.Pool(pd.DataFrame({"id": ids}), emb=e, scene=scene, cluster=cluster, dist=dist)
+        got, _ = methods.get("rsprune").select(pool, 90, cfg, np.random.default_rng(0))
+        chosen[name] = np.sort(got)
+    assert len(chosen["f16"]) == 90
+    assert np.array_equal(chosen["f16"], chosen["f32"])
+
+
+def test_summary_counts_equal_the_manifest_counted_row_by_row(prune_cfg, tmp_path):
+    run(prune_cfg(run_dir=tmp_path / "r"), progress=False)
+    m = read_manifest(tmp_path / "r")
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    usable = (m.readable & (m.duplicate_of == "")).to_numpy()
+    per_scene, per_cluster = {}, {}
+    for row, ok in zip(m.itertuples(), usable):
+        for table, key, take in ((per_scene, row.scene_name, ok), (per_cluster, str(row.cluster), row.cluster >= 0)):
+            if take:
+                c = table.setdefault(key, {"found": 0, "stage1_kept": 0, "selected": 0})
+                c["found"] += 1
+                c["stage1_kept"] += int(row.stage1_kept)
+                c["selected"] += int(row.selected)
+    assert s["per_scene"] == per_scene
+    assert {int(k): v for k, v in s["per_cluster"].items()} == {int(k): v for k, v in per_cluster.items()}
+    assert list(s["per_scene"]) == sorted(s["per_scene"])  # in sorted key order, as before
+    assert s["reasons"] == m.reason.value_counts().to_dict()
+    assert s["counts"]["selected"] == int(m.selected.sum()) == round(0.15 * len(m))
