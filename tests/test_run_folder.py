@@ -117,10 +117,10 @@ def test_bad_training_values_are_refused_before_anything_is_written(base, tmp_pa
 
 def test_bad_value_on_the_command_line_is_one_line(base, tmp_path):
     root, kept, cache = base
-    r = _train_cli(tiny_overrides(kept, tmp_path / "run", cache, **{"seed": -1}))
+    r = _train_cli(tiny_overrides(kept, tmp_path / "run", tmp_path / "cache", **{"seed": -1}))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: seed must be >= 0 and <= 4294967295; got -1"]
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # no split drawn either
 
 
 def test_a_failed_bad_lr_leaves_a_folder_a_good_lr_may_use(base, tmp_path):
@@ -197,3 +197,13 @@ def test_an_unwritable_run_dir_is_refused_before_any_work(base, tmp_path):
         with pytest.raises(UsageError, match="run_dir="):
             _run(tiny_overrides(kept, run_dir, fresh, **FAST, **{"train.max_steps": 1}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_bad_value_is_refused_before_the_default_split_is_drawn(tmp_path):
+    """With the default data the split is drawn (and cached) when the config resolves; a bad value
+    must not cost that, nor leave a split in a cache the user did not mean to fill."""
+    r = _train_cli(["seed=-1", f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                    f"data.split.dir={tmp_path / 'splits'}"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: seed must be >= 0 and <= 4294967295; got -1"], r.stderr[-1000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, cache or split

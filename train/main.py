@@ -35,9 +35,7 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     `probes` (train/probes.py's, or any object with heldout(step, unet_ema) and samples(step,
     latents)) adds measurements to the metrics records of snapshot, checkpoint and sample steps.
     """
-    check_train(cfg)  # every value, before anything is read or written
-    check_writable(str(cfg.run_dir), "run_dir")  # not after the latents are encoded
-    check_writable(str(cfg.cache_dir), "cache_dir")
+    precheck(cfg)
     engine.check_sizes(cfg)
     setup.build_noise_scheduler(cfg.scheduler)  # refuses epsilon at alpha_bar ~ 0 before any data is encoded
     cfg, subset = _with_subset_hash(cfg)
@@ -45,6 +43,14 @@ def run(cfg, probes: engine.Probes | None = None) -> dict:
     run_dir = Path(str(cfg.run_dir))
     with runlock.hold(run_dir, acc):  # one run per folder: a second one exits 2 naming this pid
         return _train(cfg, acc, run_dir, subset, probes)
+
+
+def precheck(cfg) -> None:
+    """What needs no data: every value, and that run_dir and cache_dir can be written (the command
+    line runs it before the default split is drawn, run() again for callers from Python)."""
+    check_train(cfg)
+    check_writable(str(cfg.run_dir), "run_dir")  # not after the latents are encoded
+    check_writable(str(cfg.cache_dir), "cache_dir")
 
 
 def _train(cfg, acc, run_dir: Path, subset, probes) -> dict:
@@ -161,4 +167,4 @@ def _psnr(first_stage, hold_paths, res: int) -> dict:
 
 
 if __name__ == "__main__":
-    main("train", run, __doc__)
+    main("train", run, __doc__, precheck)
