@@ -58,7 +58,6 @@ def test_ray_keeps_the_same_set_on_a_corpus_from_another_source(local_ray, small
     assert vol_r == vol_l
 
 
-@pytest.mark.slow  # with the first, over a minute on 2 shared cores
 def test_ray_keeps_the_same_set_on_an_imbalanced_corpus(local_ray, small_reference, session_cache, tmp_path):
     from eval.imbalanced import build
 
