@@ -19,12 +19,14 @@ strata, the pool's content, the `clustering` config and the seed.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from prune.state import LOCAL, materialize
 from rsprune.cache import cached_table, rows_digest, save_npy, stable_hash, verified
 from rsprune.errors import warn
 from rsprune.knn import kmeans, search
@@ -108,22 +110,33 @@ def split_cells(x: np.ndarray, k: int, fraction: float, min_sample: int, niter: 
     return label, dist, np.concatenate(cents)
 
 
+def _stratum_task(item, cfg: dict):
+    """One stratum's (label, distance, centroids): `item` = (its rows, k, seed), rows in pool order."""
+    x, k, seed = item
+    return cluster_stratum(materialize(x), k, cfg["sample_fraction"], cfg["min_sample"], cfg["niter"], seed,
+                           int(cfg["refine"]), None if cfg["max_k"] is None else int(cfg["max_k"]))
+
+
 def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, progress: bool = False,
-                        with_centroids: bool = False):
+                        with_centroids: bool = False, engine=LOCAL, tag: str = "clusters"):
     """Cluster every stratum. Returns global cluster ids (consecutive over strata, ordered by
     stratum), centroid distances, a per-cluster table (cluster, stratum, size), and with
-    `with_centroids` the (k, d) centroids, row = global cluster id."""
+    `with_centroids` the (k, d) centroids, row = global cluster id. Each stratum is one task of
+    `engine` (prune/state.py); `emb[rows]` is what a task gets (an engine's lazy rows or an array)."""
     cluster = np.full(len(emb), -1, np.int64)
     dist = np.full(len(emb), np.nan, np.float32)
     info, offset, cents = [], 0, []
     from tqdm import tqdm
 
-    for s in tqdm(np.unique(strata), desc="clusters", unit="stratum", disable=not progress, leave=False):
-        rows = np.flatnonzero(strata == s)
-        k = n_clusters(len(rows), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale)
-        lab, d, cent_s = cluster_stratum(emb[rows], k, cfg.sample_fraction, cfg.min_sample, cfg.niter,
-                                         seed + int(s) + 1, int(cfg.refine),
-                                         None if cfg.max_k is None else int(cfg.max_k))
+    ids = np.unique(strata)
+    members = {int(s): np.flatnonzero(strata == s) for s in ids}
+    conf = {key: getattr(cfg, key) for key in ("sample_fraction", "min_sample", "niter", "refine", "max_k")}
+    items = ((emb[members[int(s)]], n_clusters(len(members[int(s)]), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale),
+              seed + int(s) + 1) for s in ids)
+    results = engine.map(functools.partial(_stratum_task, cfg=conf), items, tag)
+    for s, (lab, d, cent_s) in tqdm(zip(ids, results), total=len(ids), desc="clusters", unit="stratum",
+                                    disable=not progress, leave=False):
+        rows = members[int(s)]
         k = len(cent_s)
         cluster[rows] = lab + offset
         dist[rows] = d
@@ -137,21 +150,23 @@ def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, pro
 
 
 def cluster_stage(emb: np.ndarray, strata: np.ndarray, ids, hashes: list[str], embed_key: str, clustering_cfg,
-                  seed: int, cache_dir: str, progress: bool = False) -> tuple[pd.DataFrame, np.ndarray, bool]:
+                  seed: int, cache_dir: str, progress: bool = False,
+                  engine=LOCAL) -> tuple[pd.DataFrame, np.ndarray, bool]:
     """(table id -> cluster, centroid_distance in pool order; centroids, row = cluster id; was
     cached) for the pool rows with embeddings `emb`, stratum labels `strata`, ids and content
     hashes. The centroids (`<key>.centroids.npy`, checksummed, written before the table) are what
     density's d_inter and hkmeans's upper levels read; a table without valid centroids is
     computed again."""
     key = stable_hash("clusters", embed_key, rows_digest(strata, hashes), OmegaConf.to_container(clustering_cfg),
-                      seed)
+                      seed, *(() if engine is LOCAL else (engine.name,)))  # engine=ray: its own table
     path = cache_path(cache_dir, CACHE_CLUSTERS, f"{key}.parquet")
     cpath = path.with_name(f"{key}.centroids.npy")
     if path.exists() and not verified(cpath):
         path.unlink()
 
     def compute():
-        c, d, _, cent = stratified_clusters(emb, strata, clustering_cfg, seed, progress, with_centroids=True)
+        c, d, _, cent = stratified_clusters(emb, strata, clustering_cfg, seed, progress, with_centroids=True,
+                                            engine=engine, tag=f"clusters-{key}")
         save_npy(cpath, cent, checksum=True)
         return pd.DataFrame({"id": ids, "cluster": c, "centroid_distance": d})
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prune import methods
 from prune.cluster import cluster_stage, split_strata
@@ -22,7 +22,8 @@ from prune.entropy import stage1_pool
 from prune.index import index_inputs, mark_duplicates
 from prune.outputs import Columns, build_manifest, build_summary, reasons, tally, write_outputs
 from prune.scenes import folder_scenes, scene_stage
-from prune.state import RunState
+from prune.engine_ray import engine_of
+from prune.state import LOCAL, RunState
 from prune.validate import precheck, validate
 from rsprune import runlock
 from rsprune.cache import stable_hash
@@ -61,7 +62,7 @@ def add_scenes(run: RunState) -> None:
         hashes = sorted(set(idx.content_hash[usable]))
         table, run.classes, run.scene_info, run.cached["scenes"] = scene_stage(
             run.store, hashes, run.inputs.reference, run.inputs.reference_key, cfg.scenes, int(cfg.seed),
-            str(cfg.cache_dir))
+            str(cfg.cache_dir), run.engine)
         by_hash = table.set_index("content_hash")
         cols.scene[usable] = by_hash.scene.reindex(idx.content_hash[usable]).to_numpy()
         cols.scene_similarity[usable] = by_hash.scene_similarity.reindex(idx.content_hash[usable]).to_numpy()
@@ -79,7 +80,7 @@ def add_clusters(run: RunState) -> int:
             f"(up to {max(split.values())}): each is split into cells first")
     table, pool.centroids, run.cached["clusters"] = cluster_stage(
         pool.emb, strata, pool.ids, pool.table.content_hash.tolist(), run.store.key, cfg.clustering, int(cfg.seed),
-        str(cfg.cache_dir), run.progress)
+        str(cfg.cache_dir), run.progress, run.engine)
     pool.cluster, pool.dist = table.cluster.to_numpy(), table.centroid_distance.to_numpy()
     run.cols.cluster[run.pool_rows], run.cols.centroid_distance[run.pool_rows] = pool.cluster, pool.dist
     return len(np.unique(strata))
@@ -146,7 +147,17 @@ def features(run: RunState) -> None:
     if run.store is None or not run.is_main:
         return
     t, pool, store, needs = run.timings, run.pool, run.store, run.plan.method.NEEDS
-    pool.emb = store.gather(pool.table.content_hash.tolist())
+    if run.engine is LOCAL:
+        pool.emb = store.gather(pool.table.content_hash.tolist())
+    else:  # the engine's tasks gather their own rows; this process holds none
+        from prune.engine_ray import PoolRows
+
+        run.engine.scope = stable_hash("run", run.inputs.corpus_key, store.key,
+                                       {k: v for k, v in OmegaConf.to_container(run.cfg).items()
+                                        if k not in ("run_dir", "ray", "report")})
+        hashes = pool.table.content_hash.to_numpy()
+        pool.emb = PoolRows(store, hashes, store.gather(hashes[:1].tolist()).shape[1])
+        pool.engine = run.engine
     log(f"[embed] {store.images} distinct images in {len(store.plan)} shards, dim {pool.emb.shape[1]} "
         f"({t['embed']:.1f} s)")
     if "scenes" in needs:
@@ -176,6 +187,11 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
     """Run the whole pipeline for one config; returns the summary dict ({} on a process other
     than the main one under `accelerate launch`)."""
     r = RunState(cfg, validate(cfg), progress, dist_state())
+    if engine_of(cfg) == "ray" and r.is_main:  # checked, and the cluster reached, before any work
+        from prune.engine_ray import RayEngine, start_ray
+
+        start_ray(cfg.ray)
+        r.engine = RayEngine(str(cfg.cache_dir))
     with runlock.hold(cfg.run_dir, r.dist):  # one run per folder: a second one exits 2 naming this pid
         return _run(r, cfg, progress)
 

@@ -21,12 +21,14 @@ similarity) is keyed by the embedding store, the reference index, the corpus has
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from prune.state import LOCAL, materialize
 from rsprune.cache import cached_table, read_json, rows_digest, stable_hash, write_json
 from rsprune.errors import UsageError, warn
 from rsprune.knn import kmeans, normalize, search
@@ -159,15 +161,24 @@ def pseudo_scenes(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
     return search(centroids, emb, 1)[1][:, 0].astype(np.int64)
 
 
+def _pseudo_task(rows, k: int, seed: int) -> np.ndarray:
+    return pseudo_scenes(materialize(rows), k, seed)
+
+
 def stratify(scene: np.ndarray, score: np.ndarray, emb_rows, n_classes: int, threshold: float,
-             pseudo_size, seed: int) -> tuple[np.ndarray, int]:
+             pseudo_size, seed: int, engine=LOCAL, tag: str = "pseudo") -> tuple[np.ndarray, int]:
     """Strata from the best scene and its similarity: matched images keep their scene; the
     unmatched become pseudo-scenes n_classes..n_classes+k-1 (or UNMATCHED when k = 0).
-    `emb_rows(rows)` gives the embeddings of the unmatched rows. Returns (strata, k)."""
+    `emb_rows(rows)` gives the embeddings of the unmatched rows (or an engine's lazy rows: the
+    pseudo-scene k-means is one task of `engine`). Returns (strata, k)."""
     out = scene.astype(np.int64).copy()
     rows = np.flatnonzero(score < threshold)
     k = n_pseudo(len(rows), len(scene), n_classes, pseudo_size)
-    out[rows] = UNMATCHED if k == 0 else n_classes + pseudo_scenes(emb_rows(rows), k, seed)
+    if k == 0:
+        out[rows] = UNMATCHED
+    else:
+        task = functools.partial(_pseudo_task, k=k, seed=seed)
+        out[rows] = n_classes + next(iter(engine.map(task, [emb_rows(rows)], tag)))
     return out, k
 
 
@@ -198,8 +209,13 @@ def scene_names(classes: list[str], k_pseudo: int) -> dict[int, str]:
     return names | {len(classes) + j: pseudo_name(j) for j in range(k_pseudo)}
 
 
+def _chunk_task(hashes, store, emb_ref, labels, mode: str, per_class: int, knn: int, seed: int):
+    """Best scene and similarity of one chunk of content hashes (no threshold yet)."""
+    return assign_scenes(store.gather(list(hashes)), emb_ref, labels, mode, per_class, knn, -np.inf, seed)
+
+
 def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scenes_cfg, seed: int,
-                cache_dir: str) -> tuple[pd.DataFrame, list[str], dict, bool]:
+                cache_dir: str, engine=LOCAL) -> tuple[pd.DataFrame, list[str], dict, bool]:
     """(table content_hash -> scene (stratum), scene_similarity; class names; diagnostics; was
     cached) for the sorted corpus content `hashes`, against the readable images of the reference
     index `ref`. `store` is the embedding store (rsprune/embed_store.py:Store).
@@ -207,7 +223,8 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
     The best scene is found in chunks of CHUNK rows (a second full N x d copy would break the
     memory bound at 1e6); the threshold is calibrated on the whole set, then the unmatched rows
     are gathered once for the pseudo-scenes. The diagnostics are stored beside the table
-    (`<key>.json`) so a cached run reports them too."""
+    (`<key>.json`) so a cached run reports them too. `engine` runs the chunks and the
+    pseudo-scene fit as its tasks (prune/state.py; engine=ray keeps its own table)."""
     ok = ref[ref.readable]
     labels, classes = reference_labels(ok.relpath.tolist())  # names and labels from the same files
     empty = sorted(set(reference_labels(ref.relpath.tolist())[1]) - set(classes))
@@ -215,7 +232,8 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
         warn(f"reference class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
              "with no readable image dropped from the scenes")
     c = scenes_cfg
-    key = stable_hash("scenes", store.key, ref_key, rows_digest(hashes), OmegaConf.to_container(c), seed)
+    key = stable_hash("scenes", store.key, ref_key, rows_digest(hashes), OmegaConf.to_container(c), seed,
+                      *(() if engine is LOCAL else (engine.name,)))
     path = cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet")
     info_path = path.with_suffix(".json")
     if path.exists() and (not info_path.is_file() or read_json(info_path).get("key") != key):
@@ -225,14 +243,15 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
 
     def compute():
         emb_ref = store.gather(ok.content_hash.tolist())
-        parts = [assign_scenes(store.gather(hashes[i:i + CHUNK]), emb_ref, labels, mode, per_class, knn, -np.inf, seed)
-                 for i in range(0, len(hashes), CHUNK)]
+        task = functools.partial(_chunk_task, store=store, emb_ref=emb_ref, labels=labels, mode=mode,
+                                 per_class=per_class, knn=knn, seed=seed)
+        parts = list(engine.map(task, (hashes[i:i + CHUNK] for i in range(0, len(hashes), CHUNK)), f"scenes-{key}"))
         best, score = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 2
         held = heldout_scores(emb_ref, labels, mode, per_class, knn, seed)
         threshold, rule = calibrate(c.threshold, float(c.quantile), score, lambda: held)
         pick = np.asarray(hashes)
-        strata, k = stratify(best, score, lambda rows: store.gather(pick[rows].tolist()), len(classes), threshold,
-                             c.pseudo_size, seed)
+        strata, k = stratify(best, score, lambda rows: engine.rows(store, pick[rows].tolist()), len(classes),
+                             threshold, c.pseudo_size, seed, engine, f"pseudo-{key}")
         box["info"] = diagnostics(strata, score, threshold, rule, len(classes), k, c.pseudo_size, held)
         write_json(info_path, {"key": key, **box["info"]})  # before the table: a table implies its diagnostics
         return pd.DataFrame({"content_hash": hashes, "scene": strata, "scene_similarity": score})

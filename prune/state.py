@@ -16,6 +16,29 @@ from typing import Any
 import numpy as np
 
 
+class Local:
+    """The single-process engine: a stage's tasks run here, one after another, in order.
+    Another engine (prune/engine_ray.py) has the same `map` and runs them elsewhere."""
+
+    name = "local"
+
+    def map(self, fn, items, tag: str):
+        """fn(item) for each item, in order (`tag` names the step for an engine that keeps files)."""
+        return map(fn, items)
+
+    def rows(self, store, hashes):
+        """The embeddings of content `hashes` for a task: here, gathered now."""
+        return store.gather(hashes)
+
+
+LOCAL = Local()
+
+
+def materialize(rows):
+    """A task's rows as an array: what it was given, or an engine's lazy rows (`.load()`)."""
+    return rows.load() if hasattr(rows, "load") else rows
+
+
 class Timings(dict):
     """Seconds per stage: `with timings("index"): ...`."""
 
@@ -46,6 +69,7 @@ class RunState:
     classes: list[str] | None = None  # scene (reference class) names
     scene_info: dict = field(default_factory=dict)  # strata diagnostics
     selected: np.ndarray | None = None  # per corpus row
+    engine: Any = LOCAL  # where stages 3-5 run their tasks (engine=ray: prune/engine_ray.py)
 
     @property
     def budget(self) -> int:

@@ -22,7 +22,11 @@ pooling: the inverse of the mean inverse estimate), or fixed by `selection.volum
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+from prune.state import LOCAL, materialize
 
 BLOCK = 2048  # rows per similarity block inside one cluster: memory O(BLOCK x cluster size)
 
@@ -67,40 +71,83 @@ def _inverse_dims(dist: np.ndarray) -> np.ndarray:
     return out
 
 
+def _radius(dist: np.ndarray) -> np.ndarray:
+    """Per row r, the mean neighbour distance (NaN without neighbours), in row chunks."""
+    r = np.empty(len(dist))
+    for c in _row_chunks(len(dist)):
+        n = np.isfinite(dist[c]).sum(axis=1)
+        r[c] = np.where(n > 0, np.nansum(dist[c], axis=1) / np.maximum(n, 1), np.nan)
+    return r
+
+
+def neighbour_stats(emb: np.ndarray, cluster: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (1 / m_i of the Levina-Bickel rule, NaN where it does not qualify; r): all the
+    volume step needs of the neighbour distances. A row's values depend on its cluster alone, so
+    any set of whole clusters (a stratum) gives its rows the same values."""
+    dist = neighbour_distances(emb, cluster, int(k))
+    inv = np.concatenate([_inverse_dims(dist[c]) for c in _row_chunks(len(dist))] or [np.zeros(0)])
+    return inv, _radius(dist)
+
+
+def dim_of(inv: np.ndarray) -> float:
+    """1 / mean(1 / m_i) over the rows that qualify (pool order); NaN when none does."""
+    inv = inv[np.isfinite(inv)]
+    return float(1.0 / inv.mean()) if len(inv) else float("nan")
+
+
 def intrinsic_dim(dist: np.ndarray) -> float:
     """Levina-Bickel MLE of the intrinsic dimension from (N, k) ascending neighbour distances
     (NaN past a small cluster's members): per row over the k_i >= 3 neighbours it has, all at a
     positive distance; pooled as 1 / mean(1 / m_i). NaN when no row qualifies. Rows are taken
     in chunks (each row's value does not depend on the others)."""
-    inv = np.concatenate([_inverse_dims(dist[c]) for c in _row_chunks(len(dist))] or [np.zeros(0)])
-    inv = inv[np.isfinite(inv)]
-    return float(1.0 / inv.mean()) if len(inv) else float("nan")
+    return dim_of(np.concatenate([_inverse_dims(dist[c]) for c in _row_chunks(len(dist))] or [np.zeros(0)]))
+
+
+def radius_volumes(r: np.ndarray, dim: float) -> np.ndarray:
+    """Per row (r / median r)^dim; 1 where r is missing or 0, or no row has a radius."""
+    good = np.isfinite(r) & (r > 0)
+    if not good.any():
+        return np.ones(len(r))
+    rel = np.where(good, r / np.median(r[good]), 1.0)
+    return np.exp(np.clip(dim * np.log(rel), -700.0, 700.0))  # scale-free, no overflow at high dim
 
 
 def image_volumes(dist: np.ndarray, dim: float) -> np.ndarray:
     """Per row (r / median r)^dim, r = mean neighbour distance. A row without neighbours (a
     singleton cluster) or at distance 0 (a near-duplicate pair) gets the median's volume, 1."""
-    r = np.empty(len(dist))
-    for c in _row_chunks(len(dist)):
-        n = np.isfinite(dist[c]).sum(axis=1)
-        r[c] = np.where(n > 0, np.nansum(dist[c], axis=1) / np.maximum(n, 1), np.nan)
-    good = np.isfinite(r) & (r > 0)
-    if not good.any():
-        return np.ones(len(dist))
-    rel = np.where(good, r / np.median(r[good]), 1.0)
-    return np.exp(np.clip(dim * np.log(rel), -700.0, 700.0))  # scale-free, no overflow at high dim
+    return radius_volumes(_radius(dist), dim)
 
 
-def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim) -> tuple[np.ndarray, dict]:
-    """(per-row volume, what summary.json records: k, dim and how it was set)."""
-    dist = neighbour_distances(emb, cluster, int(k))
+def _stats_task(item, k: int):
+    x, cluster = item
+    return neighbour_stats(materialize(x), cluster, k)
+
+
+def grouped_stats(emb, cluster: np.ndarray, k: int, groups: np.ndarray, engine, tag: str):
+    """`neighbour_stats` with one task of `engine` per group of whole clusters (a stratum)."""
+    inv, r = np.full(len(cluster), np.nan), np.full(len(cluster), np.nan)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    results = engine.map(functools.partial(_stats_task, k=int(k)), ((emb[m], cluster[m]) for m in members), tag)
+    for m, (inv_m, r_m) in zip(members, results):
+        inv[m], r[m] = inv_m, r_m
+    return inv, r
+
+
+def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim, groups: np.ndarray | None = None,
+            engine=LOCAL, tag: str = "volumes") -> tuple[np.ndarray, dict]:
+    """(per-row volume, what summary.json records: k, dim and how it was set). With `groups`
+    (whole clusters each, e.g. strata), the neighbour step runs as one task per group."""
+    if groups is None:
+        inv, r = neighbour_stats(emb, cluster, int(k))
+    else:
+        inv, r = grouped_stats(emb, cluster, int(k), groups, engine, tag)
     if dim == "auto":
-        d, rule = intrinsic_dim(dist), "Levina-Bickel MLE"
+        d, rule = dim_of(inv), "Levina-Bickel MLE"
         if not np.isfinite(d):  # no cluster with 4+ members: nothing to measure, every image weighs 1
             d, rule = 0.0, "none: no cluster has 4 or more members"
     else:
         d, rule = float(dim), "fixed"
-    v = image_volumes(dist, d)
+    v = radius_volumes(r, d)
     spread = np.quantile(v, [0.05, 0.5, 0.95]).tolist()
     return v, {"k": int(k), "dim": d, "dim_rule": rule, "volume_p5_p50_p95": spread}
 

@@ -80,6 +80,7 @@ CACHE_INDEX = "index"          # prune stage 0 tables and shards
 CACHE_EMBED = "embed"          # prune stage 2 embedding stores
 CACHE_SCENES = "scenes"        # prune stage 3
 CACHE_CLUSTERS = "clusters"    # prune stage 4
+CACHE_RAY = "ray"              # engine=ray: each task's result file, by run content and step
 CACHE_SPLIT = "split"          # the default data split's list files
 CACHE_LATENTS = "latents"      # first-stage latents of training sets
 CACHE_FIRST_STAGE = "autoencoders"  # fitted autoencoders (kl_small)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from prune.state import LOCAL
 from rsprune.cli import UsageError
 
 METHODS = ("rsprune", "random", "entropy", "kmeans_uniform", "semdedup", "prototypes", "density",
@@ -28,6 +30,7 @@ class Pool:
     dist: np.ndarray | None = None  # cosine distance to the cluster centroid
     centroids: np.ndarray | None = None  # (max cluster id + 1, d) k-means centroids, row = cluster id
     extra: dict = field(default_factory=dict)
+    engine: Any = LOCAL  # where the method's per-stratum tasks run (prune/state.py)
 
     def __len__(self):
         return len(self.table)

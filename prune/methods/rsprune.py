@@ -8,10 +8,13 @@ then each cluster gives its quota by `selection.within`, skipping near-duplicate
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from prune.budget import scene_weights, waterfill
 from prune.selection import pick
+from prune.state import LOCAL, materialize
 from prune.volume import scene_mass, volumes
 
 NEEDS = ("embed", "scenes", "clusters")
@@ -32,26 +35,51 @@ def cluster_quotas(scene: np.ndarray, cluster: np.ndarray, budget: int, alpha: f
     return quotas
 
 
-def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, core: float = 1.0):
-    """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason."""
-    ids = pool.ids
-    order = np.argsort(pool.cluster, kind="stable")
-    bounds = np.searchsorted(pool.cluster[order], sorted(quotas) + [np.inf])
-    chosen, notes = [], {}
+def pick_clusters(emb, dist: np.ndarray, ids: np.ndarray, cluster: np.ndarray, quotas: dict[int, int], within: str,
+                  dedup: float, rng, core: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each cluster's quota with `pick`, clusters in id order: (chosen rows, rows skipped
+    as near-duplicates)."""
+    order = np.argsort(cluster, kind="stable")
+    bounds = np.searchsorted(cluster[order], sorted(quotas) + [np.inf])
+    chosen, dups = [], []
     for i, c in enumerate(sorted(quotas)):
         rows = order[bounds[i]:bounds[i + 1]]
-        emb = pool.emb[rows].astype(np.float32, copy=False)  # a float16 pool is widened one cluster at a time
-        got, dup = pick(emb, pool.dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
+        x = emb[rows].astype(np.float32, copy=False)  # a float16 pool is widened one cluster at a time
+        got, dup = pick(x, dist[rows], ids[rows], quotas[c], within, dedup, rng, core)
         chosen.append(rows[got])
-        notes.update({int(r): "pruned_near_duplicate" for r in rows[dup]})
-    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64), notes
+        dups.append(rows[dup])
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return cat(chosen), cat(dups)
+
+
+def _pick_task(item, within: str, dedup: float, core: float):
+    x, dist, ids, cluster, quotas = item
+    rng = np.random.default_rng(0)  # not drawn from: within=random is refused off the local engine
+    return pick_clusters(materialize(x), dist, ids, cluster, quotas, within, dedup, rng, core)
+
+
+def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, core: float = 1.0):
+    """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason. Off
+    the local engine, each scene stratum (whole clusters) is one task."""
+    if pool.engine is LOCAL:
+        chosen, dups = pick_clusters(pool.emb, pool.dist, pool.ids, pool.cluster, quotas, within, dedup, rng, core)
+    else:
+        members = [np.flatnonzero(pool.scene == s) for s in np.unique(pool.scene)]
+        items = ((pool.emb[m], pool.dist[m], pool.ids[m], pool.cluster[m],
+                  {int(c): quotas[int(c)] for c in np.unique(pool.cluster[m])}) for m in members)
+        task = functools.partial(_pick_task, within=within, dedup=dedup, core=core)
+        chosen, dups = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for m, (got, dup) in zip(members, pool.engine.map(task, items, "pick")):
+            chosen, dups = np.concatenate([chosen, m[got]]), np.concatenate([dups, m[dup]])
+    return chosen, {int(r): "pruned_near_duplicate" for r in dups}
 
 
 def select(pool, budget: int, cfg, rng):
     sel = cfg.selection
     mass, alpha = None, float(sel.alpha)
     if sel.mass != "count":
-        v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim)
+        groups = None if pool.engine is LOCAL else pool.scene  # off the local engine: a task per stratum
+        v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim, groups, pool.engine)
         mass, alpha, fit = scene_mass(pool.scene, v, str(sel.mass), alpha, int(sel.volume.min_stratum))
         pool.extra["volume"] = {"mass": str(sel.mass), **info, **fit}
     quotas = cluster_quotas(pool.scene, pool.cluster, budget, alpha, mass)

@@ -1,0 +1,181 @@
+"""engine=ray: the tasks of stages 3-5 (scenes, clusters, selection) as Ray Data operations.
+
+The engine only partitions and orchestrates. The stage functions (prune/scenes.py, cluster.py,
+volume.py, methods/rsprune.py) hand their per-part work to `engine.map(fn, items, tag)`; in one
+process that is Python's `map` (prune/state.py:LOCAL), here each item is one Ray task running
+the same `fn` on the same rows in the same order, so the kept set is the same bits:
+
+- scenes: one task per chunk of `scenes.CHUNK` content hashes (the chunks one process scores),
+  then the pseudo-scene k-means over the unmatched rows as one task;
+- clusters: one task per scene stratum (`cluster.cluster_stratum`, cells included);
+- selection: one task per stratum for the neighbour distances (`volume.neighbour_stats`), the
+  driver reduces the dimension, the median radius, the masses and the quotas (the same
+  waterfill: exactly the budget), then one task per stratum picks (`rsprune.pick_clusters`).
+
+A task gets lazy rows (`Rows`: content hashes) and gathers its embeddings from the store both
+engines read, so the driver never holds the embeddings. Every task writes its result file
+atomically under `cache_dir/ray/<run content>/<step>/` and is skipped when the file is there:
+a run stopped by a killed worker is run again and finishes to the same outputs. Ray is imported
+only inside functions: the plain install never needs it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rsprune.cli import UsageError
+
+ENGINES = ("local", "ray")
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_PEAK: dict[int, int] = {}  # worker pid -> peak RSS in bytes, over this driver's maps
+
+
+def engine_of(cfg) -> str:
+    """The engine asked for; on `ray`, what it cannot run is refused before any work."""
+    e = str(cfg.get("engine", "local"))
+    if e not in ENGINES:
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {e!r}")
+    if e == "ray":
+        refuse = [(cfg.method.name != "rsprune", f"method={cfg.method.name} (only rsprune)"),
+                  (cfg.selection.within == "random",
+                   "selection.within=random (its seed stream runs over all clusters in order)")]
+        bad = [why for no, why in refuse if no]
+        if bad:
+            raise UsageError(f"engine=ray does not run {bad[0]}; use engine=local")
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError('engine=ray needs Ray: pip install -e ".[ray]"') from None
+    return e
+
+
+def start_ray(rcfg) -> None:
+    """Connect to `ray.address`, or start a local cluster of `ray.num_cpus` (null: all cores);
+    an address that does not answer is a UsageError."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}}
+    if rcfg.address and str(rcfg.address) != "auto":
+        reachable(str(rcfg.address))
+    try:
+        if rcfg.address:
+            ray.init(address=str(rcfg.address), runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=rcfg.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=int(float(rcfg.object_store_gb) * 2**30))
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"ray.address={rcfg.address}: cannot reach a Ray cluster ({first})") from None
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per map otherwise
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to HOST:PORT (ray.init waits minutes on one that does not answer)."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"ray.address must be HOST:PORT or auto, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"ray.address={address}: cannot reach a Ray cluster ({e.strerror or e})") from None
+
+
+@dataclass
+class Rows:
+    """A task's rows, by content hash: gathered from the store where the task runs."""
+    store: object
+    hashes: np.ndarray
+
+    def load(self) -> np.ndarray:
+        return self.store.gather(self.hashes.tolist())
+
+
+class PoolRows:
+    """The pool's embeddings as the stages index them (`emb[rows]`), without holding them."""
+
+    def __init__(self, store, hashes, dim: int):
+        self.store, self.hashes, self.shape = store, np.asarray(hashes), (len(hashes), int(dim))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __getitem__(self, rows) -> Rows:
+        return Rows(self.store, self.hashes[rows])
+
+
+def _save(path: Path, result) -> None:
+    from rsprune.cache import atomic_path
+
+    parts = result if isinstance(result, tuple) else (result,)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, *(np.asarray(p) for p in parts), tuple=isinstance(result, tuple))
+
+
+def _load(path: Path):
+    with np.load(path, allow_pickle=False) as z:
+        parts = tuple(z[f"arr_{i}"] for i in range(len(z.files) - 1))
+        return parts if bool(z["tuple"]) else parts[0]
+
+
+class _Task:
+    """One Ray Data row = one item: `fn(item)` into its file unless the file is there."""
+
+    def __init__(self, fn, refs, folder: Path):
+        self.fn, self.refs, self.folder = fn, refs, folder
+
+    def __call__(self, batch):
+        import resource
+
+        import ray
+
+        for i in batch["i"]:
+            out = self.folder / f"{int(i)}.npz"
+            if not out.exists():
+                _save(out, self.fn(ray.get(self.refs[int(i)])))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this worker's peak so far
+        return {"i": batch["i"], "pid": np.full(len(batch["i"]), os.getpid()), "peak": np.full(len(batch["i"]), rss)}
+
+
+class RayEngine:
+    """`map` as a Ray Data map over the items (one CPU, one item per task), results by file."""
+
+    name = "ray"
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir, self.scope = str(cache_dir), None
+
+    def rows(self, store, hashes) -> Rows:
+        return Rows(store, np.asarray(hashes))
+
+    def map(self, fn, items, tag: str):
+        import ray
+        import ray.data
+
+        from rsprune.layout import CACHE_RAY, cache_path
+
+        if self.scope is None:
+            raise RuntimeError("engine=ray: the run's content key (scope) is not set")
+        folder = cache_path(self.cache_dir, CACHE_RAY, self.scope, tag)
+        items = list(items)
+        todo = [i for i in range(len(items)) if not (folder / f"{i}.npz").exists()]
+        if todo:
+            refs = {i: ray.put(items[i]) for i in todo}
+            rows = (ray.data.from_items([{"i": i} for i in todo])
+                    .map_batches(_Task(fn, refs, folder), batch_size=1, num_cpus=1).take_all())
+            for r in rows:
+                WORKER_PEAK[int(r["pid"])] = max(WORKER_PEAK.get(int(r["pid"]), 0), int(r["peak"]))
+        n = len(items)
+        del items  # the driver keeps no item past the map
+        return (_load(folder / f"{i}.npz") for i in range(n))
