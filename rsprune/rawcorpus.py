@@ -303,6 +303,8 @@ def _resolve(name: str, *, _root_) -> str:
     src = str(raw.source)
     if src.startswith("<split unavailable"):
         return src
+    if src.startswith("<split "):  # the command line's precheck, before the split is drawn: build nothing
+        return f"<raw {name}: not built yet>"
     try:
         folder = materialise(raw, src)
     except (OSError, ValueError) as e:

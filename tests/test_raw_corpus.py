@@ -66,3 +66,22 @@ def test_no_selection_reads_the_labels(small_corpus, small_reference, tmp_path):
         os.remove(folder / "labels.parquet")
         lab.to_parquet(folder / "labels.parquet")
     assert kept[0] == kept[1] and kept[0].count("\n") > 10
+
+
+def test_the_raw_config_passes_the_precheck_without_drawing_or_building(tmp_path):
+    """`python prune/run.py +experiment=ratio85 data=raw` (docs/raw-corpus.md): the command line
+    checks values before the split is drawn, and the raw corpus, built from the split's corpus,
+    must wait for it too (the placeholder was taken for a corpus path: exit 2)."""
+    from rsprune.errors import UsageError
+
+    seen = []
+
+    def precheck(cfg):
+        seen.append(list(cfg.data.corpus))
+        raise UsageError("stop here")  # the real compose would now draw the split and build the corpus
+
+    with pytest.raises(UsageError, match="^stop here$"):
+        compose("prune", ["+experiment=ratio85", "data=raw", f"run_dir={tmp_path / 'run'}",
+                          f"cache_dir={tmp_path / 'cache'}", f"data.raw.dir={tmp_path / 'raw'}"], precheck)
+    assert seen == [["<raw tiles: not built yet>"]]
+    assert sorted(os.listdir(tmp_path)) == []
