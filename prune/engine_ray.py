@@ -35,7 +35,7 @@ WORKER_PEAK: dict[int, int] = {}  # worker pid -> peak RSS in bytes, over this d
 
 def engine_of(cfg) -> str:
     """The engine asked for; on `ray`, what it cannot run is refused before any work."""
-    e = str(cfg.get("engine", "local"))
+    e = str(cfg.engine)
     if e not in ENGINES:
         raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {e!r}")
     if e == "ray":
