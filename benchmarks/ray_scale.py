@@ -10,7 +10,7 @@ through its own functions: `features` (scene_stage, cluster_stage) and `select`
 (`+experiment=ratio85`). The rows: benchmarks/selection_scale.py's scene model (256-d unit rows,
 30 Zipf-sized scenes of 64 sub-clusters, 5% off-scene, 2% near-duplicates) and its labelled
 reference (300 a scene), in the same store. With `--kill N`, a third run at that N SIGKILLs a
-busy Ray worker a few seconds into the clusters, runs again in the same cache when the first
+Ray worker running a task `--kill-after` s after the first cluster task's file, runs again in the same cache when the first
 run fails, and its outputs are compared with the uninterrupted run's.
 """
 from __future__ import annotations
@@ -225,8 +225,16 @@ def main():
     print(text)
     notes = [f"{r['engine']} N={r['n']}: killed {r.get('killed')}; first run: {r.get('first_run', 'finished')}; "
              f"outputs identical to the uninterrupted Ray run: {r.get('identical')}" for r in rows if "killed" in r]
+    cols_doc = ("`work_s`: scenes + clusters + selection (each run's own clock, after its setup; for Ray after "
+                "the cluster started, `ray_start_s`); `x_local` = local work_s / this one's (above 1: faster); "
+                "`driver_peak_gib`: the run's process (VmHWM; the Ray driver); `worker_peak_gib`: each Ray "
+                "worker that ran a task (its ru_maxrss, `prune/engine_ray.py:WORKER_PEAK`); `same_kept`: the "
+                "kept ids equal the local run's; `outputs_sha256`: of the kept ids, scene, cluster and centroid "
+                "distance columns. Targets: a worker <= 1.5 GB, the driver <= 1 GB, the exact budget, the "
+                "local kept set.")
     write_section("ray_scale", "engine=ray against one process at scale (synthetic rows)",
-                  __doc__.split("\n\n", 2)[2] + "\n\n" + text + ("\n\n" + "\n".join(notes) if notes else ""))
+                  __doc__.split("\n\n", 2)[2] + "\n\n" + cols_doc + "\n\n" + text +
+                  ("\n\n" + "\n".join(notes) if notes else ""))
 
 
 if __name__ == "__main__":
