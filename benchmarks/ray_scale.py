@@ -11,7 +11,9 @@ through its own functions: `features` (scene_stage, cluster_stage) and `select`
 30 Zipf-sized scenes of 64 sub-clusters, 5% off-scene, 2% near-duplicates) and its labelled
 reference (300 a scene), in the same store. With `--kill N`, a third run at that N SIGKILLs a
 Ray worker running a task `--kill-after` s after the first cluster task's file, runs again in the same cache when the first
-run fails, and its outputs are compared with the uninterrupted run's.
+run fails, and its outputs are compared with the uninterrupted run's; a fourth SIGKILLs the
+driver (and the cluster it started) at the same point and runs again in the same cache, which
+skips the task results already written.
 """
 from __future__ import annotations
 
@@ -163,14 +165,42 @@ def kill_busy_worker(after: float, out: dict) -> None:
         time.sleep(0.1)
 
 
-def launch(n: int, args, engine: str, work: Path, kill_after: float = 0.0) -> dict:
-    cache = work / f"cache-{engine}"
+def stop_driver(n: int, args, work: Path) -> dict:
+    """Start the Ray run, SIGKILL its driver and local cluster `--kill-after` s after the first
+    cluster task's file, then run again in the same cache: what the rerun found written."""
+    cache = work / "cache-ray-resume"
     shutil.rmtree(cache, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+    p = subprocess.Popen(child_cmd(n, args, "ray-resume", work, 0.0), cwd=ROOT, env=child_env(cache),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while p.poll() is None and not any(cache.glob("ray/*/clusters-*/*.npz")):
+        time.sleep(0.2)
+    time.sleep(args.kill_after)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    p.wait()
+    time.sleep(2)
+    written = sum(1 for _ in cache.glob("ray/*/*/*.npz"))
+    r = launch(n, args, "ray-resume", work, fresh=False)
+    r["killed"] = f"the driver (pid {p.pid}) and its cluster, {written} task files written"
+    r["first_run"] = f"killed; the rerun ran {r['ray_tasks'] - written} of {r['ray_tasks']} tasks"
+    return r
+
+
+def child_env(cache: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MKL_NUM_THREADS="1", RAY_SCALE_CACHE=str(cache), RSPRUNE_CACHE=str(cache))
-    cmd = [sys.executable, __file__, "--child", engine, "--n", str(n), "--seed", str(args.seed),
-           "--workers", str(args.workers), "--work", str(work), "--kill-after", str(kill_after)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def child_cmd(n: int, args, engine: str, work: Path, kill_after: float) -> list[str]:
+    return [sys.executable, __file__, "--child", engine, "--n", str(n), "--seed", str(args.seed),
+            "--workers", str(args.workers), "--work", str(work), "--kill-after", str(kill_after)]
+
+
+def launch(n: int, args, engine: str, work: Path, kill_after: float = 0.0, fresh: bool = True) -> dict:
+    cache = work / f"cache-{engine}"
+    if fresh:
+        shutil.rmtree(cache, ignore_errors=True)
+    p = subprocess.run(child_cmd(n, args, engine, work, kill_after), cwd=ROOT, env=child_env(cache),
+                       capture_output=True, text=True)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not line:
         sys.exit(f"{engine} N={n} failed:\n{p.stderr[-4000:]}")
@@ -216,6 +246,11 @@ def main():
                           x_local=local["work_s"] / killed["work_s"], store_gib=gen["store_gib"],
                           identical=killed["outputs_sha256"] == on_ray["outputs_sha256"])
             rows.append(killed)
+            resumed = stop_driver(n, args, w)
+            resumed.update(same_kept=np.array_equal(np.load(w / "kept-ray.npy"), np.load(w / "kept-ray-resume.npy")),
+                           x_local=local["work_s"] / resumed["work_s"], store_gib=gen["store_gib"],
+                           identical=resumed["outputs_sha256"] == on_ray["outputs_sha256"])
+            rows.append(resumed)
     cols = ["n", "engine", "clusters", "budget", "chosen", "scenes_s", "clusters_s", "work_s", "ray_start_s",
             "x_local", "driver_peak_gib", "worker_peak_gib", "same_kept", "outputs_sha256"]
     for r in rows:
