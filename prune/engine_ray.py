@@ -12,8 +12,9 @@ the same `fn` on the same rows in the same order, so the kept set is the same bi
   driver reduces the dimension, the median radius, the masses and the quotas (the same
   waterfill: exactly the budget), then one task per stratum picks (`rsprune.pick_clusters`).
 
-A task gets lazy rows (`Rows`: content hashes) and gathers its embeddings from the store both
-engines read, so the driver never holds the embeddings. Every task writes its result file
+A task gets lazy rows (`Rows`: content hashes, and the store's plan cut to the shards holding
+them) and gathers its embeddings from the store both engines read, so the driver never holds the
+embeddings and a task's memory follows its rows, not the corpus. Every task writes its result file
 atomically under `cache_dir/ray/<run content>/<step>/` and is skipped when the file is there:
 a run stopped by a killed worker is run again and finishes to the same outputs. Ray is imported
 only inside functions: the plain install never needs it.
@@ -112,7 +113,8 @@ class PoolRows:
         return len(self.hashes)
 
     def __getitem__(self, rows) -> Rows:
-        return Rows(self.store, self.hashes[rows])
+        hashes = self.hashes[rows]
+        return Rows(self.store.only(hashes), hashes)
 
 
 def _save(path: Path, result) -> None:
@@ -157,7 +159,7 @@ class RayEngine:
         self.cache_dir, self.scope = str(cache_dir), None
 
     def rows(self, store, hashes) -> Rows:
-        return Rows(store, np.asarray(hashes))
+        return Rows(store.only(hashes), np.asarray(hashes))
 
     def map(self, fn, items, tag: str):
         import ray

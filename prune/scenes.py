@@ -209,9 +209,9 @@ def scene_names(classes: list[str], k_pseudo: int) -> dict[int, str]:
     return names | {len(classes) + j: pseudo_name(j) for j in range(k_pseudo)}
 
 
-def _chunk_task(hashes, store, emb_ref, labels, mode: str, per_class: int, knn: int, seed: int):
-    """Best scene and similarity of one chunk of content hashes (no threshold yet)."""
-    return assign_scenes(store.gather(list(hashes)), emb_ref, labels, mode, per_class, knn, -np.inf, seed)
+def _chunk_task(rows, emb_ref, labels, mode: str, per_class: int, knn: int, seed: int):
+    """Best scene and similarity of one chunk of rows (an engine's lazy rows; no threshold yet)."""
+    return assign_scenes(materialize(rows), emb_ref, labels, mode, per_class, knn, -np.inf, seed)
 
 
 def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scenes_cfg, seed: int,
@@ -243,9 +243,10 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
 
     def compute():
         emb_ref = store.gather(ok.content_hash.tolist())
-        task = functools.partial(_chunk_task, store=store, emb_ref=emb_ref, labels=labels, mode=mode,
-                                 per_class=per_class, knn=knn, seed=seed)
-        parts = list(engine.map(task, (hashes[i:i + CHUNK] for i in range(0, len(hashes), CHUNK)), f"scenes-{key}"))
+        task = functools.partial(_chunk_task, emb_ref=emb_ref, labels=labels, mode=mode, per_class=per_class,
+                                 knn=knn, seed=seed)
+        chunks = (engine.rows(store, hashes[i:i + CHUNK]) for i in range(0, len(hashes), CHUNK))
+        parts = list(engine.map(task, chunks, f"scenes-{key}"))
         best, score = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 2
         held = heldout_scores(emb_ref, labels, mode, per_class, knn, seed)
         threshold, rule = calibrate(c.threshold, float(c.quantile), score, lambda: held)

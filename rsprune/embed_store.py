@@ -17,7 +17,7 @@ The ground floor, because pruning (prune/embed.py, stage 2) writes it and evalua
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +138,25 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
     return refused
 
 
+def shards_of(plan, hashes) -> list:
+    """The plan's shards that can hold `hashes` (the plan cuts one sorted list): what a gather
+    reads, so that its cost follows the rows asked for, not the size of the store."""
+    if len(plan) <= 1 or not len(hashes):
+        return list(plan[:1]) if len(hashes) else []
+    firsts = np.asarray([h[0] for _, h in plan])
+    at = np.searchsorted(firsts, np.asarray(hashes, dtype=firsts.dtype), side="right") - 1
+    return [plan[i] for i in np.unique(np.maximum(at, 0))]
+
+
 def gather(plan, store: Path, hashes) -> np.ndarray:
-    """Embeddings (float32, unit norm) for content hashes in the given order, from the store."""
+    """Embeddings (float32, unit norm) for content hashes in the given order, from the store
+    (only the shards that hold them are read)."""
     if not plan:
         return np.zeros((len(hashes), 0), np.float32)
+    dim_from = plan[0][0]
+    plan = shards_of(plan, hashes)
+    if not plan:
+        return np.zeros((0, np.load(store / f"{dim_from}.npy", mmap_mode="r").shape[1]), np.float32)
     ids = []
     for k, h in plan:
         got = np.load(store / f"{k}.ids.npy")
@@ -213,3 +228,8 @@ class Store:
 
     def gather(self, hashes) -> np.ndarray:
         return gather(self.plan, self.path, hashes)
+
+    def only(self, hashes) -> "Store":
+        """This store with only the shards holding `hashes` in its plan: what a task is sent
+        (the whole plan lists every hash of the store)."""
+        return replace(self, plan=shards_of(self.plan, hashes))

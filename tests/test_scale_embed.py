@@ -127,3 +127,25 @@ def test_prune_run_on_two_processes_keeps_what_one_process_keeps(corpus, tmp_pat
     run(compose("prune", ["+experiment=ratio85"] + args("one")), progress=False)
     kept = [(tmp_path / n / "run" / "kept.txt").read_text().split() for n in ("one", "two")]
     assert len(kept[0]) == 29 and kept[0] == kept[1]
+
+
+def test_gather_reads_only_the_shards_holding_the_rows(single, tmp_path):
+    """What a task gathers costs what its rows cost: with one shard left, its rows still gather
+    to the same bits as from the whole store, and `Store.only` sends a task that shard alone."""
+    from rsprune.embed_store import Store, gather
+
+    full = Path(single["store"])
+    plan = sorted(((p.name[:-8], np.load(p).tolist()) for p in full.glob("*.ids.npy")), key=lambda s: s[1][0])
+    assert len(plan) == 3
+    k, h = plan[1]
+    part = tmp_path / "one-shard"
+    part.mkdir()
+    for name in (f"{k}.npy", f"{k}.ids.npy"):
+        shutil.copy(full / name, part / name)
+    want = [h[5], h[0], h[-1], h[5]]
+    store = Store(plan, part, single["encoder_key"], sum(len(s) for _, s in plan), {})
+    assert np.array_equal(store.gather(want), gather(plan, full, want))
+    assert [s for s, _ in store.only(want).plan] == [k]
+    assert gather(plan, full, []).shape == (0, len(gather(plan, full, h[:1])[0]))
+    with pytest.raises(FileNotFoundError):  # a row of a shard that is not there is not found quietly
+        store.gather([plan[0][1][0]])
