@@ -12,7 +12,7 @@ import math
 
 from omegaconf import OmegaConf
 
-from rsprune.checks import check_number, check_table
+from rsprune.checks import check_number, check_table, get
 from rsprune.errors import UsageError
 
 INF = math.inf
@@ -83,10 +83,6 @@ TRAIN_NUMBERS = {
 SAMPLE_SIZES = ("data.holdout", "eval.heldout_n")  # a positive count, or null / all
 
 
-def _get(cfg, key: str):
-    return OmegaConf.select(cfg, key, default=None)
-
-
 def _ints(key: str, value, lo: int) -> None:
     """A list of integers >= lo (null: skipped)."""
     if value is None:
@@ -100,8 +96,8 @@ def _ints(key: str, value, lo: int) -> None:
 def check_engine(cfg) -> None:
     """The sections every train.engine caller shares (seed, train, optim, scheduler)."""
     check_table(cfg, ENGINE_CHOICES, ENGINE_NUMBERS)
-    _ints("train.snapshot_steps", _get(cfg, "train.snapshot_steps"), 1)
-    betas = _get(cfg, "optim.betas")
+    _ints("train.snapshot_steps", get(cfg, "train.snapshot_steps"), 1)
+    betas = get(cfg, "optim.betas")
     if betas is not None:
         if len(list(betas)) != 2:
             raise UsageError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]; got {list(betas)}")
@@ -115,10 +111,10 @@ def check_train(cfg) -> None:
 
     check_engine(cfg)
     check_table(cfg, {}, TRAIN_NUMBERS)
-    res = _get(cfg, "data.resolution")
+    res = get(cfg, "data.resolution")
     if res is not None and res % 8:
         raise UsageError(f"data.resolution must be a multiple of 8 (the first stage's downscale); got {res!r}")
     for key in SAMPLE_SIZES:
-        if _get(cfg, key) is not None:
-            sample_size(_get(cfg, key), key)
-    _ints("unet.block_out_channels", _get(cfg, "unet.block_out_channels"), 1)
+        if get(cfg, key) is not None:
+            sample_size(get(cfg, key), key)
+    _ints("unet.block_out_channels", get(cfg, "unet.block_out_channels"), 1)
