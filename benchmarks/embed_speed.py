@@ -96,7 +96,7 @@ def main():
             f"threads. Rows of a block run interleaved, {args.rounds} rounds, median time. `setup s` = build + "
             f"first batch (ONNX export, compile). `x eager` is against the eager row of the same block (target "
             f">= 2x, min cosine >= 0.999 per image).\n\n{text}")
-    write_section("embed_speed", "Embedding throughput (issue 4, item 4)", body)
+    write_section("embed_speed", "Embedding throughput", body)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def main():
             f"runs PIL's full RGB decode; the stage reads, hashes, decodes the JPEG luma plane only (DCT-"
             f"shrunk toward max_side for large tiles), and scores. `x floor` = floor time / stage time at the "
             f"same worker count (target >= 0.8), from the medians; per round, the range of the same ratio.\n\n{text}")
-    write_section("entropy_speed", "Entropy stage against raw decode (issue 4, item 1)", body)
+    write_section("entropy_speed", "Entropy stage against raw decode", body)
 
 
 if __name__ == "__main__":

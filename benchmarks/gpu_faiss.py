@@ -52,7 +52,7 @@ def main():
             [f"search {len(emb)} x 4096 centroids, top-1", cpu_s, gpu_s, cpu_s / gpu_s, f"agreement {agree:.5f}"]]
     text = table(["what", "cpu s", "gpu s", "x faster", "check"], rows)
     print(text)
-    write_section("gpu_faiss", "faiss-gpu against faiss-cpu (issue 4, GPU check)",
+    write_section("gpu_faiss", "faiss-gpu against faiss-cpu (GPU check)",
                   f"N = {len(emb)} synthetic scene-structured embeddings, d = 512.\n\n{text}", shared_note=False)
     assert g["objective"] / c["objective"] < 1.02 and agree > 0.999, "GPU results differ from the CPU ones"
 

@@ -1,4 +1,4 @@
-"""Peak memory of the index pass on one large raster (issue 13): a 6000 x 6000 4-band 16-bit zlib
+"""Peak memory of the index pass on one large raster: a 6000 x 6000 4-band 16-bit zlib
 GeoTIFF-like file against 8-bit files of the same size.
 
 `python benchmarks/index_memory.py [--side 6000] [--before DIR --before-name COMMIT]`
@@ -106,7 +106,7 @@ def main():
             f"resident before the pass); "
             f"`index MiB` = that peak minus the resident memory before the pass. The files: smooth fields, "
             f"4 bands (the JPEG: 3), written by tifffile (zlib, horizontal predictor) and PIL (quality 90).\n\n{text}")
-    write_section("index_memory", "Index pass memory on a large 16-bit raster (issue 13)", body)
+    write_section("index_memory", "Index pass memory on a large 16-bit raster", body)
 
 
 if __name__ == "__main__":

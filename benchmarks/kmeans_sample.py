@@ -149,7 +149,7 @@ def main():
             f"centroids are normalised and scored the same way (its own fit minimises the Euclidean criterion).\n\n{text}")
     name = {"full": "kmeans_sample", "sklearn": "kmeans_sklearn"}[args.part]
     title = {"full": "against the full fit", "sklearn": "against scikit-learn"}[args.part]
-    write_section(name, f"Stratified-sample k-means {title} (issue 4, item 3)", body)
+    write_section(name, f"Stratified-sample k-means {title}", body)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Runs `python prune/run.py +experiment=...` twice in subprocesses with a fresh cache folder and
 writes the `pipeline` section of BENCHMARKS.md: wall time, peak RSS and per-stage timings.
-Targets (issue 2): cold <= 10 min, warm <= 60 s on 2 cores.
+Targets: cold <= 10 min, warm <= 60 s on 2 cores.
 """
 from __future__ import annotations
 

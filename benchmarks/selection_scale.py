@@ -154,7 +154,7 @@ def main():
             f"`selection.mass=count` in the same process (baseline; `select_vs_count` their ratio). "
             f"Target at N = 10^6 on 2 cores: <= 60 s, <= 4 GB.\n\n{text}\n\n"
             f"Growth exponents (least-squares slope of log cost on log N over the rows): {grow}.")
-    write_section("selection_scale", "Selection at scale (issue 4, item 2)", body)
+    write_section("selection_scale", "Selection at scale", body)
 
 
 if __name__ == "__main__":
