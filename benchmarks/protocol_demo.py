@@ -1,4 +1,4 @@
-"""Before/after sample sheet and statistics of the issue-11 demo (two cpu_small runs, same data/steps/seed).
+"""Before/after sample sheet and statistics of the generation-protocol demo (two cpu_small runs, same data/steps/seed).
 
     python benchmarks/protocol_demo.py BEFORE_RUN AFTER_RUN [--out results/protocol_samples.png] [--n 8]
 
