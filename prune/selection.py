@@ -2,7 +2,9 @@
 
 `nearest` (representativeness): closest to the centroid first; `farthest`: the reverse (hard
 examples); `spread`: farthest-point
-traversal from the most central sample (diversity); `random`: a seeded permutation. All three
+traversal from the most central sample (diversity); `cover`: greedy facility location, each next
+sample the one that most raises the members' similarity to their nearest chosen sample
+(representativeness: an outlier covers only itself); `random`: a seeded permutation. All
 skip a candidate whose cosine similarity to an already taken member reaches `dedup` (a
 near-duplicate), and fall back to the skipped ones, in order, only if the quota is not met:
 the quota is always filled exactly. Ties break by id.
@@ -10,6 +12,8 @@ the quota is always filled exactly. Ties break by id.
 from __future__ import annotations
 
 import numpy as np
+
+PREFIX = ("spread", "cover")  # greedy orders: the first `quota` positions are computed, the rest only on demand
 
 
 def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: str, rng,
@@ -23,6 +27,8 @@ def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: st
         return np.lexsort((ids, -dist))
     if mode == "random":
         return np.lexsort((ids, rng.random(len(ids))))
+    if mode == "cover":
+        return _cover(emb, ids, min(len(ids), limit or len(ids)))
     if mode == "spread":
         order = [by_dist[0]]
         mind = 1.0 - emb @ emb[by_dist[0]]
@@ -34,7 +40,24 @@ def candidate_order(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, mode: st
             mind = np.minimum(mind, 1.0 - emb @ emb[j])
             mind[order] = -np.inf
         return np.asarray(order)
-    raise ValueError(f"unknown within-cluster mode {mode!r}; choose nearest, farthest, spread or random")
+    raise ValueError(f"unknown within-cluster mode {mode!r}; choose nearest, farthest, spread, cover or random")
+
+
+def _cover(emb: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    """The first `n` positions of the greedy facility-location order (cosine similarity, floored
+    at 0): O(n x members^2), members of one cluster (about `clustering.cluster_size`)."""
+    sim = np.maximum(emb @ emb.T, 0.0)
+    best = np.zeros(len(ids), sim.dtype)
+    order, left = [], np.ones(len(ids), bool)
+    for _ in range(n):
+        gain = np.maximum(sim - best[:, None], 0.0).sum(0)
+        gain[~left] = -np.inf
+        top = np.flatnonzero(gain == gain.max())
+        j = top[np.argmin(ids[top])]  # ties by id
+        order.append(j)
+        left[j] = False
+        best = np.maximum(best, sim[:, j])
+    return np.asarray(order, np.int64)
 
 
 def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: str, dedup: float, rng,
@@ -54,11 +77,11 @@ def pick(emb: np.ndarray, dist: np.ndarray, ids: np.ndarray, quota: int, mode: s
     if quota <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if quota >= len(ids):  # all of it (`random` still draws its permutation: the seed stream is kept)
-        everything = np.arange(len(ids)) if mode == "spread" else candidate_order(emb, dist, ids, mode, rng)
+        everything = np.arange(len(ids)) if mode in PREFIX else candidate_order(emb, dist, ids, mode, rng)
         return np.sort(everything).astype(np.int64), np.zeros(0, np.int64)
     # The farthest-point traversal costs a pass per position: take its first `quota` positions,
     # and the whole order only when near-duplicates were skipped (the same result either way).
-    order = candidate_order(emb, dist, ids, mode, rng, quota if mode == "spread" else None)
+    order = candidate_order(emb, dist, ids, mode, rng, quota if mode in PREFIX else None)
     taken, skipped = _walk(emb, order, quota, dedup)
     if len(taken) < quota and len(order) < len(ids):
         order = candidate_order(emb, dist, ids, mode, rng)

@@ -24,7 +24,7 @@ from rsprune.cache import check_writable
 from rsprune.corpus import is_list
 from rsprune.errors import UsageError
 
-WITHIN = ("nearest", "farthest", "spread", "random")
+WITHIN = ("nearest", "farthest", "spread", "cover", "random")
 # Enumerated values: key -> allowed values.
 CHOICES = {
     "entropy.score": ("local", "global"),

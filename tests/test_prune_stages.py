@@ -159,7 +159,7 @@ def test_pick_skips_near_duplicates_but_fills_quota():
     assert sorted(got.tolist()) == [0, 1, 2, 3] and sorted(dup.tolist()) == [5, 6]
     got, _ = pick(emb, dist, ids, 7, "nearest", 0.95, rng)
     assert len(got) == 7  # quota = cluster size: everything, duplicates included
-    for mode in ("spread", "random"):
+    for mode in ("spread", "cover", "random"):
         got, _ = pick(emb, dist, ids, 3, mode, 0.95, rng)
         assert len(set(got.tolist())) == 3
 
@@ -206,9 +206,36 @@ def test_refine_step_closes_most_of_the_sample_fit_gap_on_real_embeddings():
     assert gap1 < 0.5 * gap0, (gap0, gap1)
 
 
-def test_spread_pick_from_a_truncated_traversal_equals_the_full_one():
-    """pick() walks only the first `quota` farthest-point positions unless near-duplicates were
-    skipped; the result must equal walking the whole traversal, duplicates or not."""
+def test_cover_pick_covers_a_real_cluster_better_than_spread_and_takes_an_outlier_later():
+    """A cluster of 30 real AID beach embeddings and one farmland image. Facility location
+    (cover) reaches at least the spread pick's coverage (sum over members of the similarity to
+    the nearest chosen) at every quota, starts near the centroid, and takes the far outlier
+    later than the spread pick, whose second choice it is."""
+    from prune.selection import candidate_order
+
+    ref_paths, test_paths, emb = aid_embeddings()
+    paths = ref_paths + test_paths
+    beach = [i for i, p in enumerate(paths) if p.startswith("Beach/")]
+    farm = next(i for i, p in enumerate(paths) if p.startswith("Farmland/"))
+    x = emb[beach + [farm]].astype(np.float32)
+    centroid = x[:-1].mean(0) / np.linalg.norm(x[:-1].mean(0))
+    dist, ids = 1 - x @ centroid, np.arange(len(x))
+    covered = lambda got: float(np.maximum(x @ x[got].T, 0).max(1).sum())
+    for quota in range(1, 11):
+        spread, cover = (pick(x, dist, ids, quota, m, 0.95, None)[0] for m in ("spread", "cover"))
+        assert len(set(cover.tolist())) == quota
+        assert covered(cover) >= covered(spread) - 1e-5, quota
+    spread_at, cover_at = (candidate_order(x, dist, ids, m, None).tolist().index(30) for m in ("spread", "cover"))
+    assert spread_at == 1 and cover_at > spread_at, (spread_at, cover_at)
+    first = pick(x, dist, ids, 1, "cover", 0.95, None)[0][0]
+    assert dist[first] <= np.quantile(dist[:-1], 0.25)
+
+
+@pytest.mark.parametrize("mode", ["spread", "cover"])
+def test_greedy_pick_from_a_truncated_order_equals_the_full_one(mode):
+    """pick() walks only the first `quota` positions of a greedy order (farthest point, facility
+    location) unless near-duplicates were skipped; the result must equal walking the whole
+    order, duplicates or not."""
     from prune.selection import candidate_order, pick
 
     rng = np.random.default_rng(0)
@@ -218,12 +245,12 @@ def test_spread_pick_from_a_truncated_traversal_equals_the_full_one():
     dist, ids = rng.random(60), np.arange(60)
     for quota in (1, 5, 20, 44, 59):
         for dedup in (0.95, 1.0):
-            order = candidate_order(x, dist, ids, "spread", None)
+            order = candidate_order(x, dist, ids, mode, None)
             taken, skipped = [], []
             for i in order:
                 if len(taken) == quota:
                     break
                 (skipped if dedup < 1 and taken and (x[taken] @ x[i]).max() >= dedup else taken).append(i)
             want = taken + skipped[:quota - len(taken)]
-            got, dup = pick(x, dist, ids, quota, "spread", dedup, None)
+            got, dup = pick(x, dist, ids, quota, mode, dedup, None)
             assert got.tolist() == want and dup.tolist() == skipped[quota - len(taken):]
