@@ -102,6 +102,12 @@ def refuse_changed(df, refused: dict):
     return df
 
 
+def passes_on(run: RunState):
+    """The engine of the index and embedding passes: under `accelerate launch` the processes
+    split them (each must take the same path), else `run.engine` (engine=ray: Ray tasks)."""
+    return run.engine if run.dist is None else None
+
+
 def embed(run: RunState) -> None:
     """Stage 2 when the method needs it: `run.store`, and the refused files recorded in
     `run.inputs`."""
@@ -109,7 +115,7 @@ def embed(run: RunState) -> None:
         return
     inputs = run.inputs
     with run.timings("embed"):
-        run.store = embed_inputs(inputs, run.cfg, str(run.cfg.cache_dir), run.progress, run.dist, run.engine)
+        run.store = embed_inputs(inputs, run.cfg, str(run.cfg.cache_dir), run.progress, run.dist, passes_on(run))
     refused = run.store.refused
     if refused:
         first, why = next(iter(refused.items()))
@@ -204,7 +210,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
 def _run(r: RunState, cfg: DictConfig, progress: bool) -> dict:
     mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     with r.timings("index"):
-        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist, r.engine)  # shards split
+        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist, passes_on(r))  # shards split
     idx = r.corpus
     check_usable(idx, r.budget)  # before the embedding: a budget that cannot be met fails fast
     log(f"[index] {len(idx)} files, {(~idx.readable).sum()} unreadable, {(idx.duplicate_of != '').sum()} "

@@ -40,12 +40,13 @@ def corpus(tmp_path_factory):
     return root
 
 
-def overrides(corpus, reference, base, name):
+def overrides(corpus, reference, base, name, scenes):
     # 4 index shards of 64 in 2 partitions, 2 encoder batches a shard, and a cut set by the
     # corpus percentile (above the floor), so that every Ray step has several tasks.
-    return shrunk_overrides(corpus, reference, base / name / "run", base / name / "cache", "index.shard_size=64",
+    over = shrunk_overrides(corpus, reference, base / name / "run", base / name / "cache", "index.shard_size=64",
                             "index.partition_rows=128", "entropy.percentile=30", "entropy.floor=0",
-                            "encoder.batch_size=64")
+                            "encoder.batch_size=64", f"scenes.assign={scenes}")
+    return [o for o in over if scenes != "folder" or not o.startswith("data.reference=")]
 
 
 def outputs(base, name) -> dict:
@@ -56,7 +57,12 @@ def outputs(base, name) -> dict:
             "store": {p.name: p.read_bytes() for p in sorted((cache / "embed").glob("*/*.npy"))}}
 
 
-def test_ray_index_and_embedding_write_what_one_process_writes(local_ray, corpus, small_reference, tmp_path):
+# The corpus's class folders as strata (only the corpus indexed and embedded), and scenes
+# against the AID reference (its 300 images indexed and embedded too). Slow: 1-4 min each on the
+# shared 2 cores, Ray start-up, shuffle and actor start-up included (BENCHMARKS.md).
+@pytest.mark.slow
+@pytest.mark.parametrize("scenes", ["folder", "prototype"])
+def test_ray_index_and_embedding_write_what_one_process_writes(local_ray, corpus, small_reference, tmp_path, scenes):
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -64,32 +70,34 @@ def test_ray_index_and_embedding_write_what_one_process_writes(local_ray, corpus
     torch.set_num_threads(1)  # what a one-CPU Ray task runs with
     try:
         with threadpool_limits(1):
-            run(compose("prune", overrides(corpus, small_reference, tmp_path, "local")), progress=False)
+            run(compose("prune", overrides(corpus, small_reference, tmp_path, "local", scenes)), progress=False)
     finally:
         torch.set_num_threads(threads)
-    run(compose("prune", overrides(corpus, small_reference, tmp_path, "ray") + ["engine=ray"]), progress=False)
+    run(compose("prune", overrides(corpus, small_reference, tmp_path, "ray", scenes) + ["engine=ray"]), progress=False)
     one, on_ray = outputs(tmp_path, "local"), outputs(tmp_path, "ray")
 
-    assert list(on_ray["tables"]) == list(one["tables"]) and len(one["tables"]) == 2  # corpus and reference
+    n_sets = 1 if scenes == "folder" else 2  # the corpus, and the reference
+    assert list(on_ray["tables"]) == list(one["tables"]) and len(one["tables"]) == n_sets
     for name, table in one["tables"].items():
         pd.testing.assert_frame_equal(on_ray["tables"][name], table)
     idx = max(one["tables"].values(), key=lambda t: t.path.str.contains("nwpu").sum())
     assert len(idx) == 242 and (~idx.readable).sum() == 1 and (idx.duplicate_of != "").sum() == 1
     parts = sorted((tmp_path / "ray" / "cache" / "index" / "parts").glob("*/*.parquet"))
-    assert len(parts) == 2 + 3  # 242 corpus rows and 300 reference rows in partitions of 128
+    assert len(parts) == [2, 2 + 3][n_sets - 1]  # 242 corpus rows and 300 reference rows in partitions of 128
     row = pd.read_parquet(parts[0]).row
     assert row.dtype == np.int64 and row.tolist() == list(range(len(row)))
 
     assert on_ray["summary"]["counts"]["entropy_cut_bits"] == one["summary"]["counts"]["entropy_cut_bits"] > 0
-    assert sorted(on_ray["store"]) == sorted(one["store"]) and len(one["store"]) == 2 * 5  # 539 images, 128 a shard
+    # 240 corpus images (and 299 more of the reference), 128 a shard: two files each
+    assert sorted(on_ray["store"]) == sorted(one["store"]) and len(one["store"]) == 2 * [2, 5][n_sets - 1]
     for name, data in one["store"].items():
         assert on_ray["store"][name] == data, name  # float16 vectors and their hashes, byte for byte
     assert on_ray["kept"] == one["kept"] and len(on_ray["kept"].splitlines()) == one["summary"]["counts"]["budget"]
 
-    # A run stopped part way: a partition, the tables and a shard's array are gone, and a
-    # half-written embedding batch is there. The rerun writes what is missing, to the same bits.
+    # A run stopped part way: an index shard and partition, the tables and a shard's array are
+    # gone. The rerun writes what is missing, to the same bits.
     cache = tmp_path / "ray" / "cache"
-    for p in [parts[1], *(cache / "index").glob("*.parquet")]:
+    for p in [parts[1], sorted((cache / "index" / "shards").glob("*.parquet"))[0], *(cache / "index").glob("*.parquet")]:
         p.unlink()
     shard = sorted((cache / "embed").glob("*/*.npy"))
     lost = next(p for p in shard if not p.name.endswith(".ids.npy"))
@@ -97,7 +105,7 @@ def test_ray_index_and_embedding_write_what_one_process_writes(local_ray, corpus
     kept_shard = next(p for p in shard if p != lost and not p.name.endswith(".ids.npy"))
     stamp = kept_shard.stat().st_mtime_ns
     (tmp_path / "ray" / "run" / "kept.txt").unlink()
-    run(compose("prune", overrides(corpus, small_reference, tmp_path, "ray") + ["engine=ray"]), progress=False)
+    run(compose("prune", overrides(corpus, small_reference, tmp_path, "ray", scenes) + ["engine=ray"]), progress=False)
     again = outputs(tmp_path, "ray")
     assert again["kept"] == one["kept"] and again["store"] == one["store"]
     for name, table in one["tables"].items():
@@ -105,7 +113,7 @@ def test_ray_index_and_embedding_write_what_one_process_writes(local_ray, corpus
     assert kept_shard.stat().st_mtime_ns == stamp  # a finished shard is not computed again
 
 
-def test_the_cut_from_histograms_is_numpys_percentile():
+def test_the_cut_from_histograms_is_numpys_percentile(monkeypatch):
     """The order statistics from merged histograms (blocks as Ray tasks get them), with narrow
     bins forced: the same float as np.percentile on ties, a tight cluster and zeros."""
     from prune import engine_ray_index as E
@@ -117,7 +125,6 @@ def test_the_cut_from_histograms_is_numpys_percentile():
         blocks = np.array_split(x, 3)
         run_blocks = lambda fn, col: np.concatenate([np.ravel(fn({"data": b})[col]) for b in blocks])
         for limit in (1, 1 << 16):
-            E.LIMIT = limit
+            monkeypatch.setattr(E, "LIMIT", limit)
             for p in (1e-9, 10.0, 33.3, 50.0, 99.99, 100.0):
                 assert E.percentile_of(len(x), p, run_blocks) == float(np.percentile(x, p)), (len(x), p, limit)
-    E.LIMIT = 1 << 16
