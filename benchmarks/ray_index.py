@@ -46,7 +46,9 @@ def passes(data: Path, cache: Path, engine) -> tuple[dict, pd.DataFrame, dict]:
     cfg = compose("prune", ["method=random", f"data.corpus=[{data}]", f"cache_dir={cache}", "report.enabled=false"])
     plan = validate(cfg)
     t = time.perf_counter()
-    inputs = index_inputs(plan, cfg, str(cache), False, None, engine)
+    from prune.engine_ray_index import ray_index
+
+    inputs = index_inputs(plan, cfg, str(cache), False, None, None if engine is None else ray_index)
     t_index = time.perf_counter() - t
     t = time.perf_counter()
     embed_inputs(inputs, cfg, str(cache), False, None, engine)

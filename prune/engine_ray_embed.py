@@ -67,7 +67,7 @@ class _Encode:
 
         from rsprune.encoders import build_encoder
 
-        if enc_cfg.get("threads"):
+        if enc_cfg.threads:
             torch.set_num_threads(int(enc_cfg.threads))
         self.encoder, self.folders, self.dtype = build_encoder(enc_cfg), folders, dtype
 

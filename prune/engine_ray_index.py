@@ -110,9 +110,11 @@ def _part_done(cache_dir: str, key: str, p: int) -> bool:
     return verified(path) and table_meta(path).get("key") == pkey
 
 
-def ray_index(files: pd.DataFrame, params: dict, key: str, final, index_cfg, cache_dir: str) -> pd.DataFrame:
+def ray_index(files: pd.DataFrame, params: dict, key: str, final, index_cfg, cache_dir: str, progress=False,
+              state=None) -> pd.DataFrame:
     """The index table of `files` (prune/index.py:build_index's, the same rows) computed as Ray
-    Data operations over shards and partitions; saved at `final` as one process saves it."""
+    Data operations over shards and partitions; saved at `final` as one process saves it. Takes
+    `_scan_shards`'s arguments (`progress` and `state` unused: the cluster is the one process)."""
     import ray
     import ray.data
 
@@ -143,6 +145,7 @@ def ray_index(files: pd.DataFrame, params: dict, key: str, final, index_cfg, cac
     if any(p is None for p in parts):
         raise RuntimeError(f"index partitions missing after the Ray pass in {cache_path(cache_dir, CACHE_INDEX, 'parts', key)}")
     df = pd.concat(parts, ignore_index=True).drop(columns="row")
+    df["duplicate_of"] = df.duplicate_of.astype(object)  # as mark_duplicates makes it (parquet reads str)
     save_table(final, df, {"key": key}, checksum=True)
     return df
 

@@ -133,14 +133,14 @@ def mark_duplicates(df: pd.DataFrame) -> pd.Series:
 
 
 def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progress: bool = True,
-                files: pd.DataFrame | None = None, state=None, engine=None) -> tuple[pd.DataFrame, str]:
+                files: pd.DataFrame | None = None, state=None, scan=None) -> tuple[pd.DataFrame, str]:
     """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done.
     `index_cfg` is the `index` config (shards, workers), `entropy_cfg` the `entropy` one (the
     scores' grid and max_side).
 
     `state` (an accelerate PartialState) splits the shards round-robin over the processes, as
     the embedding does; the main process then assembles the table and the others read it.
-    `engine` (engine=ray: prune/engine_ray_index.py) runs the same shards as Ray tasks instead.
+    `scan` replaces the shard pass with _scan_shards's arguments (engine=ray: prune/engine_ray_index.py).
     """
     files = walk(roots) if files is None else files
     params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION,
@@ -148,12 +148,8 @@ def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progre
     key = stable_hash("index", params, rows_digest(files.id, files.path, files["size"], files.mtime))
     final = cache_path(cache_dir, CACHE_INDEX, f"{key}.parquet")
     df = load_table(final, key, verify=True)
-    if df is None and getattr(engine, "name", "local") == "ray":
-        from prune.engine_ray_index import ray_index
-
-        df = ray_index(files, params, key, final, index_cfg, cache_dir)
-    elif df is None:
-        df = _scan_shards(files, params, key, final, index_cfg, cache_dir, progress, state)
+    if df is None:
+        df = (scan or _scan_shards)(files, params, key, final, index_cfg, cache_dir, progress, state)
     return recheck_unreadable(df, params, final, key, save=state is None or state.is_main_process), key
 
 
@@ -249,11 +245,11 @@ class Inputs:
     reference_key: str = ""
 
 
-def index_inputs(plan, cfg, cache_dir: str, progress: bool = True, state=None, engine=None) -> Inputs:
+def index_inputs(plan, cfg, cache_dir: str, progress: bool = True, state=None, scan=None) -> Inputs:
     """Stage 0 for a validated `plan` (prune/validate.py): the corpus, then the reference."""
-    idx, ikey = build_index(plan.corpus, cfg.index, cfg.entropy, cache_dir, progress, plan.files, state, engine)
+    idx, ikey = build_index(plan.corpus, cfg.index, cfg.entropy, cache_dir, progress, plan.files, state, scan)
     if plan.reference is None:
         return Inputs(idx, ikey)
     ref, rkey = build_index([plan.reference], cfg.index, cfg.entropy, cache_dir, progress, state=state,
-                            engine=engine)
+                            scan=scan)
     return Inputs(idx, ikey, ref, rkey)

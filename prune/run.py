@@ -103,9 +103,9 @@ def refuse_changed(df, refused: dict):
 
 
 def passes_on(run: RunState):
-    """The engine of the index and embedding passes: under `accelerate launch` the processes
-    split them (each must take the same path), else `run.engine` (engine=ray: Ray tasks)."""
-    return run.engine if run.dist is None else None
+    """The engine of the index and embedding passes (None: this process, or under `accelerate
+    launch` the processes split them, each taking the same path); engine=ray: Ray tasks."""
+    return run.engine if run.dist is None and run.engine is not LOCAL else None
 
 
 def embed(run: RunState) -> None:
@@ -210,7 +210,10 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
 def _run(r: RunState, cfg: DictConfig, progress: bool) -> dict:
     mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     with r.timings("index"):
-        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist, passes_on(r))  # shards split
+        scan = None
+        if passes_on(r) is not None:
+            from prune.engine_ray_index import ray_index as scan
+        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist, scan)  # shards split
     idx = r.corpus
     check_usable(idx, r.budget)  # before the embedding: a budget that cannot be met fails fast
     log(f"[index] {len(idx)} files, {(~idx.readable).sum()} unreadable, {(idx.duplicate_of != '').sum()} "

@@ -58,8 +58,8 @@ def outputs(base, name) -> dict:
 
 
 # The corpus's class folders as strata (only the corpus indexed and embedded), and scenes
-# against the AID reference (its 300 images indexed and embedded too). Slow: 1-4 min each on the
-# shared 2 cores, Ray start-up, shuffle and actor start-up included (BENCHMARKS.md).
+# against the AID reference (its 300 images indexed and embedded too). Slow: 56-72 s each on 2 quiet
+# cores (3 min while other jobs ran), Ray start-up, shuffle and actor start-up included (BENCHMARKS.md).
 @pytest.mark.slow
 @pytest.mark.parametrize("scenes", ["folder", "prototype"])
 def test_ray_index_and_embedding_write_what_one_process_writes(local_ray, corpus, small_reference, tmp_path, scenes):
