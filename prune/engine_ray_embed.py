@@ -137,8 +137,6 @@ def ray_run_shards(plan, path_of: dict, enc_cfg, store, dtype: str, rank: int = 
     batches = {j: -(-len(h) // bs) for j, (_, h) in enumerate(todo)}
     left = [{"j": j, "b": b} for j in batches for b in range(batches[j]) if not _batch_file(folders[j], b).exists()]
     if left:
-        from rsprune.encoders import build_encoder  # noqa: F401  (fails here, not in an actor, when missing)
-
         resolution = int(enc_cfg.resolution)
         (ray.data.from_items(left)
          .map_batches(_Decode(shards, resolution, bs), batch_size=1, num_cpus=1)
