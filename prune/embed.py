@@ -28,11 +28,18 @@ from rsprune.markers import mark_cache
 from rsprune.embed_store import Store, embed_stage
 
 
-def embed_inputs(inputs, cfg, cache_dir: str, progress: bool = True, state=None) -> Store:
+def embed_inputs(inputs, cfg, cache_dir: str, progress: bool = True, state=None, engine=None) -> Store:
     """Stage 2 over the index tables (prune/index.py:Inputs): every readable unique corpus
-    image, and the readable reference images."""
+    image, and the readable reference images; on `engine` ray, the shards as Ray tasks."""
     items = collect_items(inputs.corpus, inputs.reference)
-    plan, path, key, refused = embed_stage(items, cfg, cache_dir, progress, state)
+    runner = None
+    if getattr(engine, "name", "local") == "ray":
+        from functools import partial
+
+        from prune.engine_ray_embed import ray_run_shards
+
+        runner = partial(ray_run_shards, cache_dir=cache_dir)
+    plan, path, key, refused = embed_stage(items, cfg, cache_dir, progress, state, runner)
     return Store(plan, path, key, len(items), refused)
 
 

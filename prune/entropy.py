@@ -114,10 +114,11 @@ def entropy_cut(scores: np.ndarray, floor: float, percentile: float) -> float:
 
 
 def entropy_filter(scores: np.ndarray, eligible: np.ndarray, floor: float, percentile: float,
-                   area=None, min_area: float = 0.0, sharpness=None, min_sharpness=None):
+                   area=None, min_area: float = 0.0, sharpness=None, min_sharpness=None, cut=None):
     """Keep mask and threshold: eligible rows whose score reaches the cut, whose informative
-    area reaches `min_area` and whose sharpness reaches `min_sharpness` (None: not checked)."""
-    cut = entropy_cut(scores[eligible], floor, percentile)
+    area reaches `min_area` and whose sharpness reaches `min_sharpness` (None: not checked).
+    `cut`: entropy_cut's value when an engine computed it apart (prune/engine_ray_index.py)."""
+    cut = entropy_cut(scores[eligible], floor, percentile) if cut is None else cut
     keep = eligible & (scores >= cut)
     if area is not None and min_area > 0:
         keep &= np.nan_to_num(area, nan=0.0) >= min_area

@@ -133,13 +133,14 @@ def mark_duplicates(df: pd.DataFrame) -> pd.Series:
 
 
 def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progress: bool = True,
-                files: pd.DataFrame | None = None, state=None) -> tuple[pd.DataFrame, str]:
+                files: pd.DataFrame | None = None, state=None, scan=None) -> tuple[pd.DataFrame, str]:
     """The cached index table (COLUMNS) and its key; `files` is walk(roots) if already done.
     `index_cfg` is the `index` config (shards, workers), `entropy_cfg` the `entropy` one (the
     scores' grid and max_side).
 
     `state` (an accelerate PartialState) splits the shards round-robin over the processes, as
     the embedding does; the main process then assembles the table and the others read it.
+    `scan` replaces the shard pass with _scan_shards's arguments (engine=ray: prune/engine_ray_index.py).
     """
     files = walk(roots) if files is None else files
     params = dict(grid=int(entropy_cfg.grid), max_side=int(entropy_cfg.max_side), version=SCAN_VERSION,
@@ -148,34 +149,51 @@ def build_index(roots: list[str], index_cfg, entropy_cfg, cache_dir: str, progre
     final = cache_path(cache_dir, CACHE_INDEX, f"{key}.parquet")
     df = load_table(final, key, verify=True)
     if df is None:
-        df = _scan_shards(files, params, key, final, index_cfg, cache_dir, progress, state)
+        df = (scan or _scan_shards)(files, params, key, final, index_cfg, cache_dir, progress, state)
     return recheck_unreadable(df, params, final, key, save=state is None or state.is_main_process), key
+
+
+def shard_chunks(files: pd.DataFrame, shard_size: int) -> list[pd.DataFrame]:
+    """The walk cut into index shards of `shard_size` files, in order."""
+    return [files.iloc[s:s + shard_size] for s in range(0, len(files), shard_size)]
+
+
+def shard_path(chunk: pd.DataFrame, params: dict, cache_dir: str) -> tuple[str, Path]:
+    """A shard's key (its files and the scan parameters) and its cached parquet file."""
+    skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
+    return skey, cache_path(cache_dir, CACHE_INDEX, "shards", f"{skey}.parquet")
+
+
+def scan_shard(chunk: pd.DataFrame, params: dict, cache_dir: str, num_workers: int, bar=None,
+               cached_only: bool = False) -> pd.DataFrame | None:
+    """One shard's scan_file rows: from its cache file, else scanned and saved (None when
+    `cached_only` and not there). The body of a shard for every engine."""
+    skey, spath = shard_path(chunk, params, cache_dir)
+    part = load_table(spath, skey, verify=True)
+    if part is None and not cached_only:
+        part = scan(chunk.path.tolist(), params["grid"], params["max_side"], num_workers, bar, tuple(params["area"]))
+        save_table(spath, part, {"key": skey}, checksum=True)
+    elif part is not None and bar is not None:
+        bar.update(len(chunk))
+    return part
+
+
+def join_scans(files: pd.DataFrame, scanned: pd.DataFrame) -> pd.DataFrame:
+    """The walk's rows beside their scan_file rows (duplicate_of still to mark)."""
+    return pd.concat([files.drop(columns="mtime").reset_index(drop=True), scanned.reset_index(drop=True)], axis=1)
 
 
 def _scan_shards(files, params: dict, key: str, final: Path, index_cfg, cache_dir: str, progress: bool,
                  state) -> pd.DataFrame:
     """Scan the missing shards (this process's share), then assemble and save the table."""
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    shard_size = int(index_cfg.shard_size)
-    chunks = [files.iloc[s:s + shard_size] for s in range(0, len(files), shard_size)]
-
-    def cached(chunk):
-        skey = stable_hash("index-shard", params, chunk[["id", "path", "size", "mtime"]].values.tolist())
-        spath = cache_path(cache_dir, CACHE_INDEX, "shards", f"{skey}.parquet")
-        return skey, spath, load_table(spath, skey, verify=True)
-
+    chunks = shard_chunks(files, int(index_cfg.shard_size))
     parts = {}
     mine = range(rank, len(chunks), world)  # shards dealt round-robin, as the embedding's
     with tqdm(total=sum(len(chunks[i]) for i in mine), desc=f"index[{rank}]" if world > 1 else "index",
               unit="file", disable=not progress) as bar:
         for i in mine:
-            skey, spath, parts[i] = cached(chunks[i])
-            if parts[i] is None:
-                parts[i] = scan(chunks[i].path.tolist(), params["grid"], params["max_side"],
-                                int(index_cfg.num_workers), bar, tuple(params["area"]))
-                save_table(spath, parts[i], {"key": skey}, checksum=True)
-            else:
-                bar.update(len(chunks[i]))
+            parts[i] = scan_shard(chunks[i], params, cache_dir, int(index_cfg.num_workers), bar)
     if world > 1:
         state.wait_for_everyone()  # every shard is cached now
         if not state.is_main_process:
@@ -184,11 +202,11 @@ def _scan_shards(files, params: dict, key: str, final: Path, index_cfg, cache_di
             if df is None:
                 raise RuntimeError(f"the main process wrote no index table {final}")
             return df
-        parts |= {i: cached(chunks[i])[2] for i in range(len(chunks)) if i not in parts}
+        parts |= {i: scan_shard(chunks[i], params, cache_dir, 0, cached_only=True)
+                  for i in range(len(chunks)) if i not in parts}
         if any(p is None for p in parts.values()):
             raise RuntimeError(f"index shards missing after the split pass in {cache_path(cache_dir, CACHE_INDEX)}")
-    scanned = pd.concat([parts[i] for i in range(len(chunks))], ignore_index=True)
-    df = pd.concat([files.drop(columns="mtime").reset_index(drop=True), scanned], axis=1)
+    df = join_scans(files, pd.concat([parts[i] for i in range(len(chunks))], ignore_index=True))
     df["duplicate_of"] = mark_duplicates(df)
     df = df[COLUMNS]
     save_table(final, df, {"key": key}, checksum=True)
@@ -227,10 +245,11 @@ class Inputs:
     reference_key: str = ""
 
 
-def index_inputs(plan, cfg, cache_dir: str, progress: bool = True, state=None) -> Inputs:
+def index_inputs(plan, cfg, cache_dir: str, progress: bool = True, state=None, scan=None) -> Inputs:
     """Stage 0 for a validated `plan` (prune/validate.py): the corpus, then the reference."""
-    idx, ikey = build_index(plan.corpus, cfg.index, cfg.entropy, cache_dir, progress, plan.files, state)
+    idx, ikey = build_index(plan.corpus, cfg.index, cfg.entropy, cache_dir, progress, plan.files, state, scan)
     if plan.reference is None:
         return Inputs(idx, ikey)
-    ref, rkey = build_index([plan.reference], cfg.index, cfg.entropy, cache_dir, progress, state=state)
+    ref, rkey = build_index([plan.reference], cfg.index, cfg.entropy, cache_dir, progress, state=state,
+                            scan=scan)
     return Inputs(idx, ikey, ref, rkey)

@@ -102,6 +102,12 @@ def refuse_changed(df, refused: dict):
     return df
 
 
+def passes_on(run: RunState):
+    """The engine of the index and embedding passes (None: this process, or under `accelerate
+    launch` the processes split them, each taking the same path); engine=ray: Ray tasks."""
+    return run.engine if run.dist is None and run.engine is not LOCAL else None
+
+
 def embed(run: RunState) -> None:
     """Stage 2 when the method needs it: `run.store`, and the refused files recorded in
     `run.inputs`."""
@@ -109,7 +115,7 @@ def embed(run: RunState) -> None:
         return
     inputs = run.inputs
     with run.timings("embed"):
-        run.store = embed_inputs(inputs, run.cfg, str(run.cfg.cache_dir), run.progress, run.dist)
+        run.store = embed_inputs(inputs, run.cfg, str(run.cfg.cache_dir), run.progress, run.dist, passes_on(run))
     refused = run.store.refused
     if refused:
         first, why = next(iter(refused.items()))
@@ -125,11 +131,16 @@ def entropy_pool(run: RunState) -> None:
     filtered = bool(cfg.method.entropy_filter)
     with run.timings("entropy"):
         score = idx[f"entropy_{e.score}"].to_numpy(np.float64)
+        cut = None  # engine=ray: the same cut from merged histograms
+        if run.engine is not LOCAL:
+            from prune.engine_ray_index import ray_entropy_cut
+
+            cut = ray_entropy_cut(score, run.usable, float(e.floor), float(e.percentile), int(cfg.index.partition_rows))
         run.kept1, run.cut, run.pool_rows, run.extra = stage1_pool(
             score, run.usable, idx.id.to_numpy(), float(e.floor), float(e.percentile), filtered, run.budget,
             area=idx.entropy_area.to_numpy(np.float64), min_area=float(e.min_area),
             sharpness=idx.entropy_sharpness.to_numpy(np.float64),
-            min_sharpness=None if e.min_sharpness is None else float(e.min_sharpness))
+            min_sharpness=None if e.min_sharpness is None else float(e.min_sharpness), cut=cut)
     below = run.usable.sum() - run.kept1.sum()
     log(f"[entropy] cut {run.cut:.3f} bits ({e.score}): " + (f"{below} dropped, {run.kept1.sum()} kept" if filtered
         else f"{below} under it, none dropped ({cfg.method.name} does not filter)"))
@@ -199,7 +210,10 @@ def run(cfg: DictConfig, progress: bool = True) -> dict:
 def _run(r: RunState, cfg: DictConfig, progress: bool) -> dict:
     mark_cache(cfg.cache_dir)  # no later walk takes its files for corpus images
     with r.timings("index"):
-        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist)  # shards split over processes
+        scan = None
+        if passes_on(r) is not None:
+            from prune.engine_ray_index import ray_index as scan
+        r.inputs = index_inputs(r.plan, cfg, str(cfg.cache_dir), progress, r.dist, scan)  # shards split
     idx = r.corpus
     check_usable(idx, r.budget)  # before the embedding: a budget that cannot be met fails fast
     log(f"[index] {len(idx)} files, {(~idx.readable).sum()} unreadable, {(idx.duplicate_of != '').sum()} "

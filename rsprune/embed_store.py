@@ -132,10 +132,16 @@ def run_shards(plan, path_of: dict, enc_cfg, store: Path, dtype: str, rank: int 
             cands = [[path_of[x]] if isinstance(path_of[x], str) else list(path_of[x]) for x in h]
             got, e, bad = embed_verified(encoder, h, cands, int(enc_cfg.batch_size), int(enc_cfg.num_workers))
             refused.update(bad)
-            save_npy(store / f"{k}.ids.npy", np.asarray(got, dtype=np.asarray(h).dtype), checksum=True)
-            save_npy(store / f"{k}.npy", e.astype(dtype), checksum=True)  # its checksum, written last, marks it there
+            save_shard(store, k, h, got, e, dtype)
             bar.update(len(h))
     return refused
+
+
+def save_shard(store: Path, key: str, planned: list[str], got: list[str], emb: np.ndarray, dtype: str) -> None:
+    """A computed shard's two files: the hashes embedded (the planned ones less any refused)
+    and their embeddings, the array's checksum, written last, marking it there."""
+    save_npy(store / f"{key}.ids.npy", np.asarray(got, dtype=np.asarray(planned).dtype), checksum=True)
+    save_npy(store / f"{key}.npy", emb.astype(dtype), checksum=True)
 
 
 def shards_of(plan, hashes) -> list:
@@ -180,12 +186,13 @@ def gather(plan, store: Path, hashes) -> np.ndarray:
     return out
 
 
-def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=None):
+def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=None, runner=None):
     """Embed content hashes -> path (or candidate paths) `items`; returns (plan, store folder,
     encoder key, {path: reason} refused) once every shard exists. `cfg` needs the `encoder` and
     `embed` groups.
 
-    `state` is an accelerate PartialState when launched on several processes.
+    `state` is an accelerate PartialState when launched on several processes; `runner` computes
+    the missing shards in place of `run_shards` (engine=ray: prune/engine_ray_embed.py).
     """
     dtype = str(cfg.embed.dtype)
     if dtype not in DTYPES:  # prune/validate.py refuses it first; other callers land here
@@ -194,7 +201,7 @@ def embed_stage(items: dict, cfg, cache_dir: str, progress: bool = True, state=N
     store = cache_path(cache_dir, CACHE_EMBED, ekey)
     plan = shard_plan(list(items), int(cfg.embed.shard_size), ekey)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    refused = run_shards(plan, items, cfg.encoder, store, dtype, rank, world, progress)
+    refused = (runner or run_shards)(plan, items, cfg.encoder, store, dtype, rank, world, progress)
     if state is not None:
         state.wait_for_everyone()
         refused = _gathered(refused)
