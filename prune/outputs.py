@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from prune.scenes import UNMATCHED, scene_names
 from rsprune import knn
-from rsprune.cache import stable_hash, write_json, write_text
+from rsprune.cache import stable_hash, write_json, write_lines
 from rsprune.manifest import write_manifest
 from rsprune.markers import mark_run
 
@@ -116,7 +116,7 @@ def write_outputs(cfg, manifest: pd.DataFrame, summary: dict, cut: float) -> Non
     run_dir = Path(cfg.run_dir)
     mark_run(run_dir)  # its report PNGs never become corpus images of a later walk
     write_manifest(run_dir / "manifest.parquet", manifest)
-    write_text(run_dir / "kept.txt", "".join(p + "\n" for p in sorted(manifest.path[manifest.selected])))
+    write_lines(run_dir / "kept.txt", sorted(manifest.path[manifest.selected]))
     write_json(run_dir / "summary.json", summary)
     if cfg.report.enabled:
         from prune.report import write_report

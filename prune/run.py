@@ -29,6 +29,7 @@ from rsprune import runlock
 from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
 from rsprune.markers import mark_cache
+from rsprune.unit_rows import pool_rows
 
 
 def log(msg: str) -> None:
@@ -148,7 +149,7 @@ def features(run: RunState) -> None:
         return
     t, pool, store, needs = run.timings, run.pool, run.store, run.plan.method.NEEDS
     if run.engine is LOCAL:
-        pool.emb = store.gather(pool.table.content_hash.tolist())
+        pool.emb = pool_rows(store.gather(pool.table.content_hash.tolist(), widen=False))  # float16 held
     else:  # the engine's tasks gather their own rows; this process holds none
         from prune.engine_ray import PoolRows
 

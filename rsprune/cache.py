@@ -152,6 +152,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+def write_lines(path: str | os.PathLike, lines, chunk: int = 1 << 16) -> None:
+    """`lines` (a sequence of str), one a line, written atomically a chunk at a time: the same
+    bytes as write_text of them joined, without one string of all of them."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for s in range(0, len(lines), chunk):
+            f.write("".join(x + "\n" for x in lines[s:s + chunk]))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 

@@ -1,5 +1,6 @@
 """What keeps the single-process path whole at large N, on real embeddings and real runs:
-no silent cap on the cluster count, streamed cache keys, a float16 pool, summary counts."""
+no silent cap on the cluster count, streamed cache keys, a float16 pool, summary counts, the
+store's float16 rows held as they are, kept.txt written a chunk at a time."""
 from __future__ import annotations
 
 import functools
@@ -12,11 +13,13 @@ from conftest import DATA
 from prune import methods
 from prune.cluster import split_strata, stratified_clusters
 from prune.run import run
-from rsprune.cache import rows_digest
+from rsprune.cache import rows_digest, save_npy, write_lines
 from rsprune.cli import compose
+from rsprune.embed_store import gather, shard_plan
 from rsprune.encoders import build_encoder, embed_paths
 from rsprune.imageio import list_images
 from rsprune.manifest import read_manifest
+from rsprune.unit_rows import UnitRows, pool_rows
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,3 +107,44 @@ def test_summary_counts_equal_the_manifest_counted_row_by_row(prune_cfg, tmp_pat
     assert list(s["per_scene"]) == sorted(s["per_scene"])  # in sorted key order, as before
     assert s["reasons"] == m.reason.value_counts().to_dict()
     assert s["counts"]["selected"] == int(m.selected.sum()) == round(0.15 * len(m))
+
+
+def test_the_pool_holds_the_stores_float16_rows_and_reads_the_bits_gather_widens(tmp_path):
+    """A float16 store gathered as stored is half the bytes of the float32 gather, and every
+    way a stage indexes it (a cluster's rows, a slice, a mask, the whole matrix) gives the bits
+    that the float32 gather gives; the selection on it is the same."""
+    emb = aid_600()
+    hashes = [f"{i * 7919:040x}" for i in range(len(emb))]  # sorted: the store's order
+    plan = shard_plan(hashes, 256, "k")
+    assert len(plan) == 3
+    for (k, h), start in zip(plan, (0, 256, 512)):
+        save_npy(tmp_path / f"{k}.ids.npy", np.asarray(h), checksum=True)
+        save_npy(tmp_path / f"{k}.npy", emb[start:start + len(h)].astype(np.float16), checksum=True)
+    rng = np.random.default_rng(0)
+    want = [hashes[i] for i in rng.permutation(len(hashes))]  # pool order is not store order
+    wide = gather(plan, tmp_path, want)
+    raw = gather(plan, tmp_path, want, widen=False)
+    assert raw.dtype == np.float16 and 2 * raw.nbytes == wide.nbytes
+    rows = pool_rows(raw)
+    assert isinstance(rows, UnitRows) and rows.shape == wide.shape and len(rows) == len(wide)
+    assert pool_rows(wide) is wide  # float32 storage: as gathered
+    for pick in (np.sort(rng.choice(len(wide), 37, replace=False)), slice(100, 400), wide[:, 0] > 0):
+        assert rows[pick].dtype == np.float32 and np.array_equal(rows[pick], wide[pick])
+    assert np.array_equal(np.asarray(rows), wide)
+    scene = np.repeat(np.arange(30), 20) % 7
+    cfg = compose("prune", ["+experiment=ratio85", "clustering.cluster_size=10", "clustering.min_sample=50"])
+    chosen = []
+    for e in (wide, rows):
+        cluster, dist, _ = stratified_clusters(e, scene, cfg.clustering, 0)
+        ids = np.char.mod("%016x", np.arange(len(e))).astype(object)
+        pool = methods.Pool(pd.DataFrame({"id": ids}), emb=e, scene=scene, cluster=cluster, dist=dist)
+        chosen.append(methods.get("rsprune").select(pool, 90, cfg, np.random.default_rng(0)))
+    assert np.array_equal(chosen[0][0], chosen[1][0]) and chosen[0][1] == chosen[1][1]
+
+
+def test_kept_lines_written_in_chunks_are_the_joined_text(tmp_path):
+    paths = [f"/data/scène {i:03d}/tile.jpg" for i in range(10)]
+    write_lines(tmp_path / "kept.txt", paths, chunk=3)
+    assert (tmp_path / "kept.txt").read_bytes() == "".join(p + "\n" for p in paths).encode()
+    write_lines(tmp_path / "empty.txt", [])
+    assert (tmp_path / "empty.txt").read_bytes() == b""
