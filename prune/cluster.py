@@ -54,13 +54,22 @@ def split_strata(strata: np.ndarray, cfg) -> dict[int, int]:
     return {s: k for s, k in ks.items() if k > int(cfg.max_k)}
 
 
-def member_means(x: np.ndarray, label: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Spherical Lloyd update: each centroid becomes the unit mean of its members (one sparse
-    k x n product, no n x k matrix); a centroid with no members keeps its place."""
+def member_means(x: np.ndarray, label: np.ndarray, centroids: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """Spherical Lloyd update: each centroid becomes the unit mean of its members (sparse k x n
+    products, no n x k matrix); a centroid with no members keeps its place. Rows are widened
+    a chunk at a time (a float16 stratum is never copied whole to float32); each chunk's product
+    starts from the sums so far (an identity block in front), so every sum adds its members in
+    row order, the bits of one product over all rows."""
     import scipy.sparse as sp
 
     k, n = len(centroids), len(x)
-    sums = np.asarray(sp.csr_matrix((np.ones(n, np.float32), (label, np.arange(n))), shape=(k, n)) @ x)
+    sums = np.zeros((k, x.shape[1]), np.float32)
+    for s in range(0, n, chunk):
+        part = np.asarray(x[s:s + chunk], np.float32)
+        m = len(part)
+        a = sp.csr_matrix((np.ones(k + m, np.float32), (np.r_[np.arange(k), label[s:s + chunk]], np.arange(k + m))),
+                          shape=(k, k + m))
+        sums = np.asarray(a @ np.concatenate([sums, part]))
     norm = np.linalg.norm(sums, axis=1, keepdims=True)
     return np.where(norm > 0, sums / np.maximum(norm, 1e-12), centroids).astype(np.float32)
 
