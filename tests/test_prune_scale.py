@@ -11,8 +11,10 @@ import pandas as pd
 
 from conftest import DATA
 from prune import methods
-from prune.cluster import split_strata, stratified_clusters
+from prune.cluster import member_means, split_strata, stratified_clusters
+from prune.outputs import group_counts
 from prune.run import run
+from prune.volume import intrinsic_dim, image_volumes, neighbour_distances, neighbour_stats
 from rsprune.cache import rows_digest, save_npy, write_lines
 from rsprune.cli import compose
 from rsprune.embed_store import gather, shard_plan
@@ -148,3 +150,49 @@ def test_kept_lines_written_in_chunks_are_the_joined_text(tmp_path):
     assert (tmp_path / "kept.txt").read_bytes() == "".join(p + "\n" for p in paths).encode()
     write_lines(tmp_path / "empty.txt", [])
     assert (tmp_path / "empty.txt").read_bytes() == b""
+
+
+def test_member_means_of_a_float16_stratum_in_chunks_are_the_bits_of_one_product():
+    """The Lloyd update widens 16k rows at a time; each chunk continues the sums, so a chunk of
+    7 rows gives exactly what one sparse product over the stratum widened at once gives."""
+    import scipy.sparse as sp
+
+    x = aid_600().astype(np.float16)
+    label = np.random.default_rng(0).integers(0, 25, len(x))
+    label[label == 3] = 4  # a centroid without members keeps its place
+    cent = np.eye(25, x.shape[1], dtype=np.float32)
+    sums = np.asarray(sp.csr_matrix((np.ones(len(x), np.float32), (label, np.arange(len(x)))), shape=(25, len(x)))
+                      @ x.astype(np.float32))
+    norm = np.linalg.norm(sums, axis=1, keepdims=True)
+    want = np.where(norm > 0, sums / np.maximum(norm, 1e-12), cent).astype(np.float32)
+    for chunk in (7, 256, 1 << 14):
+        assert np.array_equal(member_means(x, label, cent, chunk), want)
+    assert np.array_equal(member_means(x, label, cent)[3], cent[3])
+
+
+def test_neighbour_distances_are_float32_and_give_the_float64_volumes():
+    """The (N, k) distances are held as float32 (half the bytes); they are the similarities' own
+    precision, so the dimension and volumes equal those computed on a float64 copy."""
+    emb = aid_600()
+    cluster = np.repeat(np.arange(60), 10)
+    d = neighbour_distances(emb, cluster, 5)
+    assert d.dtype == np.float32 and np.isfinite(d).all()
+    wide = d.astype(np.float64)
+    assert intrinsic_dim(d) == intrinsic_dim(wide)
+    assert np.array_equal(image_volumes(d, 4.0), image_volumes(wide, 4.0))
+    inv, r = neighbour_stats(emb, cluster, 5)
+    assert inv.dtype == r.dtype == np.float64 and np.array_equal(r, np.nanmean(wide, axis=1))
+
+
+def test_group_counts_by_name_merge_keys_that_share_a_name_and_sort_by_name():
+    key = np.array([5, -1, 5, 2, 2, 7, -2])
+    names = np.array(["b", "unmatched", "b", "a", "a", "b", ""], object)
+    kept1 = np.array([1, 1, 0, 1, 1, 1, 1], bool)
+    sel = np.array([1, 0, 0, 1, 0, 1, 0], bool)
+    got = group_counts(key, kept1, sel, names=names)
+    assert list(got) == ["", "a", "b", "unmatched"]
+    assert got["b"] == {"found": 3, "stage1_kept": 2, "selected": 2}  # keys 5 and 7
+    assert got["a"] == {"found": 2, "stage1_kept": 2, "selected": 1}
+    by_key = group_counts(key, kept1, sel)
+    assert list(by_key) == ["-2", "-1", "2", "5", "7"] and by_key["5"] == {"found": 2, "stage1_kept": 1, "selected": 1}
+    assert group_counts(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool)) == {}
