@@ -31,6 +31,7 @@ from rsprune.cache import cached_table, rows_digest, save_npy, stable_hash, veri
 from rsprune.errors import warn
 from rsprune.knn import kmeans, search
 from rsprune.layout import CACHE_CLUSTERS, cache_path
+from rsprune.unit_rows import RowsOf
 
 
 def n_clusters(n: int, rule: str, cluster_size: float, sqrt_scale: float, max_k: int | None = None) -> int:
@@ -140,7 +141,9 @@ def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, pro
     ids = np.unique(strata)
     members = {int(s): np.flatnonzero(strata == s) for s in ids}
     conf = {key: getattr(cfg, key) for key in ("sample_fraction", "min_sample", "niter", "refine", "max_k")}
-    items = ((emb[members[int(s)]], n_clusters(len(members[int(s)]), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale),
+    # here a stratum is read in place, a batch at a time; another engine's task gets its lazy rows
+    rows_of = (lambda m: RowsOf(emb, m)) if engine is LOCAL else (lambda m: emb[m])
+    items = ((rows_of(members[int(s)]), n_clusters(len(members[int(s)]), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale),
               seed + int(s) + 1) for s in ids)
     results = engine.map(functools.partial(_stratum_task, cfg=conf), items, tag)
     for s, (lab, d, cent_s) in tqdm(zip(ids, results), total=len(ids), desc="clusters", unit="stratum",
