@@ -56,15 +56,13 @@ def child(n: int, d: int, seed: int, overrides: list[str], kept_out: str) -> dic
     if not hasattr(cache, "rows_digest"):  # the older code: float32 rows, as its store's gather handed them over
         emb = emb.astype(np.float32)
     ref, labels = reference(d, 30, 300, seed)
-    # the index table's columns the selection and the manifest read: ids and content hashes as
-    # it holds them (Python strings), built without a fixed-width text copy of all of them (that
-    # temporary alone is 1.6 GB at 10^7); the hashes list is what the pipeline hands the keys
-    ids = np.empty(n, object)
-    ids[:] = [f"{v:016x}" for v in np.random.default_rng(seed).permutation(n).tolist()]
-    idx = pd.DataFrame({"id": ids, "content_hash": np.array([f"{i:040x}" for i in range(n)], object),
-                        "readable": np.ones(n, bool), "duplicate_of": np.full(n, "", object)})
-    del ids
-    hashes = idx.content_hash.tolist()
+    # the index table's columns the selection and the manifest read, ids and content hashes, as
+    # the pipeline holds them (pandas text columns), built a chunk of Python strings at a time
+    text = lambda fmt, v: pd.concat([pd.Series([fmt % x for x in v[s:s + (1 << 20)].tolist()], dtype=str)
+                                     for s in range(0, n, 1 << 20)], ignore_index=True)
+    idx = pd.DataFrame({"id": text("%016x", np.random.default_rng(seed).permutation(n)),
+                        "content_hash": text("%040x", np.arange(n)), "readable": np.ones(n, bool),
+                        "duplicate_of": pd.Series("", index=range(n), dtype=str)})
     out, t = dict(n=n, data_gib=emb.nbytes / 2**30, rss_data_gib=vm_hwm_gib()), {}
     Path(kept_out + ".ready").touch()  # the launcher's clock starts here
 
@@ -72,10 +70,11 @@ def child(n: int, d: int, seed: int, overrides: list[str], kept_out: str) -> dic
     scene, similarity = assign_scenes(emb, ref, labels, "prototype", 1, 10, THRESHOLD, seed)
     t["scenes"] = time.perf_counter() - t0
     t0 = time.perf_counter()  # the two per-row cache keys, as each code builds them
-    if hasattr(cache, "rows_digest"):
-        cache.stable_hash("scenes", cache.rows_digest(hashes))
-        cache.stable_hash("clusters", cache.rows_digest(scene, hashes))
-    else:
+    if hasattr(cache, "rows_digest"):  # the table's column, as prune/run.py hands it over
+        cache.stable_hash("scenes", cache.rows_digest(idx.content_hash))
+        cache.stable_hash("clusters", cache.rows_digest(scene, idx.content_hash))
+    else:  # the older code: a list of every hash
+        hashes = idx.content_hash.tolist()
         cache.stable_hash("scenes", hashes)
         cache.stable_hash("clusters", scene.tolist(), hashes)
     t["keys"] = time.perf_counter() - t0
@@ -180,7 +179,7 @@ def main():
     print(text)
     body = (f"Synthetic unit rows, d = {args.dim}, float16 (the store's dtype), 30 scenes (Zipf-like sizes, 64 "
             f"sub-clusters each, 5% off-scene, 2% near-duplicates), scene cosine {THRESHOLD}; configs of "
-            f"`+experiment=ratio85` (budget 15%); the manifest is built by the pipeline's reasons() and build_manifest() over an index table of ids and content hashes held as Python strings, as the index table holds them. The older code gets the rows widened to float32, as its "
+            f"`+experiment=ratio85` (budget 15%); the manifest is built by the pipeline's reasons() and build_manifest() over an index table of ids and content hashes (pandas text columns, as the pipeline's index table holds them). The older code gets the rows widened to float32, as its "
             f"pipeline fed its stages; this one widens one chunk or cluster at a time. Each row is its own process; `total_s` = scenes + the two "
             f"per-row cache keys + clusters + select + the manifest and the summary's counts (data generation "
             f"excluded); `peak_rss_gib` is the process's VmHWM (it includes the rows, `data_gib`), `rss_data_gib` the "

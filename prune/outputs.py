@@ -63,8 +63,9 @@ def tally(m: pd.DataFrame, usable) -> dict:
     kept1, sel = m.stage1_kept.to_numpy(bool), m.selected.to_numpy(bool)
     cluster = m.cluster.to_numpy()
     clustered = cluster >= 0
+    at = np.flatnonzero(usable)  # names are read for one row of each scene, not for every row
     per_scene = group_counts(m.scene.to_numpy()[usable], kept1[usable], sel[usable],
-                             names=m.scene_name.to_numpy()[usable])
+                             name_of=lambda rows: m.scene_name.iloc[at[rows]].tolist())
     return dict(files=len(m), unreadable=int((~m.readable.to_numpy(bool)).sum()),
                 exact_duplicates=int((m.duplicate_of != "").sum()), usable=int(usable.sum()),
                 stage1_dropped=int(usable.sum() - kept1.sum()), selected=int(sel.sum()),
@@ -72,11 +73,12 @@ def tally(m: pd.DataFrame, usable) -> dict:
                 reasons=m.reason.value_counts().to_dict())
 
 
-def group_counts(key: np.ndarray, kept1: np.ndarray, selected: np.ndarray, names: np.ndarray | None = None) -> dict:
+def group_counts(key: np.ndarray, kept1: np.ndarray, selected: np.ndarray, name_of=None) -> dict:
     """{str(key): {found, stage1_kept, selected}} for integer keys in sorted key order (missing
-    keys left out), counted by bincount (no hash table of the rows). With `names` (per row, a
-    function of the key, e.g. the scene name of a scene index) the keys are the names, merged
-    where two keys share one, in sorted name order; a row without a str name is left out."""
+    keys left out), counted by bincount (no hash table of the rows). With `name_of` (row
+    positions -> their names, a function of the key, e.g. the scene name of a scene index) the
+    keys are the names, merged where two keys share one, in sorted name order; a key whose name
+    is not a str (missing) is left out."""
     key = np.asarray(key)
     if not len(key):
         return {}
@@ -86,14 +88,13 @@ def group_counts(key: np.ndarray, kept1: np.ndarray, selected: np.ndarray, names
     k1 = np.bincount(at[np.asarray(kept1, bool)], minlength=len(found))
     sel = np.bincount(at[np.asarray(selected, bool)], minlength=len(found))
     present = np.flatnonzero(found)
-    if names is None:
+    if name_of is None:
         return {str(lo + int(c)): {"found": int(found[c]), "stage1_kept": int(k1[c]), "selected": int(sel[c])}
                 for c in present}
     row_of = np.empty(len(found), np.int64)
     row_of[at] = np.arange(len(at))  # any row of each key: its name is the key's name
     out = {}
-    for c in present:
-        name = names[row_of[c]]
+    for c, name in zip(present, name_of(row_of[present])):
         if isinstance(name, str):
             t = out.setdefault(name, {"found": 0, "stage1_kept": 0, "selected": 0})
             t["found"] += int(found[c])

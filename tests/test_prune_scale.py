@@ -21,6 +21,7 @@ from rsprune.embed_store import gather, shard_plan
 from rsprune.encoders import build_encoder, embed_paths
 from rsprune.imageio import list_images
 from rsprune.manifest import read_manifest
+from rsprune.columns import fixed_text
 from rsprune.unit_rows import UnitRows, pool_rows
 
 
@@ -63,6 +64,7 @@ def test_rows_digest_sees_every_row_and_the_row_boundaries():
     base = rows_digest(ids, np.arange(1000))
     assert base == rows_digest(np.asarray(ids, object), pd.Series(np.arange(1000)))  # list, array, Series
     assert base == rows_digest(ids, np.arange(1000), chunk=7)  # chunking is invisible
+    assert base == rows_digest(pd.Series(ids), np.arange(1000), chunk=7)  # a text Series, a chunk at a time
     changed = ids.copy()
     changed[537] = changed[537][:-1] + "x"
     assert rows_digest(changed, np.arange(1000)) != base
@@ -189,10 +191,30 @@ def test_group_counts_by_name_merge_keys_that_share_a_name_and_sort_by_name():
     names = np.array(["b", "unmatched", "b", "a", "a", "b", ""], object)
     kept1 = np.array([1, 1, 0, 1, 1, 1, 1], bool)
     sel = np.array([1, 0, 0, 1, 0, 1, 0], bool)
-    got = group_counts(key, kept1, sel, names=names)
+    got = group_counts(key, kept1, sel, name_of=lambda rows: names[rows])
     assert list(got) == ["", "a", "b", "unmatched"]
     assert got["b"] == {"found": 3, "stage1_kept": 2, "selected": 2}  # keys 5 and 7
     assert got["a"] == {"found": 2, "stage1_kept": 2, "selected": 1}
     by_key = group_counts(key, kept1, sel)
     assert list(by_key) == ["-2", "-1", "2", "5", "7"] and by_key["5"] == {"found": 2, "stage1_kept": 1, "selected": 1}
     assert group_counts(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool)) == {}
+
+
+def test_the_pools_ids_are_fixed_width_bytes_that_select_as_the_strings_do(prune_cfg, tmp_path):
+    """A real manifest's ids read as 'S16' over the table's own buffer (no Python string per
+    row); a column that is not one ASCII width stays strings; ties break by these ids exactly
+    as by the strings, and the pool hands them to the methods."""
+    run(prune_cfg(run_dir=tmp_path / "r"), progress=False)
+    m = read_manifest(tmp_path / "r")
+    ids = fixed_text(m.id)
+    assert ids.dtype == np.dtype("S16") and ids.astype("U16").tolist() == m.id.tolist()
+    assert fixed_text(m.iloc[5:50].id).astype("U16").tolist() == m.id.iloc[5:50].tolist()
+    assert fixed_text(m.content_hash).dtype == np.dtype("S40")
+    assert fixed_text(m.path).dtype == object  # paths differ in length
+    assert fixed_text(pd.Series(["ab", "é!"])).dtype == object  # not ASCII
+    assert np.array_equal(np.argsort(ids, kind="stable"), np.argsort(m.id.to_numpy(), kind="stable"))
+    strings = m.id.to_numpy(dtype=object)
+    tied = np.arange(len(m)) % 3  # ties in the distance: the id decides, as pick's lexsort does
+    assert np.array_equal(np.lexsort((ids, tied)), np.lexsort((strings, tied)))
+    pool = methods.Pool(m)
+    assert pool.ids.dtype == np.dtype("S16") and pool.ids.astype("U16").tolist() == strings.tolist()
