@@ -1,13 +1,15 @@
 """The single-process selection at 10^6 and 10^7 rows, this checkout against an older one.
 
-`python benchmarks/select_scale.py --before DIR [--sizes 1e5,1e6,1e7] [--timeout 600]`
+`python benchmarks/select_scale.py --before DIR [--before-max N] [--sizes 1e5,1e6,1e7] [--timeout 600]`
 
 DIR holds the older code (`git archive <commit> | tar -x -C DIR`). Each (code, N) runs in its
 own process on the same synthetic rows (benchmarks/selection_scale.py's scene model, 256-d,
 float16 as the embedding store holds them; the older code gets them widened to float32, as
 its pipeline did) through what prune/run.py runs after the
 embedding: the cache keys of the scenes and clusters tables, scenes (assign_scenes),
-stratified clusters, the RS-Prune selection (`+experiment=ratio85`) and the summary's counts.
+stratified clusters, the RS-Prune selection (`+experiment=ratio85`), the manifest (reasons() and
+build_manifest() over an index table of ids and content hashes) and the summary's counts. The
+older code runs only up to `--before-max` rows (default: every size).
 A process past `--timeout` seconds after its data is generated is killed and reported as not finishing, with its peak
 memory so far. The kept sets of the two codes are compared where both finish: equal where no
 stratum reaches the older code's cap of 4096 clusters (10^5 here), different past it, where
@@ -44,7 +46,7 @@ def child(n: int, d: int, seed: int, overrides: list[str], kept_out: str) -> dic
 
     from prune import methods, outputs
     from prune.cluster import stratified_clusters
-    from prune.scenes import assign_scenes, scene_names
+    from prune.scenes import assign_scenes
     from rsprune import cache
     from rsprune.cli import compose
     from selection_scale import reference, synthetic
@@ -54,45 +56,44 @@ def child(n: int, d: int, seed: int, overrides: list[str], kept_out: str) -> dic
     if not hasattr(cache, "rows_digest"):  # the older code: float32 rows, as its store's gather handed them over
         emb = emb.astype(np.float32)
     ref, labels = reference(d, 30, 300, seed)
-    # ids and content hashes as the index table holds them (Python strings), built without a
-    # fixed-width text copy of all of them (that temporary alone is 1.6 GB at 10^7)
-    ids = np.empty(n, object)
-    ids[:] = [f"{v:016x}" for v in np.random.default_rng(seed).permutation(n).tolist()]
-    hashes = [f"{i:040x}" for i in range(n)]
+    # the index table's columns the selection and the manifest read, ids and content hashes, as
+    # the pipeline holds them (pandas text columns), built a chunk of Python strings at a time
+    text = lambda fmt, v: pd.concat([pd.Series([fmt % x for x in v[s:s + (1 << 20)].tolist()], dtype=str)
+                                     for s in range(0, n, 1 << 20)], ignore_index=True)
+    idx = pd.DataFrame({"id": text("%016x", np.random.default_rng(seed).permutation(n)),
+                        "content_hash": text("%040x", np.arange(n)), "readable": np.ones(n, bool),
+                        "duplicate_of": pd.Series("", index=range(n), dtype=str)})
     out, t = dict(n=n, data_gib=emb.nbytes / 2**30, rss_data_gib=vm_hwm_gib()), {}
     Path(kept_out + ".ready").touch()  # the launcher's clock starts here
 
     t0 = time.perf_counter()
-    scene, _ = assign_scenes(emb, ref, labels, "prototype", 1, 10, THRESHOLD, seed)
+    scene, similarity = assign_scenes(emb, ref, labels, "prototype", 1, 10, THRESHOLD, seed)
     t["scenes"] = time.perf_counter() - t0
     t0 = time.perf_counter()  # the two per-row cache keys, as each code builds them
-    if hasattr(cache, "rows_digest"):
-        cache.stable_hash("scenes", cache.rows_digest(hashes))
-        cache.stable_hash("clusters", cache.rows_digest(scene, hashes))
-    else:
+    if hasattr(cache, "rows_digest"):  # the table's column, as prune/run.py hands it over
+        cache.stable_hash("scenes", cache.rows_digest(idx.content_hash))
+        cache.stable_hash("clusters", cache.rows_digest(scene, idx.content_hash))
+    else:  # the older code: a list of every hash
+        hashes = idx.content_hash.tolist()
         cache.stable_hash("scenes", hashes)
         cache.stable_hash("clusters", scene.tolist(), hashes)
     t["keys"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cluster, dist, info = stratified_clusters(emb, scene, cfg.clustering, seed)
     t["clusters"] = time.perf_counter() - t0
-    pool = methods.Pool(pd.DataFrame({"id": ids}), emb=emb, scene=scene, cluster=cluster, dist=dist)
+    pool = methods.Pool(idx, emb=emb, scene=scene, cluster=cluster, dist=dist)
     budget = int(round((1 - float(cfg.ratio)) * n))
     t0 = time.perf_counter()
     chosen, notes = methods.get("rsprune").select(pool, budget, cfg, np.random.default_rng(seed))
     t["select"] = time.perf_counter() - t0
     assert len(np.unique(chosen)) == budget, "selection missed its exact budget"
 
-    t0 = time.perf_counter()  # the manifest columns the summary counts, and the counts
-    sel = np.zeros(n, bool)
+    t0 = time.perf_counter()  # the manifest, by the pipeline's own functions, and its counts
+    sel, usable = np.zeros(n, bool), np.ones(n, bool)
     sel[chosen] = True
-    reason = np.where(sel, "selected", "pruned_budget").astype(object)
-    reason[list(notes)] = "pruned_near_duplicate"
-    m = pd.DataFrame({"id": ids, "readable": np.ones(n, bool), "duplicate_of": np.full(n, "", object),
-                      "stage1_kept": np.ones(n, bool), "scene": scene, "cluster": cluster, "selected": sel,
-                      "reason": reason})
-    m["scene_name"] = m.scene.map(scene_names([f"s{i}" for i in range(30)], 0))
-    usable = np.ones(n, bool)
+    reason = outputs.reasons(idx, usable, usable, True, notes, np.arange(n), sel, np.zeros(0, np.int64))
+    m = outputs.build_manifest(idx, usable, outputs.Columns(scene, similarity, cluster, dist), sel, reason,
+                               [f"s{i}" for i in range(30)], {})
     if hasattr(outputs, "tally"):
         counts = outputs.tally(m, usable)
         per = (counts["per_scene"], counts["per_cluster"])
@@ -101,7 +102,7 @@ def child(n: int, d: int, seed: int, overrides: list[str], kept_out: str) -> dic
         per = (s["per_scene"], s["per_cluster"])
     t["summary"] = time.perf_counter() - t0
     assert sum(v["selected"] for v in per[0].values()) == budget
-    np.save(kept_out, np.sort(ids[chosen].astype("U16")))
+    np.save(kept_out, np.sort(pool.ids[chosen].astype("U16")))
     out.update({f"{k}_s": v for k, v in t.items()}, total_s=sum(t.values()), clusters=len(info),
                mean_cluster=n / max(len(info), 1), peak_rss_gib=vm_hwm_gib())
     return out
@@ -138,6 +139,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=False, help="folder holding the older code")
     ap.add_argument("--before-name", default="before")
+    ap.add_argument("--before-max", type=float, default=float("inf"), help="largest N the older code runs")
     ap.add_argument("--sizes", default="1e5,1e6,1e7")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -158,6 +160,8 @@ def main():
     rows = []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         for name, code, over in runs:
+            if name == args.before_name and code != ROOT and n > args.before_max:
+                continue
             kept = work / f"{len(rows)}.npy"
             r = launch(code, n, args, over, kept)
             r.update(code=name, kept=str(kept))
@@ -170,19 +174,22 @@ def main():
         base = twin[0]["total_s"] if twin else float("nan")
         r["x_before"] = base / r["total_s"] if r["finished"] and twin else float("nan")
     cols = ["n", "code", "clusters", "mean_cluster", "scenes_s", "keys_s", "clusters_s", "select_s", "summary_s",
-            "total_s", "x_before", "data_gib", "peak_rss_gib", "same_kept", "note"]
+            "total_s", "x_before", "data_gib", "rss_data_gib", "peak_rss_gib", "same_kept", "note"]
     text = table(cols, [[r.get(c, "-") for c in cols] for r in rows])
     print(text)
     body = (f"Synthetic unit rows, d = {args.dim}, float16 (the store's dtype), 30 scenes (Zipf-like sizes, 64 "
             f"sub-clusters each, 5% off-scene, 2% near-duplicates), scene cosine {THRESHOLD}; configs of "
-            f"`+experiment=ratio85` (budget 15%). The older code gets the rows widened to float32, as its "
+            f"`+experiment=ratio85` (budget 15%); the manifest is built by the pipeline's reasons() and build_manifest() over an index table of ids and content hashes (pandas text columns, as the pipeline's index table holds them). The older code gets the rows widened to float32, as its "
             f"pipeline fed its stages; this one widens one chunk or cluster at a time. Each row is its own process; `total_s` = scenes + the two "
-            f"per-row cache keys + clusters + select + the summary's counts (data generation excluded); "
-            f"`peak_rss_gib` is the process's VmHWM (it includes the rows, `data_gib`). `{args.before_name}`: "
+            f"per-row cache keys + clusters + select + the manifest and the summary's counts (data generation "
+            f"excluded); `peak_rss_gib` is the process's VmHWM (it includes the rows, `data_gib`), `rss_data_gib` the "
+            f"VmHWM once the rows and the index table are built. `{args.before_name}`: "
             f"the code before this change, on the same rows. `x_before` = its total / this one's. `same_kept`: "
             f"kept ids equal to `{args.before_name}`'s at that N (different where a stratum needs more than the older "
             f"cap of 4096 clusters: the older code capped it, this one splits it into cells). Target at 10^7 on 2 cores: <= 600 s, "
-            f"<= 8 GiB.\n\n{text}")
+            f"<= 8 GiB."
+            + (f" `{args.before_name}` ran only up to N = {args.before_max:.0e} (`--before-max`)." if args.before and
+               args.before_max < max(r["n"] for r in rows) else "") + f"\n\n{text}")
     write_section("select_scale", "Single-process selection at 10^6 and 10^7 rows", body)
 
 

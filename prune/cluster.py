@@ -31,6 +31,7 @@ from rsprune.cache import cached_table, rows_digest, save_npy, stable_hash, veri
 from rsprune.errors import warn
 from rsprune.knn import kmeans, search
 from rsprune.layout import CACHE_CLUSTERS, cache_path
+from rsprune.unit_rows import RowsOf
 
 
 def n_clusters(n: int, rule: str, cluster_size: float, sqrt_scale: float, max_k: int | None = None) -> int:
@@ -54,13 +55,22 @@ def split_strata(strata: np.ndarray, cfg) -> dict[int, int]:
     return {s: k for s, k in ks.items() if k > int(cfg.max_k)}
 
 
-def member_means(x: np.ndarray, label: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Spherical Lloyd update: each centroid becomes the unit mean of its members (one sparse
-    k x n product, no n x k matrix); a centroid with no members keeps its place."""
+def member_means(x: np.ndarray, label: np.ndarray, centroids: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """Spherical Lloyd update: each centroid becomes the unit mean of its members (sparse k x n
+    products, no n x k matrix); a centroid with no members keeps its place. Rows are widened
+    a chunk at a time (a float16 stratum is never copied whole to float32); each chunk's product
+    starts from the sums so far (an identity block in front), so every sum adds its members in
+    row order, the bits of one product over all rows."""
     import scipy.sparse as sp
 
     k, n = len(centroids), len(x)
-    sums = np.asarray(sp.csr_matrix((np.ones(n, np.float32), (label, np.arange(n))), shape=(k, n)) @ x)
+    sums = np.zeros((k, x.shape[1]), np.float32)
+    for s in range(0, n, chunk):
+        part = np.asarray(x[s:s + chunk], np.float32)
+        m = len(part)
+        a = sp.csr_matrix((np.ones(k + m, np.float32), (np.r_[np.arange(k), label[s:s + chunk]], np.arange(k + m))),
+                          shape=(k, k + m))
+        sums = np.asarray(a @ np.concatenate([sums, part]))
     norm = np.linalg.norm(sums, axis=1, keepdims=True)
     return np.where(norm > 0, sums / np.maximum(norm, 1e-12), centroids).astype(np.float32)
 
@@ -131,7 +141,9 @@ def stratified_clusters(emb: np.ndarray, strata: np.ndarray, cfg, seed: int, pro
     ids = np.unique(strata)
     members = {int(s): np.flatnonzero(strata == s) for s in ids}
     conf = {key: getattr(cfg, key) for key in ("sample_fraction", "min_sample", "niter", "refine", "max_k")}
-    items = ((emb[members[int(s)]], n_clusters(len(members[int(s)]), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale),
+    # here a stratum is read in place, a batch at a time; another engine's task gets its lazy rows
+    rows_of = (lambda m: RowsOf(emb, m)) if engine is LOCAL else (lambda m: emb[m])
+    items = ((rows_of(members[int(s)]), n_clusters(len(members[int(s)]), cfg.k_rule, cfg.cluster_size, cfg.sqrt_scale),
               seed + int(s) + 1) for s in ids)
     results = engine.map(functools.partial(_stratum_task, cfg=conf), items, tag)
     for s, (lab, d, cent_s) in tqdm(zip(ids, results), total=len(ids), desc="clusters", unit="stratum",

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from prune.scenes import UNMATCHED, scene_names
 from rsprune import knn
-from rsprune.cache import stable_hash, write_json, write_text
+from rsprune.cache import stable_hash, write_json, write_lines
 from rsprune.manifest import write_manifest
 from rsprune.markers import mark_run
 
@@ -63,20 +63,44 @@ def tally(m: pd.DataFrame, usable) -> dict:
     kept1, sel = m.stage1_kept.to_numpy(bool), m.selected.to_numpy(bool)
     cluster = m.cluster.to_numpy()
     clustered = cluster >= 0
+    at = np.flatnonzero(usable)  # names are read for one row of each scene, not for every row
+    per_scene = group_counts(m.scene.to_numpy()[usable], kept1[usable], sel[usable],
+                             name_of=lambda rows: m.scene_name.iloc[at[rows]].tolist())
     return dict(files=len(m), unreadable=int((~m.readable.to_numpy(bool)).sum()),
                 exact_duplicates=int((m.duplicate_of != "").sum()), usable=int(usable.sum()),
                 stage1_dropped=int(usable.sum() - kept1.sum()), selected=int(sel.sum()),
-                per_scene=group_counts(m.scene_name.to_numpy()[usable], kept1[usable], sel[usable]),
-                per_cluster=group_counts(cluster[clustered], kept1[clustered], sel[clustered]),
+                per_scene=per_scene, per_cluster=group_counts(cluster[clustered], kept1[clustered], sel[clustered]),
                 reasons=m.reason.value_counts().to_dict())
 
 
-def group_counts(key: np.ndarray, kept1: np.ndarray, selected: np.ndarray) -> dict:
-    """{str(key): {found, stage1_kept, selected}} in sorted key order (missing keys left out)."""
-    g = pd.DataFrame({"key": key, "stage1_kept": kept1, "selected": selected}).groupby("key")
-    found, k1, sel = g.size(), g.stage1_kept.sum(), g.selected.sum()
-    return {str(k): {"found": int(a), "stage1_kept": int(b), "selected": int(c)}
-            for k, a, b, c in zip(found.index, found.to_numpy(), k1.to_numpy(), sel.to_numpy())}
+def group_counts(key: np.ndarray, kept1: np.ndarray, selected: np.ndarray, name_of=None) -> dict:
+    """{str(key): {found, stage1_kept, selected}} for integer keys in sorted key order (missing
+    keys left out), counted by bincount (no hash table of the rows). With `name_of` (row
+    positions -> their names, a function of the key, e.g. the scene name of a scene index) the
+    keys are the names, merged where two keys share one, in sorted name order; a key whose name
+    is not a str (missing) is left out."""
+    key = np.asarray(key)
+    if not len(key):
+        return {}
+    lo = int(key.min())
+    at = key - lo
+    found = np.bincount(at)
+    k1 = np.bincount(at[np.asarray(kept1, bool)], minlength=len(found))
+    sel = np.bincount(at[np.asarray(selected, bool)], minlength=len(found))
+    present = np.flatnonzero(found)
+    if name_of is None:
+        return {str(lo + int(c)): {"found": int(found[c]), "stage1_kept": int(k1[c]), "selected": int(sel[c])}
+                for c in present}
+    row_of = np.empty(len(found), np.int64)
+    row_of[at] = np.arange(len(at))  # any row of each key: its name is the key's name
+    out = {}
+    for c, name in zip(present, name_of(row_of[present])):
+        if isinstance(name, str):
+            t = out.setdefault(name, {"found": 0, "stage1_kept": 0, "selected": 0})
+            t["found"] += int(found[c])
+            t["stage1_kept"] += int(k1[c])
+            t["selected"] += int(sel[c])
+    return {k: out[k] for k in sorted(out)}
 
 
 def build_summary(run, counts: dict) -> dict:
@@ -116,7 +140,7 @@ def write_outputs(cfg, manifest: pd.DataFrame, summary: dict, cut: float) -> Non
     run_dir = Path(cfg.run_dir)
     mark_run(run_dir)  # its report PNGs never become corpus images of a later walk
     write_manifest(run_dir / "manifest.parquet", manifest)
-    write_text(run_dir / "kept.txt", "".join(p + "\n" for p in sorted(manifest.path[manifest.selected])))
+    write_lines(run_dir / "kept.txt", sorted(manifest.path[manifest.selected]))
     write_json(run_dir / "summary.json", summary)
     if cfg.report.enabled:
         from prune.report import write_report

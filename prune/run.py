@@ -29,6 +29,8 @@ from rsprune import runlock
 from rsprune.cache import stable_hash
 from rsprune.cli import UsageError, main
 from rsprune.markers import mark_cache
+from rsprune.columns import fixed_text
+from rsprune.unit_rows import pool_rows
 
 
 def log(msg: str) -> None:
@@ -79,7 +81,7 @@ def add_clusters(run: RunState) -> int:
         log(f"[clusters] {len(split)} strata need more than clustering.max_k={cfg.clustering.max_k} clusters "
             f"(up to {max(split.values())}): each is split into cells first")
     table, pool.centroids, run.cached["clusters"] = cluster_stage(
-        pool.emb, strata, pool.ids, pool.table.content_hash.tolist(), run.store.key, cfg.clustering, int(cfg.seed),
+        pool.emb, strata, pool.table["id"], pool.table.content_hash, run.store.key, cfg.clustering, int(cfg.seed),
         str(cfg.cache_dir), run.progress, run.engine)
     pool.cluster, pool.dist = table.cluster.to_numpy(), table.centroid_distance.to_numpy()
     run.cols.cluster[run.pool_rows], run.cols.centroid_distance[run.pool_rows] = pool.cluster, pool.dist
@@ -137,7 +139,7 @@ def entropy_pool(run: RunState) -> None:
 
             cut = ray_entropy_cut(score, run.usable, float(e.floor), float(e.percentile), int(cfg.index.partition_rows))
         run.kept1, run.cut, run.pool_rows, run.extra = stage1_pool(
-            score, run.usable, idx.id.to_numpy(), float(e.floor), float(e.percentile), filtered, run.budget,
+            score, run.usable, fixed_text(idx.id), float(e.floor), float(e.percentile), filtered, run.budget,
             area=idx.entropy_area.to_numpy(np.float64), min_area=float(e.min_area),
             sharpness=idx.entropy_sharpness.to_numpy(np.float64),
             min_sharpness=None if e.min_sharpness is None else float(e.min_sharpness), cut=cut)
@@ -159,7 +161,7 @@ def features(run: RunState) -> None:
         return
     t, pool, store, needs = run.timings, run.pool, run.store, run.plan.method.NEEDS
     if run.engine is LOCAL:
-        pool.emb = store.gather(pool.table.content_hash.tolist())
+        pool.emb = pool_rows(store.gather(fixed_text(pool.table.content_hash), widen=False))  # float16 held
     else:  # the engine's tasks gather their own rows; this process holds none
         from prune.engine_ray import PoolRows
 

@@ -33,8 +33,10 @@ BLOCK = 2048  # rows per similarity block inside one cluster: memory O(BLOCK x c
 
 def neighbour_distances(emb: np.ndarray, cluster: np.ndarray, k: int) -> np.ndarray:
     """(N, k) chordal distances |x - y| of each unit row to its k nearest rows of the same
-    cluster, ascending; NaN where the cluster has fewer than j + 1 other members."""
-    out = np.full((len(emb), k), np.nan, np.float64)
+    cluster, ascending; NaN where the cluster has fewer than j + 1 other members. float32: the
+    similarities' own precision, so the steps below widen a chunk to float64 with no change in
+    value (half the bytes: 0.4 instead of 0.8 GB at 10^7 x 10)."""
+    out = np.full((len(emb), k), np.nan, np.float32)
     order = np.argsort(cluster, kind="stable")
     cuts = np.flatnonzero(np.diff(cluster[order])) + 1
     for rows in np.split(order, cuts):
@@ -59,6 +61,7 @@ def _row_chunks(n: int):
 
 def _inverse_dims(dist: np.ndarray) -> np.ndarray:
     """Per row, 1 / m_i of the Levina-Bickel rule (NaN where the row does not qualify)."""
+    dist = np.asarray(dist, np.float64)
     finite = np.isfinite(dist)
     k = finite.sum(axis=1)
     ok = (k >= 3) & (np.where(finite, dist, 1.0).min(axis=1, initial=1.0) > 0)
@@ -75,8 +78,9 @@ def _radius(dist: np.ndarray) -> np.ndarray:
     """Per row r, the mean neighbour distance (NaN without neighbours), in row chunks."""
     r = np.empty(len(dist))
     for c in _row_chunks(len(dist)):
-        n = np.isfinite(dist[c]).sum(axis=1)
-        r[c] = np.where(n > 0, np.nansum(dist[c], axis=1) / np.maximum(n, 1), np.nan)
+        d = np.asarray(dist[c], np.float64)
+        n = np.isfinite(d).sum(axis=1)
+        r[c] = np.where(n > 0, np.nansum(d, axis=1) / np.maximum(n, 1), np.nan)
     return r
 
 

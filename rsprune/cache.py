@@ -63,7 +63,9 @@ def rows_digest(*columns: Any, chunk: int = 1 << 16) -> str:
     Integers hash as int64 bytes, floats as float64, anything else as its text joined by NUL."""
     h = hashlib.sha256()
     for col in columns:
-        if not isinstance(col, (list, tuple)):
+        if hasattr(col, "iloc") and col.dtype.kind not in "biuf":  # text Series: a chunk of strings at a time
+            col = _Chunks(col)
+        elif not isinstance(col, (list, tuple)):
             col = col.to_numpy() if hasattr(col, "to_numpy") else np.asarray(col)
         kind = col.dtype.kind if isinstance(col, np.ndarray) else "O"
         h.update(f"{kind}:{len(col)}\0".encode())
@@ -81,6 +83,20 @@ def rows_digest(*columns: Any, chunk: int = 1 << 16) -> str:
                     text = "\0".join(map(str, items))
                 h.update(text.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()
+
+
+class _Chunks:
+    """A text Series sliced into lists of str (what its object array would give), so that
+    rows_digest never makes a string of every row at once."""
+
+    def __init__(self, series):
+        self.series = series
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    def __getitem__(self, s: slice) -> list:
+        return self.series.iloc[s].tolist()
 
 
 # A file name longer than this cannot be made; the temporary name keeps room for its suffix.
@@ -150,6 +166,14 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def write_lines(path: str | os.PathLike, lines, chunk: int = 1 << 16) -> None:
+    """`lines` (a sequence of str), one a line, written atomically a chunk at a time: the same
+    bytes as write_text of them joined, without one string of all of them."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for s in range(0, len(lines), chunk):
+            f.write("".join(x + "\n" for x in lines[s:s + chunk]))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

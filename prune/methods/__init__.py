@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from prune.state import LOCAL
+from rsprune.columns import fixed_text
 from rsprune.cli import UsageError
 
 METHODS = ("rsprune", "random", "entropy", "kmeans_uniform", "semdedup", "prototypes", "density",
@@ -37,7 +38,8 @@ class Pool:
 
     @property
     def ids(self) -> np.ndarray:
-        return self.table["id"].to_numpy()
+        """The ids, compact where they can be (rsprune/columns.py): the same order and ties."""
+        return fixed_text(self.table["id"])
 
 
 def get(name: str):
