@@ -5,12 +5,16 @@ volume.py, methods/rsprune.py) hand their per-part work to `engine.map(fn, items
 process that is Python's `map` (prune/state.py:LOCAL), here each item is one Ray task running
 the same `fn` on the same rows in the same order, so the kept set is the same bits:
 
-- scenes: one task per chunk of `scenes.CHUNK` content hashes (the chunks one process scores),
-  then the pseudo-scene k-means over the unmatched rows as one task;
-- clusters: one task per scene stratum (`cluster.cluster_stratum`, cells included);
-- selection: one task per stratum for the neighbour distances (`volume.neighbour_stats`), the
-  driver reduces the dimension, the median radius, the masses and the quotas (the same
-  waterfill: exactly the budget), then one task per stratum picks (`rsprune.pick_clusters`).
+- scenes: one task per chunk of `scenes.CHUNK` rows (the chunks one process scores), then the
+  pseudo-scene k-means fit on a sample and its assignment, one task per partition
+  (`state.partitions`);
+- clusters: a stratum needing more than max_k clusters gets its cells first (`cluster.cell_labels`:
+  the fit, then per partition the assignment and the Lloyd sums), then one task per cell and per
+  other stratum (`cluster.cluster_stratum`);
+- selection: one task per group of whole clusters (`rsprune.cluster_groups`) for the neighbour
+  distances (`volume.neighbour_stats`), the driver reduces the dimension, the median radius, the
+  masses and the quotas (the same waterfill: exactly the budget), then one task per group picks
+  (`rsprune.pick_clusters`).
 
 A task gets lazy rows (`Rows`: store positions, 8 bytes a row, and the store's shard table
 file) and reads its embeddings from the store both engines read, so the driver never holds the
