@@ -133,9 +133,11 @@ def child(n: int, seed: int, engine: str, workers: int, work: Path, kill_after: 
     out["clusters"] = int(run.pool.cluster.max()) + 1
     out["driver_peak_gib"] = vm_hwm_gib()
     if engine != "local":
-        from prune.engine_ray import WORKER_PEAK
+        from prune.engine_ray import STEP_PEAK, TASK_ROWS, WORKER_PEAK
 
         out["worker_peak_gib"] = sorted(round(v / 2**30, 3) for v in WORKER_PEAK.values())
+        out["task_rows"] = dict(TASK_ROWS)
+        out["step_peak_gib"] = {k: [round(w / 2**30, 3), round(d / 2**30, 3)] for k, (w, d) in STEP_PEAK.items()}
         out["ray_tasks"] = sum(1 for _ in (cache / "ray").glob("*/*/*.npz"))
     out["wall_s"] = time.perf_counter() - t_start
     return out
@@ -217,6 +219,7 @@ def main():
     ap.add_argument("--kill", default="", help="N of the killed-worker run (empty: none)")
     ap.add_argument("--kill-after", type=float, default=3.0)
     ap.add_argument("--work", default="/tmp/ray_scale")
+    ap.add_argument("--local-max", default="1e7", help="the largest N also run on one process (its time and memory)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -235,22 +238,26 @@ def main():
         w = work / str(n)
         w.mkdir(parents=True, exist_ok=True)
         gen = launch(n, args, "gen", w)
-        local, on_ray = launch(n, args, "local", w), launch(n, args, "ray", w)
-        same = np.array_equal(np.load(w / "kept-local.npy"), np.load(w / "kept-ray.npy"))
-        on_ray.update(same_kept=same, x_local=local["work_s"] / on_ray["work_s"])
-        local.update(same_kept="-", x_local=1.0)
-        rows += [dict(local, store_gib=gen["store_gib"]), dict(on_ray, store_gib=gen["store_gib"])]
+        local = launch(n, args, "local", w) if n <= float(args.local_max) else None
+        on_ray = launch(n, args, "ray", w)
+        if local:
+            same = np.array_equal(np.load(w / "kept-local.npy"), np.load(w / "kept-ray.npy"))
+            on_ray.update(same_kept=same, x_local=local["work_s"] / on_ray["work_s"])
+            local.update(same_kept="-", x_local=1.0)
+            rows.append(dict(local, store_gib=gen["store_gib"]))
+        rows.append(dict(on_ray, store_gib=gen["store_gib"]))
         if args.kill and int(float(args.kill)) == n:
             killed = launch(n, args, "ray-kill", w, args.kill_after)
             killed.update(same_kept=np.array_equal(np.load(w / "kept-ray.npy"), np.load(w / "kept-ray-kill.npy")),
-                          x_local=local["work_s"] / killed["work_s"], store_gib=gen["store_gib"],
+                          x_local=local["work_s"] / killed["work_s"] if local else "-", store_gib=gen["store_gib"],
                           identical=killed["outputs_sha256"] == on_ray["outputs_sha256"])
             rows.append(killed)
             resumed = stop_driver(n, args, w)
             resumed.update(same_kept=np.array_equal(np.load(w / "kept-ray.npy"), np.load(w / "kept-ray-resume.npy")),
-                           x_local=local["work_s"] / resumed["work_s"], store_gib=gen["store_gib"],
+                           x_local=local["work_s"] / resumed["work_s"] if local else "-", store_gib=gen["store_gib"],
                            identical=resumed["outputs_sha256"] == on_ray["outputs_sha256"])
             rows.append(resumed)
+        shutil.rmtree(w / "store", ignore_errors=True)  # 5 GB at 1e7
     cols = ["n", "engine", "clusters", "budget", "chosen", "scenes_s", "clusters_s", "work_s", "ray_start_s",
             "x_local", "driver_peak_gib", "worker_peak_gib", "same_kept", "outputs_sha256"]
     for r in rows:

@@ -5,15 +5,19 @@ volume.py, methods/rsprune.py) hand their per-part work to `engine.map(fn, items
 process that is Python's `map` (prune/state.py:LOCAL), here each item is one Ray task running
 the same `fn` on the same rows in the same order, so the kept set is the same bits:
 
-- scenes: one task per chunk of `scenes.CHUNK` content hashes (the chunks one process scores),
-  then the pseudo-scene k-means over the unmatched rows as one task;
-- clusters: one task per scene stratum (`cluster.cluster_stratum`, cells included);
-- selection: one task per stratum for the neighbour distances (`volume.neighbour_stats`), the
-  driver reduces the dimension, the median radius, the masses and the quotas (the same
-  waterfill: exactly the budget), then one task per stratum picks (`rsprune.pick_clusters`).
+- scenes: one task per chunk of `scenes.CHUNK` rows (the chunks one process scores), then the
+  pseudo-scene k-means fit on a sample and its assignment, one task per partition
+  (`state.partitions`);
+- clusters: a stratum needing more than max_k clusters gets its cells first (`cluster.cell_labels`:
+  the fit, then per partition the assignment and the Lloyd sums), then one task per cell and per
+  other stratum (`cluster.cluster_stratum`);
+- selection: one task per group of whole clusters (`rsprune.cluster_groups`) for the neighbour
+  distances (`volume.neighbour_stats`), the driver reduces the dimension, the median radius, the
+  masses and the quotas (the same waterfill: exactly the budget), then one task per group picks
+  (`rsprune.pick_clusters`).
 
-A task gets lazy rows (`Rows`: content hashes, and the store's plan cut to the shards holding
-them) and gathers its embeddings from the store both engines read, so the driver never holds the
+A task gets lazy rows (`Rows`: store positions, 8 bytes a row, and the store's shard table
+file) and reads its embeddings from the store both engines read, so the driver never holds the
 embeddings and a task's memory follows its rows, not the corpus. Every task writes its result file
 atomically under `cache_dir/ray/<run content>/<step>/` and is skipped when the file is there:
 a run stopped by a killed worker is run again and finishes to the same outputs. Ray is imported
@@ -22,6 +26,7 @@ only inside functions: the plain install never needs it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,8 @@ from rsprune.cli import UsageError
 ENGINES = ("local", "ray")
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_PEAK: dict[int, int] = {}  # worker pid -> peak RSS in bytes, over this driver's maps
+TASK_ROWS: dict[str, int] = {}  # step (its tag without the content key) -> the most rows one task was sent
+STEP_PEAK: dict[str, tuple[int, int]] = {}  # step -> (its workers' peak RSS so far, the driver's) after it, bytes
 
 
 def engine_of(cfg) -> str:
@@ -95,26 +102,29 @@ def reachable(address: str, timeout: float = 5.0) -> None:
 
 @dataclass
 class Rows:
-    """A task's rows, by content hash: gathered from the store where the task runs."""
-    store: object
-    hashes: np.ndarray
-
-    def load(self) -> np.ndarray:
-        return self.store.gather(self.hashes.tolist())
-
-
-class PoolRows:
-    """The pool's embeddings as the stages index them (`emb[rows]`), without holding them."""
-
-    def __init__(self, store, hashes, dim: int):
-        self.store, self.hashes, self.shape = store, np.asarray(hashes), (len(hashes), int(dim))
+    """A task's rows, by store position (8 bytes a row): read from the store where the task
+    runs, through the store's shard table file (rsprune/store_rows.py). `rows[sel]` is lazy."""
+    table: str  # the shard table file
+    pos: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return len(self.pos)
 
-    def __getitem__(self, rows) -> Rows:
-        hashes = self.hashes[rows]
-        return Rows(self.store.only(hashes), hashes)
+    def __getitem__(self, sel) -> "Rows":
+        return Rows(self.table, self.pos[sel])
+
+    def load(self) -> np.ndarray:
+        from rsprune import store_rows
+
+        return store_rows.gather_at(store_rows.load(self.table), self.pos)
+
+
+class PoolRows(Rows):
+    """The pool's embeddings as the stages index them (`emb[rows]`), without holding them."""
+
+    def __init__(self, table: str, pos, dim: int):
+        super().__init__(table, np.asarray(pos, np.int64))
+        self.shape = (len(self.pos), int(dim))
 
 
 def _save(path: Path, result) -> None:
@@ -129,6 +139,12 @@ def _load(path: Path):
     with np.load(path, allow_pickle=False) as z:
         parts = tuple(z[f"arr_{i}"] for i in range(len(z.files) - 1))
         return parts if bool(z["tuple"]) else parts[0]
+
+
+def rows_in(item) -> int:
+    """The store rows an item sends (its lazy rows)."""
+    parts = item if isinstance(item, tuple) else (item,)
+    return sum(len(p) for p in parts if isinstance(p, Rows))
 
 
 class _Task:
@@ -156,12 +172,38 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, cache_dir: str):
-        self.cache_dir, self.scope = str(cache_dir), None
+        self.cache_dir, self.scope, self.tables = str(cache_dir), None, {}
+
+    def table(self, store) -> str:
+        """The store's shard table file (written once per store plan), which every task reads."""
+        from rsprune import store_rows
+        from rsprune.cache import stable_hash
+        from rsprune.layout import CACHE_RAY, cache_path
+
+        t = store_rows.table(store.plan, store.path)
+        path = cache_path(self.cache_dir, CACHE_RAY, "stores", f"{stable_hash(str(store.path), t.keys.tolist())}.npz")
+        if not path.exists():
+            store_rows.save(t, path)
+        self.tables[str(path)] = t
+        return str(path)
+
+    def lazy(self, store, hashes) -> Rows:
+        """Lazy rows of content `hashes` (their store positions, found once here)."""
+        from rsprune import store_rows
+
+        path = self.table(store)
+        return Rows(path, store_rows.positions(store.plan, store.path, self.tables[path], hashes))
 
     def rows(self, store, hashes) -> Rows:
-        return Rows(store.only(hashes), np.asarray(hashes))
+        return self.lazy(store, hashes)
+
+    def pool_rows(self, store, hashes) -> PoolRows:
+        r = self.lazy(store, hashes)
+        return PoolRows(r.table, r.pos, self.tables[r.table].dim)
 
     def map(self, fn, items, tag: str):
+        import resource
+
         import ray
         import ray.data
 
@@ -171,6 +213,8 @@ class RayEngine:
             raise RuntimeError("engine=ray: the run's content key (scope) is not set")
         folder = cache_path(self.cache_dir, CACHE_RAY, self.scope, tag)
         items = list(items)
+        step = re.sub(r"-[0-9a-f]{16,}", "", tag)
+        TASK_ROWS[step] = max([TASK_ROWS.get(step, 0)] + [rows_in(x) for x in items])
         todo = [i for i in range(len(items)) if not (folder / f"{i}.npz").exists()]
         if todo:
             refs = {i: ray.put(items[i]) for i in todo}
@@ -178,6 +222,7 @@ class RayEngine:
                     .map_batches(_Task(fn, refs, folder), batch_size=1, num_cpus=1).take_all())
             for r in rows:
                 WORKER_PEAK[int(r["pid"])] = max(WORKER_PEAK.get(int(r["pid"]), 0), int(r["peak"]))
+            STEP_PEAK[step] = (max(int(r["peak"]) for r in rows), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         n = len(items)
         del items  # the driver keeps no item past the map
         return (_load(folder / f"{i}.npz") for i in range(n))

@@ -163,13 +163,10 @@ def features(run: RunState) -> None:
     if run.engine is LOCAL:
         pool.emb = pool_rows(store.gather(fixed_text(pool.table.content_hash), widen=False))  # float16 held
     else:  # the engine's tasks gather their own rows; this process holds none
-        from prune.engine_ray import PoolRows
-
         run.engine.scope = stable_hash("run", run.inputs.corpus_key, store.key,
                                        {k: v for k, v in OmegaConf.to_container(run.cfg).items()
                                         if k not in ("run_dir", "ray", "report")})
-        hashes = pool.table.content_hash.to_numpy()
-        pool.emb = PoolRows(store, hashes, store.gather(hashes[:1].tolist()).shape[1])
+        pool.emb = run.engine.pool_rows(store, pool.table.content_hash.to_numpy())
         pool.engine = run.engine
     log(f"[embed] {store.images} distinct images in {len(store.plan)} shards, dim {pool.emb.shape[1]} "
         f"({t['embed']:.1f} s)")

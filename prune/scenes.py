@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from prune.state import LOCAL, materialize
+from prune import state
+from prune.state import LOCAL, materialize, partitions
 from rsprune.cache import cached_table, read_json, rows_digest, stable_hash, write_json
 from rsprune.errors import UsageError, warn
 from rsprune.knn import kmeans, normalize, search
@@ -153,16 +154,32 @@ def n_pseudo(n_unmatched: int, n_total: int, n_classes: int, pseudo_size) -> int
     return int(max(1, min(round(n_unmatched / per), n_unmatched)))
 
 
-def pseudo_scenes(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Pseudo-scene index (0..k-1) of each unmatched image: spherical k-means on the unmatched pool."""
+PSEUDO_SAMPLE = 1 << 17  # the pseudo-scene k-means fits on at most max(this, PSEUDO_PER_SCENE * k) unmatched rows
+PSEUDO_PER_SCENE = 256
+
+
+def pseudo_scenes(emb: np.ndarray, k: int, seed: int, engine=LOCAL, tag: str = "pseudo") -> np.ndarray:
+    """Pseudo-scene index (0..k-1) of each unmatched image: spherical k-means on the unmatched
+    pool (on a seeded sample of PSEUDO_SAMPLE rows when it is larger), then each row to its
+    nearest centroid, partition by partition. `emb` is an array or an engine's lazy rows; the
+    fit and each partition's assignment are tasks of `engine`."""
     if k <= 1:
         return np.zeros(len(emb), np.int64)
-    centroids, _ = kmeans(emb, k, seed=seed, spherical=True)
-    return search(centroids, emb, 1)[1][:, 0].astype(np.int64)
+    n = len(emb)
+    m = min(n, max(PSEUDO_SAMPLE, PSEUDO_PER_SCENE * k))
+    sample = emb if m == n else emb[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
+    fit = functools.partial(_fit_task, k=k, seed=seed)
+    centroids = next(iter(engine.map(fit, [sample], f"{tag}-fit")))
+    near = functools.partial(_nearest_task, centroids=centroids)
+    return np.concatenate(list(engine.map(near, (emb[p] for p in partitions(n)), f"{tag}-assign")))
 
 
-def _pseudo_task(rows, k: int, seed: int) -> np.ndarray:
-    return pseudo_scenes(materialize(rows), k, seed)
+def _fit_task(rows, k: int, seed: int) -> np.ndarray:
+    return kmeans(materialize(rows), k, seed=seed, spherical=True)[0]
+
+
+def _nearest_task(rows, centroids: np.ndarray) -> np.ndarray:
+    return search(centroids, materialize(rows), 1)[1][:, 0].astype(np.int64)
 
 
 def stratify(scene: np.ndarray, score: np.ndarray, emb_rows, n_classes: int, threshold: float,
@@ -170,15 +187,14 @@ def stratify(scene: np.ndarray, score: np.ndarray, emb_rows, n_classes: int, thr
     """Strata from the best scene and its similarity: matched images keep their scene; the
     unmatched become pseudo-scenes n_classes..n_classes+k-1 (or UNMATCHED when k = 0).
     `emb_rows(rows)` gives the embeddings of the unmatched rows (or an engine's lazy rows: the
-    pseudo-scene k-means is one task of `engine`). Returns (strata, k)."""
+    pseudo-scene fit and assignment are tasks of `engine`). Returns (strata, k)."""
     out = scene.astype(np.int64).copy()
     rows = np.flatnonzero(score < threshold)
     k = n_pseudo(len(rows), len(scene), n_classes, pseudo_size)
     if k == 0:
         out[rows] = UNMATCHED
     else:
-        task = functools.partial(_pseudo_task, k=k, seed=seed)
-        out[rows] = n_classes + next(iter(engine.map(task, [emb_rows(rows)], tag)))
+        out[rows] = n_classes + pseudo_scenes(emb_rows(rows), k, seed, engine, tag)
     return out, k
 
 
@@ -232,7 +248,8 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
         warn(f"reference class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
              "with no readable image dropped from the scenes")
     c = scenes_cfg
-    key = stable_hash("scenes", store.key, ref_key, rows_digest(hashes), OmegaConf.to_container(c), seed,
+    cut = {"part": state.PART, "pseudo_sample": [PSEUDO_SAMPLE, PSEUDO_PER_SCENE]}  # they change the bits at scale
+    key = stable_hash("scenes", store.key, ref_key, rows_digest(hashes), OmegaConf.to_container(c), seed, cut,
                       *(() if engine is LOCAL else (engine.name,)))
     path = cache_path(cache_dir, CACHE_SCENES, f"{key}.parquet")
     info_path = path.with_suffix(".json")
@@ -245,14 +262,14 @@ def scene_stage(store, hashes: list[str], ref: pd.DataFrame, ref_key: str, scene
         emb_ref = store.gather(ok.content_hash.tolist())
         task = functools.partial(_chunk_task, emb_ref=emb_ref, labels=labels, mode=mode, per_class=per_class,
                                  knn=knn, seed=seed)
-        chunks = (engine.rows(store, hashes[i:i + CHUNK]) for i in range(0, len(hashes), CHUNK))
+        lazy = engine.lazy(store, hashes)  # the corpus rows, gathered (or sent) a chunk at a time
+        chunks = (lazy[i:i + CHUNK] for i in range(0, len(hashes), CHUNK))
         parts = list(engine.map(task, chunks, f"scenes-{key}"))
         best, score = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 2
         held = heldout_scores(emb_ref, labels, mode, per_class, knn, seed)
         threshold, rule = calibrate(c.threshold, float(c.quantile), score, lambda: held)
-        pick = np.asarray(hashes, dtype=object)  # the same strings, not a '<U40' copy (1.6 GB at 10^7)
-        strata, k = stratify(best, score, lambda rows: engine.rows(store, pick[rows].tolist()), len(classes),
-                             threshold, c.pseudo_size, seed, engine, f"pseudo-{key}")
+        strata, k = stratify(best, score, lambda rows: lazy[rows], len(classes), threshold, c.pseudo_size, seed,
+                             engine, f"pseudo-{key}")
         box["info"] = diagnostics(strata, score, threshold, rule, len(classes), k, c.pseudo_size, held)
         write_json(info_path, {"key": key, **box["info"]})  # before the table: a table implies its diagnostics
         return pd.DataFrame({"content_hash": hashes, "scene": strata, "scene_similarity": score})

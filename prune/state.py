@@ -16,6 +16,28 @@ from typing import Any
 import numpy as np
 
 
+PART = 1 << 17  # rows per partition of a big step (a multiple of knn.search's batch: the same bits whole or cut)
+
+
+def partitions(n: int) -> list[slice]:
+    """The row slices a step over n rows is cut into, in both engines alike."""
+    return [slice(s, min(s + PART, n)) for s in range(0, n, PART)]
+
+
+class HashRows:
+    """Rows of content hashes in the store, gathered when indexed (`rows[sel]` is an array)."""
+
+    def __init__(self, store, hashes):
+        # the same strings, not a '<U40' copy (1.6 GB at 10^7 rows)
+        self.store, self.hashes = store, hashes if isinstance(hashes, np.ndarray) else np.asarray(hashes, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __getitem__(self, sel) -> np.ndarray:
+        return self.store.gather(self.hashes[sel].tolist())
+
+
 class Local:
     """The single-process engine: a stage's tasks run here, one after another, in order.
     Another engine (prune/engine_ray.py) has the same `map` and runs them elsewhere."""
@@ -29,6 +51,10 @@ class Local:
     def rows(self, store, hashes):
         """The embeddings of content `hashes` for a task: here, gathered now."""
         return store.gather(hashes)
+
+    def lazy(self, store, hashes) -> HashRows:
+        """Content `hashes` to index (`rows[sel]`): here, each selection gathered when asked."""
+        return HashRows(store, hashes)
 
 
 LOCAL = Local()

@@ -127,10 +127,16 @@ def _stats_task(item, k: int):
     return neighbour_stats(materialize(x), cluster, k)
 
 
+def group_rows(groups: np.ndarray) -> list[np.ndarray]:
+    """The rows of each group, ascending, groups in order."""
+    order = np.argsort(groups, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(groups[order])) + 1) if len(order) else []
+
+
 def grouped_stats(emb, cluster: np.ndarray, k: int, groups: np.ndarray, engine, tag: str):
-    """`neighbour_stats` with one task of `engine` per group of whole clusters (a stratum)."""
+    """`neighbour_stats` with one task of `engine` per group of whole clusters."""
     inv, r = np.full(len(cluster), np.nan), np.full(len(cluster), np.nan)
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    members = group_rows(groups)
     results = engine.map(functools.partial(_stats_task, k=int(k)), ((emb[m], cluster[m]) for m in members), tag)
     for m, (inv_m, r_m) in zip(members, results):
         inv[m], r[m] = inv_m, r_m
@@ -140,7 +146,7 @@ def grouped_stats(emb, cluster: np.ndarray, k: int, groups: np.ndarray, engine, 
 def volumes(emb: np.ndarray, cluster: np.ndarray, k: int, dim, groups: np.ndarray | None = None,
             engine=LOCAL, tag: str = "volumes") -> tuple[np.ndarray, dict]:
     """(per-row volume, what summary.json records: k, dim and how it was set). With `groups`
-    (whole clusters each, e.g. strata), the neighbour step runs as one task per group."""
+    (whole clusters each), the neighbour step runs as one task per group."""
     if groups is None:
         inv, r = neighbour_stats(emb, cluster, int(k))
     else:

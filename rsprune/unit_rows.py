@@ -48,23 +48,3 @@ def pool_rows(raw: np.ndarray):
     see gather), float16 storage as `UnitRows`."""
     return raw if raw.dtype == np.float32 else UnitRows(raw)
 
-
-class RowsOf:
-    """Some rows of `emb` (an array or UnitRows), read where they are instead of copied out:
-    `view[i]` is `emb[rows[i]]`. A stage that passes over a large stratum a batch at a time
-    then holds one batch, not a copy of the stratum (0.8 GiB for 1.7 x 10^6 float16 rows of 256)."""
-
-    def __init__(self, emb, rows: np.ndarray):
-        self.emb, self.rows = emb, np.asarray(rows)
-        self.shape = (len(self.rows), *emb.shape[1:])
-        self.dtype = emb.dtype
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i) -> np.ndarray:
-        return np.asarray(self.emb[self.rows[i]])
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.asarray(self.emb[self.rows])
-        return out if dtype is None else out.astype(dtype, copy=False)

@@ -67,6 +67,32 @@ def test_ray_keeps_the_same_set_on_an_imbalanced_corpus(local_ray, small_referen
     same_outputs(tmp_path, local, on_ray)
 
 
+def test_ray_cuts_big_steps_into_partitions_and_keeps_the_same_set(local_ray, small_corpus, small_reference,
+                                                                   session_cache, tmp_path, monkeypatch):
+    """What 10^7 rows run through, shrunk to 240 images: partitions of 8 rows, strata split into
+    cells (their k-means assigned and refined partition by partition), a sampled pseudo-scene
+    fit. The kept set is the single process's, and no task of a cut step is sent more rows than
+    a partition (a group of whole clusters: a partition and the cluster that crosses its end)."""
+    import prune.scenes
+    import prune.state
+    from prune.engine_ray import TASK_ROWS
+
+    monkeypatch.setattr(prune.state, "PART", 8)
+    monkeypatch.setattr(prune.scenes, "PSEUDO_SAMPLE", 16)
+    monkeypatch.setattr(prune.scenes, "PSEUDO_PER_SCENE", 4)
+    cut = ["clustering.cluster_size=2", "clustering.max_k=3", "clustering.min_sample=4", "clustering.sample_fraction=0.3"]
+    TASK_ROWS.clear()
+    local, on_ray = both(lambda d: shrunk_overrides(small_corpus, small_reference, d, session_cache, *cut), tmp_path)
+    same_outputs(tmp_path, local, on_ray)
+    for step in ("pseudo-assign", "clusters-cells-assign", "clusters-cells-sums0", "clusters-cells-assign1"):
+        assert 0 < TASK_ROWS[step] <= 8, step
+    sc = local["scenes"]
+    unmatched = sc["images"] - sc["matched"]
+    assert TASK_ROWS["pseudo-fit"] == max(16, 4 * sc["pseudo_scenes"]) < unmatched  # fitted on a sample
+    largest = int(read_manifest(tmp_path / "ray").cluster.value_counts().drop(-1, errors="ignore").max())
+    assert 0 < max(TASK_ROWS["volumes"], TASK_ROWS["pick"]) <= 8 + largest
+
+
 @pytest.mark.parametrize("bad", ["engine=spark", "engine=ray method=random", "engine=ray selection.within=random",
                                  "engine=ray ray.address=127.0.0.1:9"])
 def test_engine_errors_before_any_work(bad, small_corpus, small_reference, tmp_path):

@@ -14,8 +14,9 @@ import numpy as np
 
 from prune.budget import scene_weights, waterfill
 from prune.selection import pick
+from prune import state
 from prune.state import LOCAL, materialize
-from prune.volume import scene_mass, volumes
+from prune.volume import group_rows, scene_mass, volumes
 
 NEEDS = ("embed", "scenes", "clusters")
 
@@ -58,13 +59,32 @@ def _pick_task(item, within: str, dedup: float, core: float):
     return pick_clusters(materialize(x), dist, ids, cluster, quotas, within, dedup, rng, core)
 
 
+def cluster_groups(scene: np.ndarray, cluster: np.ndarray, part: int | None = None) -> np.ndarray:
+    """Per row, its group: whole clusters of one stratum, packed in cluster order into groups of
+    about `part` (default state.PART) rows (a cluster is never cut). What the off-local steps run a task per: a row's
+    neighbour values and a cluster's pick depend on its cluster alone, so any grouping of whole
+    clusters gives the same bits, and a stratum of any size makes tasks of bounded rows."""
+    cl, first, size = np.unique(cluster, return_index=True, return_counts=True)
+    order = np.lexsort((cl, scene[first]))  # clusters by (stratum, id)
+    st, size = scene[first][order], size[order]
+    before = np.cumsum(size) - size  # rows of the clusters before, over all strata
+    new = np.r_[True, st[1:] != st[:-1]]
+    base = np.maximum.accumulate(np.where(new, before, 0))  # rows before this stratum's first cluster
+    key = np.stack([st, (before - base) // int(state.PART if part is None else part)], axis=1)
+    _, gid = np.unique(key, axis=0, return_inverse=True)
+    group = np.empty(len(cl), np.int64)
+    group[order] = gid.ravel()
+    return group[np.searchsorted(cl, cluster)]
+
+
 def pick_by_quota(pool, quotas: dict[int, int], within: str, dedup: float, rng, core: float = 1.0):
     """Fill each cluster's quota with `pick`; near-duplicates skipped get their own reason. Off
-    the local engine, each scene stratum (whole clusters) is one task."""
+    the local engine, each group of whole clusters (cluster_groups) is one task."""
     if pool.engine is LOCAL:
         chosen, dups = pick_clusters(pool.emb, pool.dist, pool.ids, pool.cluster, quotas, within, dedup, rng, core)
     else:
-        members = [np.flatnonzero(pool.scene == s) for s in np.unique(pool.scene)]
+        groups = cluster_groups(pool.scene, pool.cluster)
+        members = group_rows(groups)
         items = ((pool.emb[m], pool.dist[m], pool.ids[m], pool.cluster[m],
                   {int(c): quotas[int(c)] for c in np.unique(pool.cluster[m])}) for m in members)
         task = functools.partial(_pick_task, within=within, dedup=dedup, core=core)
@@ -78,7 +98,7 @@ def select(pool, budget: int, cfg, rng):
     sel = cfg.selection
     mass, alpha = None, float(sel.alpha)
     if sel.mass != "count":
-        groups = None if pool.engine is LOCAL else pool.scene  # off the local engine: a task per stratum
+        groups = None if pool.engine is LOCAL else cluster_groups(pool.scene, pool.cluster)  # off it: a task a group
         v, info = volumes(pool.emb, pool.cluster, int(sel.volume.k), sel.volume.dim, groups, pool.engine)
         mass, alpha, fit = scene_mass(pool.scene, v, str(sel.mass), alpha, int(sel.volume.min_stratum))
         pool.extra["volume"] = {"mass": str(sel.mass), **info, **fit}
