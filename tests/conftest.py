@@ -45,6 +45,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local 2-CPU Ray cluster for one test module (the module skips itself without Ray)."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from prune.engine_ray import start_ray
+
+    start_ray(OmegaConf.create({"address": None, "num_cpus": 2, "object_store_gb": 0.25}))
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """240 real NWPU images: 20 of each of the 12 classes."""

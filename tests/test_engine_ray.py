@@ -13,17 +13,6 @@ from rsprune.manifest import read_manifest
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from omegaconf import OmegaConf
-
-    from prune.engine_ray import start_ray
-
-    start_ray(OmegaConf.create({"address": None, "num_cpus": 2, "object_store_gb": 0.25}))
-    yield
-    ray.shutdown()
-
-
 def both(overrides, tmp_path):
     from threadpoolctl import threadpool_limits
 

@@ -21,17 +21,6 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    from omegaconf import OmegaConf
-
-    from prune.engine_ray import start_ray
-
-    start_ray(OmegaConf.create({"address": None, "num_cpus": 2, "object_store_gb": 0.25}))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = link_images(tmp_path_factory.mktemp("dirty") / "nwpu", DATA / "nwpu12" / "train", 20)
     first = sorted((root / "beach").iterdir())[0]
