@@ -90,7 +90,8 @@ def child(n: int, seed: int, engine: str, workers: int, work: Path, kill_after: 
     labels = np.load(work / "ref_labels.npy")
     ref = pd.DataFrame({"relpath": [f"scene{c:02d}/{i}.jpg" for i, c in enumerate(labels)], "readable": True,
                         "content_hash": all_hashes[n:]})
-    idx = pd.DataFrame({"id": [f"{i:016x}" for i in range(n)], "content_hash": all_hashes[:n]})
+    idx = pd.DataFrame({"id": [f"{i:016x}" for i in range(n)], "content_hash": all_hashes[:n],
+                        "entropy_sharpness": np.random.default_rng(seed).normal(4.0, 0.5, n).astype(np.float32)})
     del all_hashes
     cache = work / f"cache-{engine}"
     cfg = compose("prune", ["+experiment=ratio85", f"cache_dir={cache}", f"engine={'ray' if engine != 'local' else 'local'}",

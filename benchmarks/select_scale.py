@@ -62,7 +62,8 @@ def child(n: int, d: int, seed: int, overrides: list[str], kept_out: str) -> dic
                                      for s in range(0, n, 1 << 20)], ignore_index=True)
     idx = pd.DataFrame({"id": text("%016x", np.random.default_rng(seed).permutation(n)),
                         "content_hash": text("%040x", np.arange(n)), "readable": np.ones(n, bool),
-                        "duplicate_of": pd.Series("", index=range(n), dtype=str)})
+                        "duplicate_of": pd.Series("", index=range(n), dtype=str),
+                        "entropy_sharpness": np.random.default_rng(seed).normal(4.0, 0.5, n).astype(np.float32)})
     out, t = dict(n=n, data_gib=emb.nbytes / 2**30, rss_data_gib=vm_hwm_gib()), {}
     Path(kept_out + ".ready").touch()  # the launcher's clock starts here
 

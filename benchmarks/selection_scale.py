@@ -93,7 +93,9 @@ def child(n: int, d: int, scenes: int, per_class: int, seed: int) -> dict:
     cluster, dist, info = stratified_clusters(emb, scene, cfg.clustering, seed)
     t2 = time.perf_counter()
     ids = np.char.mod("%016x", np.random.default_rng(seed).permutation(n).astype(np.int64))
-    pool = methods.Pool(pd.DataFrame({"id": ids.astype(object)}), emb=emb, scene=scene, cluster=cluster, dist=dist)
+    sharp = np.random.default_rng(seed).normal(4.0, 0.5, n).astype(np.float32)  # stage 1's reading (selection.dull_z)
+    pool = methods.Pool(pd.DataFrame({"id": ids.astype(object), "entropy_sharpness": sharp}), emb=emb, scene=scene,
+                        cluster=cluster, dist=dist)
     budget = int(round((1 - float(cfg.ratio)) * n))
     method = methods.get("rsprune")
     t3 = time.perf_counter()

@@ -72,6 +72,7 @@ NUMBERS = {
     "clustering.refine": (int, 0, math.inf, True, False),
     "selection.alpha": (float, 0, math.inf, True, False),
     "selection.dedup": (float, 0, 1, False, True),  # a cosine; 1 turns near-duplicate skipping off
+    "selection.dull_z": (float, 0, math.inf, True, False),  # robust deviations; null: off
     "selection.volume.k": (int, 2, math.inf, True, False),  # the dimension estimate needs 2 neighbours
     "selection.volume.min_stratum": (int, 1, math.inf, True, False),
     "report.montage_scenes": (int, 0, math.inf, True, False),

@@ -86,7 +86,9 @@ def test_a_float16_pool_selects_what_its_float32_widening_selects():
     chosen = {}
     for name, e in (("f16", emb16), ("f32", wide)):
         ids = np.char.mod("%016x", np.arange(len(e))).astype(object)
-        pool = methods.Pool(pd.DataFrame({"id": ids}), emb=e, scene=scene, cluster=cluster, dist=dist)
+        sharp = np.random.default_rng(1).normal(4.0, 0.5, len(e))  # stage 1's reading, for selection.dull_z
+        pool = methods.Pool(pd.DataFrame({"id": ids, "entropy_sharpness": sharp}), emb=e, scene=scene, cluster=cluster,
+                            dist=dist)
         got, _ = methods.get("rsprune").select(pool, 90, cfg, np.random.default_rng(0))
         chosen[name] = np.sort(got)
     assert len(chosen["f16"]) == 90
@@ -141,7 +143,9 @@ def test_the_pool_holds_the_stores_float16_rows_and_reads_the_bits_gather_widens
     for e in (wide, rows):
         cluster, dist, _ = stratified_clusters(e, scene, cfg.clustering, 0)
         ids = np.char.mod("%016x", np.arange(len(e))).astype(object)
-        pool = methods.Pool(pd.DataFrame({"id": ids}), emb=e, scene=scene, cluster=cluster, dist=dist)
+        sharp = np.random.default_rng(1).normal(4.0, 0.5, len(e))  # stage 1's reading, for selection.dull_z
+        pool = methods.Pool(pd.DataFrame({"id": ids, "entropy_sharpness": sharp}), emb=e, scene=scene, cluster=cluster,
+                            dist=dist)
         chosen.append(methods.get("rsprune").select(pool, 90, cfg, np.random.default_rng(0)))
     assert np.array_equal(chosen[0][0], chosen[1][0]) and chosen[0][1] == chosen[1][1]
 
