@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DATA_OVERRIDES=${DATA_OVERRIDES:-data=raw}
-export PRUNE_OVERRIDES=${PRUNE_OVERRIDES-}            # today's defaults
+# The committed runs were pruned before the `selection.core=0.9, selection.dull_z=1` default
+# (CHANGELOG.md): pinned to the pick they trained on, so a rerun gets the same kept lists
+# (PRUNE_OVERRIDES= to use today's default). rsprune and kmeans_uniform_filtered share the pick.
+export PRUNE_OVERRIDES=${PRUNE_OVERRIDES-"selection.core=0.5 selection.dull_z=null"}
 export ARMS=${ARMS:-"full rsprune random kmeans_uniform_filtered"}
 export RUNS=${RUNS:-$HOME/runs/raw}
 export RESULTS=${RESULTS:-results/raw}
