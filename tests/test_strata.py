@@ -160,7 +160,7 @@ def test_balance_over_one_source_reads_only_its_classes():
 
 def test_heldout_section_builds_its_corpora_and_reports_every_method(small_reference, session_cache, tmp_path):
     """`eval/tables.py imbalanced_heldout` on the real config shrunk: one held-out corpus (40 down to
-    10 images a class), two methods, the three rsprune variants and both true-strata bounds, one seed;
+    10 images a class), two methods, the four rsprune variants and both true-strata bounds, one seed;
     the table holds what evaluate_runs measured. The table only reads: prune/sweep.py runs them first."""
     from eval.imbalanced import heldout_section
     from prune.sweep import run_section
@@ -174,12 +174,13 @@ def test_heldout_section_builds_its_corpora_and_reports_every_method(small_refer
         "~heldout.corpora", "+heldout.corpora={s1: {corpus_seed: 5, factor: 4}}",
         "heldout.methods=[rsprune,random]", "heldout.seeds=[0]", "heldout.ratios=[0.85]",
         f"heldout.runs_root={tmp_path / 'runs'}", f"heldout.out={tmp_path / 'heldout'}"])
-    with pytest.raises(UsageError, match=r"7 of the 7 prune runs .* run `python prune/sweep.py imbalanced_heldout`"):
+    with pytest.raises(UsageError, match=r"8 of the 8 prune runs .* run `python prune/sweep.py imbalanced_heldout`"):
         heldout_section(cfg)  # nothing was run: the table says which command runs them, and runs nothing
     assert not (tmp_path / "runs").exists() and not (tmp_path / "heldout.md").exists()
-    assert len(run_section("imbalanced_heldout", cfg, progress=False)) == 7
+    assert len(run_section("imbalanced_heldout", cfg, progress=False)) == 8
     df = heldout_section(cfg)
     assert sorted(df.method) == ["random", "rsprune", "rsprune core 0.5, dull_z off (the previous pick)",
+                                 "rsprune core 1, dull_z off (no share, no sharpness order)",
                                  "rsprune mass=count", "rsprune no reference",
                                  "true strata, equal quotas", "true strata, rsprune quotas"]
     assert (df.corpus == "s1").all()
